@@ -1,0 +1,3 @@
+"""OpenAI-compatible reverse proxy in front of SAI prompt templates."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""Command line: ``saiproxy [--demo]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from . import __version__
+from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
+from .server import serve
+from .settings import SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saiproxy", description="OpenAI-compatible reverse proxy in front of SAI."
+    )
+    parser.add_argument("--version", action="version", version=f"saiproxy {__version__}")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="start an embedded fake SAI on loopback and point the proxy at it",
+    )
+    return parser
+
+
+async def _run(demo: bool) -> None:
+    env = dict(os.environ)
+    demo_runner = None
+    if demo:
+        demo_runner, url = await start_demo_upstream()
+        env.update(SAI_URL=url, SAI_KEY=DEMO_KEY, SAI_TEMPLATE_ID=DEMO_TEMPLATE)
+        print(f"saiproxy demo: fake SAI at {url}", file=sys.stderr)
+    try:
+        settings = load_settings(env)
+        await serve(settings)
+    finally:
+        if demo_runner is not None:
+            await demo_runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the settings and run the proxy; exit 2 on a configuration error."""
+    args = _parser().parse_args(argv)
+    try:
+        asyncio.run(_run(args.demo))
+    except SettingsError as error:
+        print(f"saiproxy: configuration error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The application: middlewares, routes and long-lived objects, from settings alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Middleware
+
+from .auth import AuthChain
+from .keys import AUTH_CHAIN, REQUEST_ID, SAI, SESSION, SETTINGS, STATE, ServingState
+from .logs import LogSetup
+from .middlewares import (
+    add_request_id_header,
+    error_middleware,
+    proxy_access_middleware,
+    request_id_middleware,
+)
+from .sai import SaiClient
+from .settings import Settings
+from .views import chat_completions, health, models, readiness
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per HTTP request, tagged with its request ID like every other line."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        request_id = request.get(REQUEST_ID)
+        self.logger.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            response.status,
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 1),
+                "remote": request.remote,
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def _logging_ctx(log_setup: LogSetup) -> object:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        log_setup.start()
+        yield
+        log_setup.stop()
+
+    return ctx
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One pooled upstream session for the whole process, closed on shutdown."""
+    settings = app[SETTINGS]
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_connections, limit_per_host=0, keepalive_timeout=30
+    )
+    # sock_read bounds both the wait for SAI's headers and every silence in its
+    # body, so a stream that keeps flowing is never cut; total stays unlimited.
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
+    )
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        app[SESSION] = session
+        app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN])
+        yield
+
+
+def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
+    """Build the saiproxy application; reads nothing but ``settings``."""
+    # Outermost first. The request ID wraps everything, so every log line and
+    # every response (errors included) carries it. The error middleware comes
+    # next, so whatever fails inside it (access refused, bad body, 404, 405,
+    # SAI's outcomes in http mode) is rendered one way. Access control runs
+    # before any handler reads the body.
+    middlewares: list[Middleware] = [request_id_middleware, error_middleware]
+    if settings.proxy_api_keys:
+        middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[STATE] = ServingState()
+    app[AUTH_CHAIN] = AuthChain.from_settings(settings)
+    app.on_response_prepare.append(add_request_id_header)
+    if log_setup is not None:
+        app.cleanup_ctx.append(_logging_ctx(log_setup))  # type: ignore[arg-type]
+    app.cleanup_ctx.append(_upstream_ctx)
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/readiness", readiness)
+    for prefix in ("", "/v1"):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_get(f"{prefix}/models", models)
+    return app
+
+
+def log_setup_for(settings: Settings) -> LogSetup:
+    """Return the process's logging, as the settings describe it."""
+    return LogSetup(
+        fmt=settings.log_format,
+        level=logging.DEBUG if settings.verbose_logging else logging.INFO,
+        log_dir=settings.log_dir or None,
+        max_bytes=settings.log_max_bytes,
+        backups=settings.log_backups,
+        secrets=[secret.reveal() for secret in settings.secrets()],
+    )

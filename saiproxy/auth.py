@@ -1,0 +1,204 @@
+"""The credential chain: which SAI credential a request uses (§4).
+
+Each handler looks in one place and either returns a :class:`Credential` or
+passes. The chain tries them in ``AUTH_CHAIN`` order. After SAI answers, the
+chain decides what happens next: a 401 stops everything; a 429 moves to the
+shared ``SAI_COOKIE`` once, if it is configured and not yet used.
+
+Credentials are logged by kind, source and length only; the value lives in a
+:class:`~saiproxy.settings.Secret` and is revealed only to build SAI's header.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from aiohttp import hdrs, web
+
+from .errors import NoCredential
+from .settings import Secret, Settings
+
+log = logging.getLogger(__name__)
+
+COOKIE_MARKER: Final = "Cookies"
+USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")
+
+Kind = Literal["key", "cookie"]
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A SAI credential and where it came from; its value never prints."""
+
+    kind: Kind
+    source: str
+    secret: Secret
+    user: bool
+
+    @property
+    def label(self) -> str:
+        """Return the name users and operators know it by."""
+        if self.user:
+            return "user key" if self.kind == "key" else "user cookie"
+        return "SAI_KEY" if self.kind == "key" else "SAI_COOKIE"
+
+    def headers(self) -> dict[str, str]:
+        """Return SAI's auth header: exactly one of X-Api-Key or Cookie."""
+        if self.kind == "key":
+            return {"X-Api-Key": self.secret.reveal()}
+        return {hdrs.COOKIE: self.secret.reveal()}
+
+    def describe(self) -> dict[str, Any]:
+        """Return the loggable facts: kind, source, length."""
+        return {
+            "credential": self.label,
+            "kind": self.kind,
+            "source": self.source,
+            "length": len(self.secret),
+        }
+
+
+class AuthHandler(Protocol):
+    """Finds a credential in one place, or passes with None."""
+
+    name: str
+
+    def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
+        """Return the credential this handler finds for the request."""
+
+
+class _UserValue:
+    """Shared rules for values a user supplies: trim, reject empties and placeholders."""
+
+    name = "user"
+
+    def __init__(self, placeholders: Sequence[str]) -> None:
+        self._placeholders = frozenset(p.lower() for p in placeholders)
+
+    def _accept(self, raw: Any, source: str) -> Credential | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, str):
+            log.info("user credential ignored: not a string", extra={"source": source})
+            return None
+        value = raw.strip()
+        if not value:
+            log.info("user credential ignored: empty", extra={"source": source})
+            return None
+        if value.lower() in self._placeholders:
+            log.info(
+                "user credential ignored: placeholder value",
+                extra={"source": source, "length": len(value)},
+            )
+            return None
+        kind: Kind = "cookie" if COOKIE_MARKER in value else "key"
+        return Credential(kind, source, Secret(value), user=True)
+
+
+class MetadataHandler(_UserValue):
+    """``litellm_params.metadata.user_api_key``, then ``metadata.user_api_key`` in the body."""
+
+    name = "metadata"
+
+    def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
+        params = body.get("litellm_params")
+        if isinstance(params, Mapping):
+            metadata = params.get("metadata")
+            if isinstance(metadata, Mapping):
+                found = self._accept(
+                    metadata.get("user_api_key"), "body litellm_params.metadata.user_api_key"
+                )
+                if found:
+                    return found
+        metadata = body.get("metadata")
+        if isinstance(metadata, Mapping):
+            return self._accept(metadata.get("user_api_key"), "body metadata.user_api_key")
+        return None
+
+
+class HeaderHandler(_UserValue):
+    """The ``user_api_key`` or ``user-api-key`` request header."""
+
+    name = "header"
+
+    def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
+        for header in USER_KEY_HEADERS:
+            found = self._accept(request.headers.get(header), f"header {header}")
+            if found:
+                return found
+        return None
+
+
+class BearerHandler(_UserValue):
+    """``Authorization: Bearer <key>`` as the user's own SAI key (opt-in)."""
+
+    name = "bearer"
+
+    def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
+        scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        return self._accept(token, "header Authorization")
+
+
+class SystemHandler:
+    """A shared credential from the settings: SAI_KEY or SAI_COOKIE."""
+
+    def __init__(self, name: str, kind: Kind, secret: Secret | None) -> None:
+        self.name = name
+        self._credential = (
+            Credential(kind, "SAI_KEY" if kind == "key" else "SAI_COOKIE", secret, user=False)
+            if secret is not None
+            else None
+        )
+
+    @property
+    def credential(self) -> Credential | None:
+        """Return the configured credential, if any."""
+        return self._credential
+
+    def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
+        return self._credential
+
+
+class AuthChain:
+    """The ordered handlers, plus the fallback rule for rate limits."""
+
+    def __init__(self, handlers: Sequence[AuthHandler], cookie: Credential | None) -> None:
+        self._handlers = tuple(handlers)
+        self._cookie = cookie
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuthChain:
+        """Build the chain named by AUTH_CHAIN."""
+        cookie = SystemHandler("system_cookie", "cookie", settings.sai_cookie)
+        factories: dict[str, AuthHandler] = {
+            "metadata": MetadataHandler(settings.placeholders),
+            "header": HeaderHandler(settings.placeholders),
+            "bearer": BearerHandler(settings.placeholders),
+            "system_key": SystemHandler("system_key", "key", settings.sai_key),
+            "system_cookie": cookie,
+        }
+        return cls([factories[name] for name in settings.auth_chain], cookie.credential)
+
+    def select(self, request: web.Request, body: Mapping[str, Any]) -> Credential:
+        """Return the first credential a handler finds; raise NoCredential if none does."""
+        for handler in self._handlers:
+            found = handler.find(request, body)
+            if found is not None:
+                log.info("credential selected", extra=found.describe())
+                return found
+        raise NoCredential(
+            "No SAI credential: send your SAI key as user_api_key (header or metadata), "
+            "or ask the operators to configure SAI_KEY or SAI_COOKIE."
+        )
+
+    def after_rate_limit(self, tried: Sequence[Credential]) -> Credential | None:
+        """Return the credential to try after a 429: SAI_COOKIE once, if configured."""
+        cookie = self._cookie
+        if cookie is None or cookie in tried:
+            return None
+        return cookie

@@ -1,0 +1,197 @@
+"""Every failure saiproxy reports, as one exception tree.
+
+    ProxyError                      status, type, code, param: an OpenAI error object
+    ├── ClientError                 the client's request is wrong (4xx, never retried)
+    │   ├── InvalidRequest          400 invalid_request_error
+    │   ├── BodyTooLarge            413
+    │   ├── ProxyAccessDenied       401 authentication_error / invalid_api_key
+    │   ├── NoCredential            401: the auth chain found no SAI credential
+    │   └── ModelNotFound           404 model_not_found (STRICT_MODELS)
+    └── UpstreamError               SAI's answer, mapped by ERROR_MODE (§3)
+        ├── UpstreamAuthRejected    SAI said 401 for a credential
+        ├── UpstreamRateLimited     SAI said 429 and no fallback is left
+        ├── ContextTooLong          SAI's "prompt is too long", or the early estimate
+        ├── UpstreamUnavailable     5xx / connection failure after retries
+        └── UpstreamTimeout         no answer within REQUEST_TIMEOUT after retries
+
+A ``ProxyError`` renders as HTTP with :meth:`ProxyError.body`; an
+``UpstreamError`` in ``message`` mode renders as assistant text with
+:meth:`UpstreamError.chat_text` and :attr:`UpstreamError.finish_reason`.
+Texts never contain a secret: credentials appear only by their label.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ProxyError(Exception):
+    """A failure with an OpenAI error object and an HTTP status."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        """Return the OpenAI error object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Return extra response headers for the HTTP rendering."""
+        return {}
+
+
+class ClientError(ProxyError):
+    """The request itself is wrong."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequest(ClientError):
+    """The body is not a valid chat completion request."""
+
+
+class BodyTooLarge(ClientError):
+    """The body is larger than MAX_BODY_BYTES."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class ProxyAccessDenied(ClientError):
+    """The caller did not present one of PROXY_API_KEYS."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NoCredential(ClientError):
+    """The auth chain found no usable SAI credential."""
+
+    status = 401
+    type = "authentication_error"
+    code = "missing_api_key"
+
+
+class ModelNotFound(ClientError):
+    """The requested model is not configured and STRICT_MODELS is on."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class UpstreamError(ProxyError):
+    """SAI did not produce an answer."""
+
+    finish_reason: ClassVar[str] = "error"
+
+    def chat_text(self) -> str:
+        """Return the explanation a chat user reads in message mode."""
+        return self.message
+
+
+class UpstreamAuthRejected(UpstreamError):
+    """SAI rejected the credential (401); never retried, never falls back."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    _FIXES: ClassVar[dict[str, str]] = {
+        "user key": "Check the SAI API key configured in your client (user_api_key); "
+        "remove it to use the shared key.",
+        "user cookie": "Your SAI session cookie has expired: sign in to SAI again and "
+        "configure the fresh cookie in your client.",
+        "SAI_KEY": "The proxy's shared SAI_KEY was rejected: ask the saiproxy operators "
+        "to renew it, or configure your own SAI key (user_api_key).",
+        "SAI_COOKIE": "The proxy's shared SAI_COOKIE has expired: ask the saiproxy "
+        "operators to refresh it, or configure your own SAI key (user_api_key).",
+    }
+
+    def __init__(self, label: str) -> None:
+        fix = self._FIXES.get(label, "Check the configured SAI credential.")
+        super().__init__(f"SAI rejected the {label} (HTTP 401). {fix}")
+        self.label = label
+
+
+class UpstreamRateLimited(UpstreamError):
+    """SAI rate limited the call (429) and no fallback credential is left."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, label: str, retry_after: str | None) -> None:
+        wait = f" SAI asks to retry after {retry_after} s." if retry_after else ""
+        super().__init__(
+            f"SAI's usage limit was reached for the {label} (HTTP 429).{wait} "
+            "Please wait a moment and try again."
+        )
+        self.label = label
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+
+class ContextTooLong(UpstreamError):
+    """The conversation does not fit the model's context."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "context_length_exceeded"
+    finish_reason = "length"
+
+    def __init__(self, estimated_tokens: int | None = None, limit: int | None = None) -> None:
+        size = (
+            f" (about {estimated_tokens} tokens; the limit is {limit})"
+            if estimated_tokens is not None and limit is not None
+            else ""
+        )
+        super().__init__(
+            f"The conversation is too long for the model{size}. "
+            "Shorten the history or remove long pasted text, start a new chat, "
+            "or ask for a summary of this conversation and continue from it in a new chat."
+        )
+
+
+class UpstreamUnavailable(UpstreamError):
+    """SAI failed (5xx, unexpected status, broken connection) after retries."""
+
+    status = 502
+    type = "api_error"
+    code = "upstream_error"
+
+    def __init__(self, detail: str, attempts: int = 1) -> None:
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        super().__init__(f"SAI could not answer: {detail}{tries}. Please try again in a moment.")
+        self.detail = detail
+
+
+class UpstreamTimeout(UpstreamError):
+    """SAI stayed silent longer than REQUEST_TIMEOUT, after retries."""
+
+    status = 504
+    type = "api_error"
+    code = "upstream_timeout"
+
+    def __init__(self, timeout: float, attempts: int = 1) -> None:
+        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+        super().__init__(
+            f"SAI did not answer within {timeout:g} s{tries}. "
+            "Please try again, or shorten the request."
+        )

@@ -1,0 +1,28 @@
+"""Every typed key for state kept on the application and on requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .auth import AuthChain
+from .sai import SaiClient
+from .settings import Settings
+
+
+@dataclass(slots=True)
+class ServingState:
+    """What the process is doing: serving, or draining for shutdown."""
+
+    ready: bool = True
+    open_streams: set[web.StreamResponse] = field(default_factory=set)
+
+
+SETTINGS = web.AppKey("settings", Settings)
+AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+SAI = web.AppKey("sai", SaiClient)
+STATE = web.AppKey("state", ServingState)
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,134 @@
+"""Middlewares: request IDs, proxy access keys, and one way to render every error."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Collection
+from typing import Final
+
+import orjson
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from .errors import ClientError, ProxyAccessDenied, ProxyError
+from .keys import REQUEST_ID
+from .logs import request_id_var
+from .settings import Secret
+
+log = logging.getLogger(__name__)
+
+
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+_VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+OPEN_PATHS: Final = frozenset({"/health", "/health/readiness", "/metrics"})
+
+
+def new_request_id() -> str:
+    """Return a fresh request ID: 8 lowercase hex characters."""
+    return secrets.token_hex(4)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request its ID: the client's if valid, else a new one."""
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    if incoming is not None and _VALID_REQUEST_ID.fullmatch(incoming):
+        request_id = incoming
+    else:
+        request_id = new_request_id()
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        return await handler(request)
+    finally:
+        request_id_var.reset(token)
+
+
+async def add_request_id_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Return the request ID on every response, streams and errors included."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """Render a ProxyError as its HTTP status and OpenAI error object."""
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(error.body()),
+        content_type="application/json",
+        headers=error.headers(),
+    )
+
+
+class _HttpClientError(ClientError):
+    """An HTTP-level client error raised by aiohttp (404, 405, ...)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+        self.code = code  # type: ignore[misc]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as an OpenAI error object, in exactly one place."""
+    try:
+        return await handler(request)
+    except ProxyError as error:
+        if error.status >= 500:
+            log.error("request failed", extra={"status": error.status, "code": error.code})
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            failure = _HttpClientError(
+                404, "not_found", f"Unknown endpoint: {request.method} {request.path}"
+            )
+        elif exc.status == 405:
+            failure = _HttpClientError(
+                405,
+                "method_not_allowed",
+                f"Method {request.method} is not allowed on {request.path}",
+            )
+        else:
+            failure = _HttpClientError(exc.status, "http_error", exc.reason)
+        response = error_response(failure)
+        if hdrs.ALLOW in exc.headers:
+            response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        return response
+    except Exception:
+        log.exception("unexpected error while serving the request")
+        internal = ProxyError("Internal error in saiproxy; the request ID finds it in the logs")
+        return error_response(internal)
+
+
+def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
+    """Require ``Authorization: Bearer <one of keys>`` on every path but health checks."""
+    allowed = [key.reveal().encode() for key in keys]
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        presented = token.strip().encode()
+        # Compare against every key, without stopping early, so timing tells nothing.
+        matched = False
+        for key in allowed:
+            matched |= hmac.compare_digest(presented, key)
+        if scheme.lower() != "bearer" or not matched:
+            log.info(
+                "proxy access refused",
+                extra={"reason": "no bearer token" if not presented else "unknown key"},
+            )
+            raise ProxyAccessDenied(
+                "Invalid or missing proxy API key: send Authorization: Bearer <key>"
+            )
+        return await handler(request)
+
+    return middleware

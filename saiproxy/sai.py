@@ -1,0 +1,293 @@
+"""The SAI client: one template execution, with retries and credential fallback (§1, §3).
+
+:meth:`SaiClient.open` returns once SAI has answered 200, leaving the body to
+be read piece by piece; every earlier failure is retried, falls back or
+becomes an :class:`~saiproxy.errors.UpstreamError`. :meth:`SaiClient.fetch`
+reads the whole body and retries a body that breaks off, since nothing has
+reached the client yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from .auth import AuthChain, Credential
+from .errors import (
+    ContextTooLong,
+    UpstreamAuthRejected,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .settings import ModelConfig, Settings
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
+CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.IGNORECASE)
+ERROR_BODY_LIMIT: Final = 64 * 1024
+BACKOFF_CAP: Final = 10.0
+
+
+class _Transient(Exception):
+    """An attempt failed in a way worth retrying."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(slots=True)
+class SaiCall:
+    """One client request's journey through SAI: credentials tried, attempts made."""
+
+    url: URL
+    payload: bytes
+    credential: Credential
+    request_id: str
+    template_id: str
+    attempts: int = 0
+    retries: int = 0
+    tried: list[Credential] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SaiAnswer:
+    """A complete answer: text and the headers that describe it."""
+
+    text: str
+    headers: CIMultiDictProxy[str]
+    credential: Credential
+    opened_at: float
+
+
+class SaiStream:
+    """An open 200 answer whose body is still arriving."""
+
+    def __init__(self, response: aiohttp.ClientResponse, call: SaiCall, timeout: float) -> None:
+        self.response = response
+        self.call = call
+        self._timeout = timeout
+        self._complete = False
+        self.opened_at = time.monotonic()
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """Return SAI's response headers."""
+        return self.response.headers
+
+    async def text(self) -> AsyncIterator[str]:
+        """Yield the body as text, piece by piece, as it arrives.
+
+        UTF-8 is decoded incrementally so a character split across network
+        chunks comes out whole. A body that breaks off raises an UpstreamError.
+        """
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            async for chunk in self.response.content.iter_any():
+                text = decoder.decode(chunk)
+                if text:
+                    yield text
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise UpstreamTimeout(self._timeout, self.call.attempts) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"the answer broke off ({type(exc).__name__})", self.call.attempts
+            ) from None
+        self._complete = True
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def close(self) -> None:
+        """Release the connection: back to the pool if the body was read, else drop it."""
+        if self._complete:
+            self.response.release()
+        else:
+            # An unread body would poison a pooled connection; closing also tells
+            # SAI at once that nobody is listening any more.
+            self.response.close()
+
+    async def __aenter__(self) -> SaiStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SaiClient:
+    """Executes SAI templates over one pooled ClientSession."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: Settings,
+        chain: AuthChain,
+        *,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._session = session
+        self._settings = settings
+        self._chain = chain
+        self._jitter = jitter
+        self._urls = {name: self._url(model) for name, model in settings.models.items()}
+
+    def _url(self, model: ModelConfig) -> URL:
+        url = self._settings.sai_url / "api" / "templates" / model.template_id / "execute"
+        if model.model_override:
+            url = url.with_query(modelOverride=model.model_override)
+        return url
+
+    def new_call(
+        self, model: ModelConfig, payload: bytes, credential: Credential, request_id: str
+    ) -> SaiCall:
+        """Prepare the call for one client request."""
+        return SaiCall(self._urls[model.name], payload, credential, request_id, model.template_id)
+
+    async def open(self, call: SaiCall) -> SaiStream:
+        """Send the call until SAI answers 200; retry, fall back, or raise UpstreamError."""
+        while True:
+            try:
+                return await self._attempt(call)
+            except _Fallback:
+                continue
+            except _Transient as failure:
+                await self._before_retry(call, failure.error)
+
+    async def fetch(self, call: SaiCall) -> SaiAnswer:
+        """Send the call and read the whole answer, retrying a body that breaks off."""
+        while True:
+            stream = await self.open(call)
+            async with stream:
+                try:
+                    text = "".join([piece async for piece in stream.text()])
+                except (UpstreamTimeout, UpstreamUnavailable) as error:
+                    await self._before_retry(call, error)
+                    continue
+            return SaiAnswer(text, stream.headers, call.credential, stream.opened_at)
+
+    async def _before_retry(self, call: SaiCall, error: UpstreamError) -> None:
+        if call.retries >= self._settings.max_retries:
+            log.warning(
+                "upstream failed, no retries left",
+                extra={"attempt": call.attempts, "error": error.code},
+            )
+            raise error
+        call.retries += 1
+        base = self._settings.retry_backoff * 2 ** (call.retries - 1)
+        delay = min(BACKOFF_CAP, base) * (0.5 + self._jitter() / 2)
+        log.info(
+            "retrying upstream call",
+            extra={
+                "attempt": call.attempts,
+                "retry": call.retries,
+                "error": error.code,
+                "delay_ms": round(delay * 1000),
+            },
+        )
+        await asyncio.sleep(delay)
+
+    async def _attempt(self, call: SaiCall) -> SaiStream:
+        call.attempts += 1
+        credential = call.credential
+        if credential not in call.tried:
+            call.tried.append(credential)
+        headers = {
+            hdrs.CONTENT_TYPE: "application/json",
+            hdrs.ACCEPT: "text/plain, */*",
+            "X-Request-ID": call.request_id,
+            **credential.headers(),
+        }
+        log.info(
+            "upstream call",
+            extra={
+                "attempt": call.attempts,
+                "template": call.template_id,
+                "credential": credential.label,
+            },
+        )
+        started = time.monotonic()
+        try:
+            response = await self._session.post(call.url, data=call.payload, headers=headers)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            self._log_attempt(call, None, started)
+            raise _Transient(
+                UpstreamTimeout(self._settings.request_timeout, call.attempts)
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._log_attempt(call, None, started)
+            raise _Transient(
+                UpstreamUnavailable(f"connection failed ({type(exc).__name__})", call.attempts)
+            ) from None
+
+        status = response.status
+        self._log_attempt(call, status, started)
+        if status == 200:
+            return SaiStream(response, call, self._settings.request_timeout)
+        try:
+            body = await self._error_body(response)
+        finally:
+            response.release()
+        raise self._failure(call, status, body, response.headers.get(hdrs.RETRY_AFTER))
+
+    def _failure(self, call: SaiCall, status: int, body: str, retry_after: str | None) -> Exception:
+        credential = call.credential
+        if status == 401:
+            log.warning(
+                "SAI rejected the credential; not falling back",
+                extra={"credential": credential.label, "source": credential.source},
+            )
+            return UpstreamAuthRejected(credential.label)
+        if status == 429:
+            fallback = self._chain.after_rate_limit(call.tried)
+            if fallback is None:
+                return UpstreamRateLimited(credential.label, retry_after)
+            log.info(
+                "rate limited; falling back", extra={"from": credential.label, "to": fallback.label}
+            )
+            call.credential = fallback
+            # Not a retry: the next attempt goes out at once, with another credential.
+            return _Fallback()
+        if status == 500 and CONTEXT_TOO_LONG.search(body):
+            return ContextTooLong()
+        error = UpstreamUnavailable(f"HTTP {status} from SAI", call.attempts)
+        if status in RETRYABLE_STATUSES:
+            return _Transient(error)
+        return error
+
+    @staticmethod
+    async def _error_body(response: aiohttp.ClientResponse) -> str:
+        try:
+            raw = await response.content.read(ERROR_BODY_LIMIT)
+        except (TimeoutError, aiohttp.ClientError):
+            return ""
+        return raw.decode("utf-8", "replace")
+
+    @staticmethod
+    def _log_attempt(call: SaiCall, status: int | None, started: float) -> None:
+        log.info(
+            "upstream answered" if status is not None else "upstream unreachable",
+            extra={
+                "attempt": call.attempts,
+                "status": status,
+                "latency_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+
+
+class _Fallback(Exception):
+    """A 429 moved the call to another credential: try again without counting a retry."""

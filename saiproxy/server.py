@@ -1,0 +1,69 @@
+"""Run the application: listen, and drain gracefully on SIGTERM (§7)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from . import __version__
+from .app import AccessLogger, create_app, log_setup_for
+from .keys import STATE
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
+    app = create_app(settings, log_setup=log_setup_for(settings))
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that hangs up cancels its upstream call
+        access_log_class=AccessLogger,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.workers > 1)
+    await site.start()
+    log.info(
+        "saiproxy listening",
+        extra={
+            "version": __version__,
+            "host": settings.host,
+            "port": settings.port,
+            "upstream": str(settings.sai_url),
+            "models": list(settings.models),
+            "error_mode": settings.error_mode,
+        },
+    )
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        # Readiness turns 503 at once while we keep serving, so load balancers
+        # notice and stop routing here before the listener goes away.
+        app[STATE].ready = False
+        log.info(
+            "shutdown: readiness is now 503",
+            extra={
+                "delay_s": settings.shutdown_delay,
+                "open_streams": len(app[STATE].open_streams),
+            },
+        )
+        await asyncio.sleep(settings.shutdown_delay)
+        log.info(
+            "shutdown: closing the listener, draining in-flight requests",
+            extra={"timeout_s": settings.shutdown_timeout},
+        )
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        # Closes the listener and idle keep-alive connections, waits up to
+        # shutdown_timeout for in-flight requests and streams, then cleans up.
+        await runner.cleanup()
