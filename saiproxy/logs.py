@@ -33,8 +33,8 @@ _STANDARD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, Non
 
 # Header-like "name: value" or "name=value" pairs whose value is a credential.
 _SENSITIVE: Final = re.compile(
-    r"(?i)\b(authorization|x-api-key|cookie|user[_-]api[_-]key)(\"?\s*[:=]\s*\"?)"
-    r"(bearer\s+)?([^\"\s,;]+)"
+    r"(?i)\b(authorization|x-api-key|cookie|user[_-]api[_-]key)([\"']?\s*[:=]\s*[\"']?)"
+    r"([^\"'\n,}]+)"
 )
 MASK: Final = "***"
 
@@ -73,7 +73,7 @@ class RequestContextFilter(logging.Filter):
             if secret in text:
                 text = text.replace(secret, MASK)
         if _SENSITIVE.search(text):
-            text = _SENSITIVE.sub(lambda m: f"{m[1]}{m[2]}{m[3] or ''}{MASK}", text)
+            text = _SENSITIVE.sub(lambda m: f"{m[1]}{m[2]}{MASK}", text)
         return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -16,15 +17,19 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """Return the AppRunner options production uses (tests start their servers with them)."""
+    return {
+        "handler_cancellation": True,  # a client that hangs up cancels its upstream call
+        "access_log_class": AccessLogger,
+        "shutdown_timeout": settings.shutdown_timeout,
+    }
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
     app = create_app(settings, log_setup=log_setup_for(settings))
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that hangs up cancels its upstream call
-        access_log_class=AccessLogger,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
+    runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.workers > 1)
     await site.start()

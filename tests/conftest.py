@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
 from saiproxy.app import create_app, log_setup_for
+from saiproxy.server import runner_options
 from saiproxy.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,7 @@ class FakeSai:
 
     def __init__(self) -> None:
         self.replies: deque[Reply] = deque()
+        self.routes: dict[str, deque[Reply]] = {}
         self.default = Reply()
         self.received: list[Received] = []
         self.open_responses = 0
@@ -71,14 +73,23 @@ class FakeSai:
         """Answer the next calls with these replies, in order (then the default)."""
         self.replies.extend(replies)
 
+    def route(self, user: str, *replies: Reply) -> None:
+        """Answer calls whose user text is ``user`` with these replies, in order."""
+        self.routes.setdefault(user, deque()).extend(replies)
+
+    def _next_reply(self, body: Any) -> Reply:
+        user = body.get("inputs", {}).get("user") if isinstance(body, dict) else None
+        routed = self.routes.get(user) if isinstance(user, str) else None
+        if routed:
+            return routed.popleft()
+        return self.replies.popleft() if self.replies else self.default
+
     async def _execute(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
+        body = orjson.loads(await request.read())
         self.received.append(
-            Received(
-                request.path, dict(request.query), CIMultiDict(request.headers), orjson.loads(raw)
-            )
+            Received(request.path, dict(request.query), CIMultiDict(request.headers), body)
         )
-        reply = self.replies.popleft() if self.replies else self.default
+        reply = self._next_reply(body)
         self.open_responses += 1
         try:
             if reply.delay:
@@ -109,7 +120,7 @@ class FakeSai:
 async def sai() -> AsyncIterator[FakeSai]:
     fake = FakeSai()
     server = TestServer(fake.app, host="127.0.0.1")
-    await server.start_server()
+    await server.start_server(access_log=None)
     fake.url = str(server.make_url("")).rstrip("/")
     yield fake
     await server.close()
@@ -145,7 +156,12 @@ def make_proxy(
                 env[name] = value
         settings = load_settings(env)
         app = create_app(settings, log_setup=log_setup_for(settings))
-        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        options = runner_options(settings)
+        # TestServer always turns handler cancellation on, exactly as production does.
+        assert options.pop("handler_cancellation") is True
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server(**options)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client
 
     return factory

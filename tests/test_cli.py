@@ -1,0 +1,164 @@
+"""The saiproxy command as a newcomer runs it: --demo, real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import CONFIG, ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, response.headers, raw
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+class Proxy:
+    """A saiproxy process on a free port."""
+
+    def __init__(self, tmp_path: Path, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output = tmp_path / f"proxy-{self.port}.out"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("SAI_", "PROXY_"))}
+        with self.output.open("wb") as out:
+            self.process = self._start(out, args, clean, tmp_path, env)
+
+    def _start(
+        self,
+        out: Any,
+        args: tuple[str, ...],
+        clean: dict[str, str],
+        tmp_path: Path,
+        env: dict[str, str],
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "saiproxy", *args],
+            env={
+                **clean,
+                "SAIPROXY_CONFIG": CONFIG,
+                "HOST": "127.0.0.1",
+                "PORT": str(self.port),
+                "LOG_DIR": str(tmp_path / "logs"),
+                "SHUTDOWN_DELAY": "0.5",
+                **env,
+            },
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.output.read_text()
+            try:
+                if http("GET", f"{self.url}/health", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("saiproxy did not become healthy")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[list[Proxy]]:
+    started: list[Proxy] = []
+    yield started
+    for proxy in started:
+        proxy.stop()
+
+
+def test_demo_serves_a_completion_with_no_credentials(tmp_path: Path, proxies: list[Proxy]) -> None:
+    proxy = Proxy(tmp_path, "--demo")
+    proxies.append(proxy)
+    proxy.wait_ready()
+    status, headers, raw = http(
+        "POST",
+        f"{proxy.url}/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hello demo"}]},
+    )
+    assert status == 200
+    data = json.loads(raw)
+    assert "hello demo" in data["choices"][0]["message"]["content"]
+    assert headers["X-Request-ID"]
+
+    status, headers, raw = http(
+        "POST",
+        f"{proxy.url}/chat/completions",
+        {"messages": [{"role": "user", "content": "stream it"}], "stream": True},
+    )
+    assert status == 200
+    assert headers["Content-Type"] == "text/event-stream"
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert proxy.stop() == 0
+
+
+def test_sigterm_turns_readiness_503_then_exits_0(tmp_path: Path, proxies: list[Proxy]) -> None:
+    proxy = Proxy(tmp_path, "--demo", SHUTDOWN_DELAY="1.5")
+    proxies.append(proxy)
+    proxy.wait_ready()
+    assert http("GET", f"{proxy.url}/health/readiness")[0] == 200
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # Still serving during SHUTDOWN_DELAY, but no longer ready.
+    assert http("GET", f"{proxy.url}/health/readiness")[0] == 503
+    assert http("GET", f"{proxy.url}/health")[0] == 200
+    assert proxy.process.wait(timeout=20) == 0
+    with pytest.raises(OSError):
+        http("GET", f"{proxy.url}/health", timeout=1)
+
+
+def test_two_processes_sharing_log_dir_write_separate_files(
+    tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    first, second = Proxy(tmp_path, "--demo"), Proxy(tmp_path, "--demo")
+    proxies.extend([first, second])
+    first.wait_ready()
+    second.wait_ready()
+    for proxy in (first, second):
+        assert http("POST", f"{proxy.url}/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "x"}]})[0] == 200  # fmt: skip
+    assert first.stop() == 0
+    assert second.stop() == 0
+    files = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    host = socket.gethostname()
+    assert files == sorted(f"saiproxy-{host}-{proxy.process.pid}.log" for proxy in (first, second))
+    for proxy in (first, second):
+        lines = (tmp_path / "logs" / f"saiproxy-{host}-{proxy.process.pid}.log").read_text()
+        assert "saiproxy listening" in lines
+        assert "response finished" in lines

@@ -1,0 +1,174 @@
+"""Logs (§6): every line of a request carries its ID, and no secret is ever written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saiproxy.logs import RequestContextFilter
+
+from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, MakeProxy, Reply, chat, log_lines
+
+URL = "/v1/chat/completions"
+USER_KEY = "uk-distinctive-5e1f0a"
+USER_COOKIE = "sid=uc-distinctive-77b2; Cookies=ok"
+PROXY_KEY = "pk-distinctive-c3d9e8"
+SECRET_PARTS = (
+    USER_KEY,
+    USER_COOKIE,
+    "uc-distinctive-77b2",
+    PROXY_KEY,
+    SYSTEM_KEY,
+    SYSTEM_COOKIE,
+    "sys-cookie-4d8e2a6f0c",
+)
+
+
+async def _mixed_requests(make_proxy: MakeProxy, sai: FakeSai, **env: str) -> dict[str, str]:
+    """Run success, rejected user key, 429 fallback and streaming calls at once."""
+    proxy = await make_proxy(SAI_COOKIE=SYSTEM_COOKIE, PROXY_API_KEYS=PROXY_KEY, **env)
+    auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+    sai.route("a", Reply(status=401, delay=0.05))
+    sai.route("b", Reply(status=429, delay=0.05), Reply(body="fallback answer", delay=0.05))
+    sai.route("c", Reply(body=["streamed ", "answer"], chunk_delay=0.05, delay=0.05))
+    sai.route("d", Reply(body="plain answer", delay=0.05))
+    calls: dict[str, Any] = {
+        "rejected": proxy.post(
+            URL, json=chat(("user", "a")), headers={**auth, "user_api_key": USER_KEY}
+        ),
+        "fallback": proxy.post(
+            URL, json=chat(("user", "b")), headers={**auth, "user-api-key": USER_COOKIE}
+        ),
+        "stream": proxy.post(URL, json=chat(("user", "c"), stream=True), headers=auth),
+        "ok": proxy.post(URL, json=chat(("user", "d")), headers=auth),
+        "denied": proxy.post(
+            URL, json=chat(("user", "e")), headers={"Authorization": "Bearer not-the-key"}
+        ),
+    }
+    ids: dict[str, str] = {}
+    responses = await asyncio.gather(*calls.values())  # all in flight at once
+    for name, response in zip(calls, responses, strict=True):
+        body = await response.read()
+        for secret in SECRET_PARTS:
+            assert secret.encode() not in body
+        ids[name] = response.headers["X-Request-ID"]
+    return ids
+
+
+async def test_request_lines_are_tagged_and_complete_json(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
+    await asyncio.sleep(0.2)  # let the listener thread drain
+    lines = log_lines(tmp_path)
+    records = [json.loads(line) for line in lines]  # every line parses
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+
+    for name, request_id in ids.items():
+        by_field = [r for r in records if r.get("request_id") == request_id]
+        by_tag = [r for r in records if f"[{request_id}]" in r["message"]]
+        by_grep = [line for line in lines if f'"request_id": "{request_id}"' in line]
+        assert by_field == by_tag, name
+        assert len(by_grep) == len(by_field)
+        for other, other_id in ids.items():
+            if other != name:
+                assert all(other_id not in line for line in by_grep)
+        messages = [re.sub(r"^\[[^]]+\] ", "", r["message"]) for r in by_field]
+        assert any(m.startswith("POST /v1/chat/completions") for m in messages), name
+        if name != "denied":
+            assert "request received" in messages
+            assert "response finished" in messages
+            assert "credential selected" in messages
+            assert "upstream call" in messages
+
+    finished = {r["request_id"]: r for r in records if r["message"].endswith("] response finished")}
+    ok = finished[ids["ok"]]
+    # No token headers: ceil(1 / 4) and ceil(len("plain answer") / 4).
+    assert ok["prompt_tokens"] == 1 and ok["completion_tokens"] == 3
+    assert ok["finish_reason"] == "stop" and ok["latency_ms"] >= 0 and ok["ttfb_ms"] >= 0
+    assert finished[ids["rejected"]]["outcome"] == "invalid_api_key"
+    fallback_lines = [r for r in records if r.get("request_id") == ids["fallback"]]
+    assert any("falling back" in r["message"] for r in fallback_lines)
+    assert finished[ids["stream"]]["finish_reason"] == "stop"
+
+
+async def test_text_format_is_tagged_too(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    ids = await _mixed_requests(make_proxy, sai, LOG_FORMAT="text")
+    await asyncio.sleep(0.2)
+    lines = log_lines(tmp_path)
+    assert lines and not lines[0].startswith("{")
+    for name, request_id in ids.items():
+        tagged = [line for line in lines if f"[{request_id}]" in line]
+        fielded = [line for line in lines if f"request_id={request_id}" in line]
+        assert tagged == fielded, name
+        assert tagged
+
+
+async def test_no_secret_reaches_any_output(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
+    await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true", LOG_FORMAT="text")
+    await asyncio.sleep(0.2)
+    written = "\n".join(log_lines(tmp_path))
+    captured = capfd.readouterr()
+    assert "credential selected" in written
+    for output in (written, captured.out, captured.err):
+        for secret in SECRET_PARTS:
+            assert secret not in output
+
+
+def _record(message: str, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
+    record.__dict__.update(extra)
+    return record
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "headers: {'Authorization': 'Bearer tok-abcdef123'}",
+        "X-Api-Key: tok-abcdef123",
+        'sent "user_api_key": "tok-abcdef123"',
+        "user-api-key=tok-abcdef123",
+        "Cookie: tok-abcdef123",
+    ],
+)
+def test_mask_filter_hides_credential_values(message: str) -> None:
+    record = _record(message, detail=message)
+    RequestContextFilter().filter(record)
+    assert "tok-abcdef123" not in record.getMessage()
+    assert "tok-abcdef123" not in record.detail  # type: ignore[attr-defined]
+    assert "***" in record.getMessage()
+
+
+def test_mask_filter_hides_configured_secrets_anywhere() -> None:
+    record = _record("oops %s", note="the key is s3cr3t-value!")
+    record.args = ("s3cr3t-value",)
+    RequestContextFilter(["s3cr3t-value"]).filter(record)
+    assert record.getMessage() == "oops ***"
+    assert record.note == "the key is ***!"  # type: ignore[attr-defined]
+
+
+async def test_rotation_keeps_bounded_files(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    proxy = await make_proxy(LOG_MAX_BYTES="4000", LOG_BACKUPS="2")
+    for _ in range(40):
+        await proxy.post(URL, json=chat(("user", "rotate me")))
+    await asyncio.sleep(0.3)
+    files = sorted((tmp_path / "logs").iterdir())
+    assert len(files) == 3  # the live file and LOG_BACKUPS rotated ones
+    names = {f.name for f in files}
+    base = next(n for n in names if n.endswith(".log"))
+    assert names == {base, f"{base}.1", f"{base}.2"}
+    for path in files:
+        assert path.stat().st_size <= 4000 + 1000  # at most one line over

@@ -1,0 +1,172 @@
+"""Settings (§5): environment over file, Docker secrets, startup validation with exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saiproxy.settings import Secret, SettingsError, load_settings
+
+from .conftest import CONFIG, ROOT
+
+BASE = {"SAI_URL": "http://sai.test", "SAI_KEY": "k-123456", "SAI_TEMPLATE_ID": "t1"}
+
+
+def test_defaults_from_the_shipped_config() -> None:
+    settings = load_settings({**BASE, "SAIPROXY_CONFIG": CONFIG})
+    assert str(settings.sai_url) == "http://sai.test"
+    assert settings.port == 4000
+    assert settings.host == "0.0.0.0"
+    assert settings.request_timeout == 600
+    assert settings.max_retries == 3
+    assert settings.max_context_tokens == 128_000
+    assert settings.max_body_bytes == 8 * 1024 * 1024
+    assert settings.error_mode == "message"
+    assert settings.log_format == "json"
+    assert settings.log_max_bytes == 5 * 1024 * 1024
+    assert settings.log_backups == 3
+    assert settings.ping_interval == 15
+    assert settings.shutdown_delay == 2
+    assert settings.shutdown_timeout == 30
+    assert settings.auth_chain == ("metadata", "header", "system_key", "system_cookie")
+    assert settings.default_model == "sai-model"
+    assert settings.models["sai-model"].template_id == "t1"
+
+
+def test_builtin_defaults_match_the_shipped_config(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    assert load_settings({**BASE, "SAIPROXY_CONFIG": str(empty)}) == load_settings(
+        {**BASE, "SAIPROXY_CONFIG": CONFIG}
+    )
+
+
+def test_environment_beats_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nport = 5000\nerror_mode = "http"\n[upstream]\nmax_retries = 7\n')
+    env = {**BASE, "SAIPROXY_CONFIG": str(config), "PORT": "6000"}
+    settings = load_settings(env)
+    assert (settings.port, settings.error_mode, settings.max_retries) == (6000, "http", 7)
+
+
+def test_secret_values_never_print() -> None:
+    settings = load_settings({**BASE, "SAI_COOKIE": "c-very-secret", "PROXY_API_KEYS": "p-1,p-2"})
+    text = repr(settings) + str(settings)
+    for secret in ("k-123456", "c-very-secret", "p-1", "p-2"):
+        assert secret not in text
+    assert str(Secret("hunter2")) == "Secret(<7 chars>)"
+
+
+def test_docker_secret_paths_and_file_variables(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "SAI_KEY").write_text("  key-from-secret\n")
+    (secrets / "SAI_COOKIE").write_text("cookie-from-secret\n")
+    keys = tmp_path / "proxy_keys"
+    keys.write_text("pk-1, pk-2\n")
+    env = {
+        "SAI_URL": "http://sai.test",
+        "SAI_TEMPLATE_ID": "t",
+        "SAI_KEY": f"{secrets}/SAI_KEY",
+        "SAI_COOKIE_FILE": str(secrets / "SAI_COOKIE"),
+        "PROXY_API_KEYS_FILE": str(keys),
+    }
+    settings = load_settings(env, secrets_dir=str(secrets))
+    assert settings.sai_key == Secret("key-from-secret")
+    assert settings.sai_cookie == Secret("cookie-from-secret")
+    assert settings.proxy_api_keys == (Secret("pk-1"), Secret("pk-2"))
+
+
+def test_missing_secret_file_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "SAI_KEY": "", "SAI_KEY_FILE": str(tmp_path / "nope")})
+    assert caught.value.variable == "SAI_KEY_FILE"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"SAI_URL": None}, "SAI_URL"),
+        ({"SAI_URL": "ftp://x"}, "SAI_URL"),
+        ({"SAI_URL": "not a url"}, "SAI_URL"),
+        ({"SAI_KEY": None}, "SAI_KEY"),
+        ({"SAI_TEMPLATE_ID": None}, "SAI_TEMPLATE_ID"),
+        ({"PORT": "http"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"REQUEST_TIMEOUT": "0"}, "REQUEST_TIMEOUT"),
+        ({"MAX_RETRIES": "-1"}, "MAX_RETRIES"),
+        ({"ERROR_MODE": "loud"}, "ERROR_MODE"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"STRICT_MODELS": "maybe"}, "STRICT_MODELS"),
+        ({"VERBOSE_LOGGING": "2"}, "VERBOSE_LOGGING"),
+        ({"AUTH_CHAIN": "metadata,magic"}, "AUTH_CHAIN"),
+        ({"AUTH_CHAIN": "bearer,system_key", "PROXY_API_KEYS": "pk"}, "PROXY_API_KEYS"),
+        ({"SAIPROXY_CONFIG": "/nonexistent/saiproxy.toml"}, "SAIPROXY_CONFIG"),
+        ({"WORKERS": "0"}, "WORKERS"),
+    ],
+)
+def test_invalid_settings_name_the_variable(env: dict[str, str | None], variable: str) -> None:
+    merged: dict[str, str] = {**BASE, "SAIPROXY_CONFIG": CONFIG}
+    for name, value in env.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    with pytest.raises(SettingsError) as caught:
+        load_settings(merged)
+    assert caught.value.variable == variable
+
+
+def test_cookie_alone_is_enough() -> None:
+    env = {**BASE, "SAI_COOKIE": "c=1"}
+    del env["SAI_KEY"]
+    assert load_settings(env).sai_key is None
+
+
+def test_every_model_naming_its_template_needs_no_default(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('default_model = "a"\n[models.a]\ntemplate_id = "ta"\n')
+    env = {"SAI_URL": "http://x", "SAI_KEY": "k", "SAIPROXY_CONFIG": str(config)}
+    assert load_settings(env).models["a"].template_id == "ta"
+
+
+def test_bad_toml_is_a_settings_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server\nport=")
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "SAIPROXY_CONFIG": str(config)})
+    assert caught.value.variable == "SAIPROXY_CONFIG"
+
+
+def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SAI_", "PROXY_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "saiproxy", *args],
+        env={**clean, "SAIPROXY_CONFIG": CONFIG, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({}, "SAI_URL"),
+        ({"SAI_URL": "http://x", "SAI_TEMPLATE_ID": "t"}, "SAI_KEY"),
+        ({"SAI_URL": "http://x", "SAI_KEY": "secret-k-9", "PORT": "abc"}, "PORT"),
+        ({"SAI_URL": "http://x", "SAI_KEY": "secret-k-9", "ERROR_MODE": "x"}, "ERROR_MODE"),
+    ],
+)
+def test_startup_validation_exits_2_with_one_line(env: dict[str, str], variable: str) -> None:
+    result = _run_cli(env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert variable in lines[0]
+    assert "secret-k-9" not in result.stderr + result.stdout
