@@ -1,4 +1,4 @@
-"""Command line: ``saiproxy [--demo]``."""
+"""Command line: ``saiproxy [--demo]`` serves; ``saiproxy trace <id> [FILES...]`` reads logs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from . import __version__
+from . import __version__, trace
 from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
 from .server import serve
 from .settings import SettingsError, load_settings
@@ -15,7 +15,9 @@ from .settings import SettingsError, load_settings
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="saiproxy", description="OpenAI-compatible reverse proxy in front of SAI."
+        prog="saiproxy",
+        description="OpenAI-compatible reverse proxy in front of SAI. "
+        "'saiproxy trace <request-id> [LOG FILES...]' prints one request's timeline.",
     )
     parser.add_argument("--version", action="version", version=f"saiproxy {__version__}")
     parser.add_argument(
@@ -43,6 +45,9 @@ async def _run(demo: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Load the settings and run the proxy; exit 2 on a configuration error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["trace"]:
+        return trace.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         asyncio.run(_run(args.demo))

@@ -11,17 +11,20 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
 from .auth import AuthChain
-from .keys import AUTH_CHAIN, REQUEST_ID, SAI, SESSION, SETTINGS, STATE, ServingState
+from .keys import AUTH_CHAIN, METRICS, REQUEST_ID, SAI, SESSION, SETTINGS, STATE, ServingState
 from .logs import LogSetup
+from .metrics import Metrics
 from .middlewares import (
     add_request_id_header,
     error_middleware,
+    metrics_middleware,
     proxy_access_middleware,
     request_id_middleware,
 )
 from .sai import SaiClient
 from .settings import Settings
 from .views import chat_completions, health, models, readiness
+from .views import metrics as metrics_view
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -73,23 +76,30 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
         app[SESSION] = session
-        app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN])
+        app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN], app[METRICS])
         yield
 
 
 def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
     """Build the saiproxy application; reads nothing but ``settings``."""
     # Outermost first. The request ID wraps everything, so every log line and
-    # every response (errors included) carries it. The error middleware comes
+    # every response (errors included) carries it. Metrics see the final status
+    # of everything, as rendered by the error middleware, which comes
     # next, so whatever fails inside it (access refused, bad body, 404, 405,
     # SAI's outcomes in http mode) is rendered one way. Access control runs
     # before any handler reads the body.
-    middlewares: list[Middleware] = [request_id_middleware, error_middleware]
+    metrics = Metrics()
+    middlewares: list[Middleware] = [
+        request_id_middleware,
+        metrics_middleware(metrics=metrics),
+        error_middleware,
+    ]
     if settings.proxy_api_keys:
         middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STATE] = ServingState()
+    app[METRICS] = metrics
     app[AUTH_CHAIN] = AuthChain.from_settings(settings)
     app.on_response_prepare.append(add_request_id_header)
     if log_setup is not None:
@@ -98,6 +108,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
 
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
+    app.router.add_get("/metrics", metrics_view)
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", models)

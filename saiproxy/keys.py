@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from .auth import AuthChain
+from .metrics import Metrics
 from .sai import SaiClient
 from .settings import Settings
 
@@ -25,4 +26,6 @@ AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
+METRICS = web.AppKey("metrics", Metrics)
 REQUEST_ID = web.RequestKey("request_id", str)
+OUTCOME = web.RequestKey("outcome", str)

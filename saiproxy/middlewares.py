@@ -14,8 +14,9 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ClientError, ProxyAccessDenied, ProxyError
-from .keys import REQUEST_ID
+from .keys import OUTCOME, REQUEST_ID
 from .logs import request_id_var
+from .metrics import Metrics
 from .settings import Secret
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unexpected error while serving the request")
         internal = ProxyError("Internal error in saiproxy; the request ID finds it in the logs")
         return error_response(internal)
+
+
+def metrics_middleware(*, metrics: Metrics) -> Middleware:
+    """Count every request by route, final status and outcome."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = 499  # the client went away before an answer
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            route = request.match_info.route.resource
+            # Unknown paths share one label so a scanner cannot grow the series.
+            path = route.canonical if route is not None else "other"
+            default = "ok" if status < 400 else "error"
+            metrics.requests.labels(path, str(status), request.get(OUTCOME, default)).inc()
+
+    return middleware
 
 
 def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:

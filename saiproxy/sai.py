@@ -33,6 +33,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .metrics import Metrics
 from .settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -137,12 +138,14 @@ class SaiClient:
         session: aiohttp.ClientSession,
         settings: Settings,
         chain: AuthChain,
+        metrics: Metrics,
         *,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._session = session
         self._settings = settings
         self._chain = chain
+        self._metrics = metrics
         self._jitter = jitter
         self._urls = {name: self._url(model) for name, model in settings.models.items()}
 
@@ -188,6 +191,7 @@ class SaiClient:
             )
             raise error
         call.retries += 1
+        self._metrics.retries.labels(error.code or "error").inc()
         base = self._settings.retry_backoff * 2 ** (call.retries - 1)
         delay = min(BACKOFF_CAP, base) * (0.5 + self._jitter() / 2)
         log.info(
@@ -225,17 +229,20 @@ class SaiClient:
             response = await self._session.post(call.url, data=call.payload, headers=headers)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             self._log_attempt(call, None, started)
+            self._metrics.upstream_attempts.labels("timeout").inc()
             raise _Transient(
                 UpstreamTimeout(self._settings.request_timeout, call.attempts)
             ) from None
         except aiohttp.ClientError as exc:
             self._log_attempt(call, None, started)
+            self._metrics.upstream_attempts.labels("connection_error").inc()
             raise _Transient(
                 UpstreamUnavailable(f"connection failed ({type(exc).__name__})", call.attempts)
             ) from None
 
         status = response.status
         self._log_attempt(call, status, started)
+        self._metrics.upstream_attempts.labels(str(status)).inc()
         if status == 200:
             return SaiStream(response, call, self._settings.request_timeout)
         try:
@@ -260,6 +267,7 @@ class SaiClient:
                 "rate limited; falling back", extra={"from": credential.label, "to": fallback.label}
             )
             call.credential = fallback
+            self._metrics.fallbacks.inc()
             # Not a retry: the next attempt goes out at once, with another credential.
             return _Fallback()
         if status == 500 and CONTEXT_TOO_LONG.search(body):

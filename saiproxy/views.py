@@ -22,7 +22,8 @@ from .errors import (
     ModelNotFound,
     UpstreamError,
 )
-from .keys import AUTH_CHAIN, REQUEST_ID, SAI, SETTINGS, STATE
+from .keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
+from .metrics import Metrics, metrics_response
 from .sai import SaiCall, SaiStream
 from .settings import ModelConfig, Settings
 from .translate import (
@@ -57,6 +58,11 @@ async def readiness(request: web.Request) -> web.Response:
     return _json({"status": "shutting down"}, status=503)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics of this process."""
+    return metrics_response(request.app[METRICS])
+
+
 async def models(request: web.Request) -> web.Response:
     """List the configured models in OpenAI's shape."""
     settings = request.app[SETTINGS]
@@ -68,6 +74,8 @@ class _Outcome:
     """What one completion ended as, for the finish log line."""
 
     started: float
+    metrics: Metrics
+    stream: bool
     status: int = 200
     outcome: str = "ok"
     finish_reason: str | None = None
@@ -81,10 +89,15 @@ class _Outcome:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
 
-    def log(self) -> None:
+    def finish(self) -> None:
+        """Log the finish line and record the latency figures."""
         now = time.monotonic()
         latency = now - self.started
         generating = now - self.first_byte if self.first_byte is not None else 0.0
+        stream = "true" if self.stream else "false"
+        self.metrics.latency.labels(stream).observe(latency)
+        if self.first_byte is not None:
+            self.metrics.ttfb.labels(stream).observe(self.first_byte - self.started)
         log.info(
             "response finished",
             extra={
@@ -164,7 +177,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             extra={"previews": [f"{m.role}: {m.text[:80]}" for m in chat.messages]},
         )
 
-    outcome = _Outcome(started, model=model.name)
+    outcome = _Outcome(started, request.app[METRICS], chat.stream, model=model.name)
+    request.app[METRICS].in_flight.inc()
     request_id = request[REQUEST_ID]
     completion_id = f"chatcmpl-{request_id}-{uuid.uuid4().hex[:12]}"
     created = int(time.time())
@@ -197,7 +211,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         outcome.status = getattr(exc, "status", 500)
         raise
     finally:
-        outcome.log()
+        request[OUTCOME] = outcome.outcome
+        request.app[METRICS].in_flight.dec()
+        outcome.finish()
 
 
 def _error_completion(
@@ -279,6 +295,7 @@ async def _stream(
         assert call is not None
         opening = asyncio.ensure_future(request.app[SAI].open(call))
     state.open_streams.add(response)
+    request.app[METRICS].open_streams.inc()
     try:
         # Until SAI answers 200 nothing is sent, so a failure can still be a real
         # HTTP status; if the first keep-alive falls due first, the stream starts.
@@ -307,6 +324,7 @@ async def _stream(
         return await _relay(request, response, upstream, chat, outcome, completion_id, created)
     finally:
         state.open_streams.discard(response)
+        request.app[METRICS].open_streams.dec()
         if response.prepared:
             response.stop_streaming()
         if not opening.done():

@@ -1,0 +1,82 @@
+"""Prometheus metrics: what the proxy served and how SAI behaved. No per-user labels."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The process's metrics, in a registry of their own (one per application)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "saiproxy_requests",
+            "HTTP requests served, by route, status and outcome.",
+            ["path", "status", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "saiproxy_request_latency_seconds",
+            "Time from request to the end of the answer, chat completions only.",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "saiproxy_time_to_first_byte_seconds",
+            "Time from request to SAI's first piece of the answer.",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_attempts = Counter(
+            "saiproxy_upstream_attempts",
+            "Calls made to SAI, by HTTP status (or 'timeout' / 'connection_error').",
+            ["status"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "saiproxy_upstream_retries",
+            "Retries of SAI calls, by the failure that caused them.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "saiproxy_credential_fallbacks",
+            "Rate-limited calls moved to SAI_COOKIE.",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "saiproxy_in_flight_requests",
+            "Chat completions being served now.",
+            registry=self.registry,
+        )
+        self.open_streams = Gauge(
+            "saiproxy_open_streams",
+            "Streaming answers open now.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """Return the text exposition format."""
+        return generate_latest(self.registry)
+
+
+def metrics_response(metrics: Metrics) -> web.Response:
+    """Return the metrics as a Prometheus text response."""
+    response = web.Response(body=metrics.render())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

@@ -1,0 +1,126 @@
+"""``saiproxy trace <request-id> [FILES...]``: one request's timeline from JSON logs.
+
+Reads any number of files (every replica's, every rotated one), keeps the
+lines of that request, orders them by time and prints them with the figures
+a person looks for: latency, time to first byte, tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+_SHOWN_FIRST: Final = ("time", "level", "logger", "message", "request_id", "taskName")
+_SUMMARY: Final = (
+    ("status", "status {}"),
+    ("outcome", "outcome {}"),
+    ("finish_reason", "finish {}"),
+    ("latency_ms", "latency {} ms"),
+    ("ttfb_ms", "first byte {} ms"),
+    ("prompt_tokens", "prompt {} tok"),
+    ("completion_tokens", "completion {} tok"),
+    ("tokens_per_second", "{} tok/s"),
+    ("model", "model {}"),
+)
+
+
+def default_files(log_dir: str) -> list[Path]:
+    """Return every saiproxy log file in ``log_dir``, rotated ones included."""
+    return sorted(Path(log_dir).glob("saiproxy-*.log*"))
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S,%f")
+    except ValueError:
+        return None
+
+
+def find(request_id: str, files: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Yield (file, record) for every JSON line of the request."""
+    needle = f'"request_id": "{request_id}"'
+    for path in files:
+        try:
+            handle = path.open(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            print(f"saiproxy trace: cannot read {path}: {exc.strerror}", file=sys.stderr)
+            continue
+        with handle:
+            for line in handle:
+                if needle not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("request_id") == request_id:
+                    yield path, record
+
+
+def _fields(record: dict[str, Any]) -> str:
+    return " ".join(
+        f"{key}={json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}"
+        for key, value in record.items()
+        if key not in _SHOWN_FIRST and value is not None
+    )
+
+
+def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextIO) -> None:
+    """Print the timeline of one request."""
+    found.sort(key=lambda item: _parse_time(item[1].get("time")) or datetime.min)
+    start = _parse_time(found[0][1].get("time"))
+    sources = sorted({path.name for path, _ in found})
+    print(f"request {request_id}: {len(found)} lines from {', '.join(sources)}", file=out)
+    tag = f"[{request_id}] "
+    summary: dict[str, Any] = {}
+    for _, record in found:
+        moment = _parse_time(record.get("time"))
+        offset = (moment - start).total_seconds() * 1000 if moment and start else 0.0
+        message = str(record.get("message", "")).removeprefix(tag)
+        logger = str(record.get("logger", "")).removeprefix("saiproxy.")
+        print(
+            f"  {record.get('time', '?')}  +{offset:8.1f} ms  {record.get('level', '?'):<7} "
+            f"{logger:<8} {message}",
+            file=out,
+        )
+        extra = _fields(record)
+        if extra:
+            print(f"{'':44}{extra}", file=out)
+        if message == "response finished":
+            summary = record
+    if summary:
+        parts = [
+            label.format(summary[key]) for key, label in _SUMMARY if summary.get(key) is not None
+        ]
+        print("summary: " + ", ".join(parts), file=out)
+
+
+def main(argv: list[str], out: TextIO = sys.stdout) -> int:
+    """Run the trace command; return the exit status."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="saiproxy trace", description="Print one request's timeline from saiproxy's JSON logs."
+    )
+    parser.add_argument("request_id")
+    parser.add_argument(
+        "files", nargs="*", type=Path, help="log files (default: every file in LOG_DIR)"
+    )
+    args = parser.parse_args(argv)
+    files = args.files or default_files(os.environ.get("LOG_DIR") or "logs")
+    if not files:
+        print("saiproxy trace: no log files found", file=sys.stderr)
+        return 1
+    found = list(find(args.request_id, files))
+    if not found:
+        print(f"saiproxy trace: no lines for request {args.request_id}", file=sys.stderr)
+        return 1
+    render(args.request_id, found, out)
+    return 0
