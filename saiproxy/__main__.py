@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from . import __version__, trace
+from . import __version__, trace, workers
 from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
 from .server import serve
 from .settings import SettingsError, load_settings
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(demo: bool) -> None:
+async def _run(demo: bool) -> int:
     env = dict(os.environ)
     demo_runner = None
     if demo:
@@ -37,7 +37,11 @@ async def _run(demo: bool) -> None:
         print(f"saiproxy demo: fake SAI at {url}", file=sys.stderr)
     try:
         settings = load_settings(env)
+        if settings.workers > 1 and not workers.is_worker():
+            # Workers get the settings' sources, demo upstream included.
+            return await workers.supervise(settings.workers, env)
         await serve(settings)
+        return 0
     finally:
         if demo_runner is not None:
             await demo_runner.cleanup()
@@ -50,11 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return trace.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        asyncio.run(_run(args.demo))
+        return asyncio.run(_run(args.demo))
     except SettingsError as error:
         print(f"saiproxy: configuration error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

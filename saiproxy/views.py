@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: the process answers; no upstream call."""
-    return _json({"status": "ok", "version": __version__})
+    return _json({"status": "ok", "version": __version__, "pid": os.getpid()})
 
 
 async def readiness(request: web.Request) -> web.Response:

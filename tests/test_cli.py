@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,9 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from .conftest import CONFIG, ROOT
+from .conftest import CONFIG, ROOT, FakeSai, Reply
 
 
 def free_port() -> int:
@@ -162,3 +164,75 @@ def test_two_processes_sharing_log_dir_write_separate_files(
         lines = (tmp_path / "logs" / f"saiproxy-{host}-{proxy.process.pid}.log").read_text()
         assert "saiproxy listening" in lines
         assert "response finished" in lines
+
+
+async def _wait_exit(process: subprocess.Popen[bytes], within: float) -> int | None:
+    deadline = time.monotonic() + within
+    while process.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return process.poll()
+
+
+async def test_sigterm_lets_an_open_stream_finish(
+    sai: FakeSai, tmp_path: Path, proxies: list[Proxy]
+) -> None:
+    sai.default = Reply(body=[f"w{i} " for i in range(20)], chunk_delay=0.15)  # about 3 s
+    proxy = Proxy(
+        tmp_path,
+        SAI_URL=sai.url,
+        SAI_KEY="k-drain",
+        SAI_TEMPLATE_ID="t",
+        SHUTDOWN_DELAY="0.5",
+        SHUTDOWN_TIMEOUT="20",
+    )
+    proxies.append(proxy)
+    await asyncio.to_thread(proxy.wait_ready)
+    url = f"{proxy.url}/v1/chat/completions"
+    body = {"stream": True, "messages": [{"role": "user", "content": "long answer"}]}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(url, json=body)
+        await response.content.readline()  # the stream is open
+        proxy.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as other:
+            async with other.get(f"{proxy.url}/health/readiness") as ready:
+                assert ready.status == 503
+            await asyncio.sleep(1.0)  # past SHUTDOWN_DELAY: the listener is closed
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await other.get(f"{proxy.url}/health")
+        raw = await response.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert b"w19 " in raw
+    assert b'"finish_reason":"stop"' in raw
+    assert await _wait_exit(proxy.process, 20) == 0
+
+
+async def test_two_workers_share_the_port(tmp_path: Path, proxies: list[Proxy]) -> None:
+    proxy = Proxy(tmp_path, "--demo", WORKERS="2")
+    proxies.append(proxy)
+    await asyncio.to_thread(proxy.wait_ready)
+    pids: set[int] = set()
+    deadline = time.monotonic() + 15
+    # Each request opens a new connection; the kernel spreads them across workers.
+    while len(pids) < 2 and time.monotonic() < deadline:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.get(f"{proxy.url}/health") as response,
+        ):
+            pids.add((await response.json())["pid"])
+    assert len(pids) == 2
+    assert proxy.process.pid not in pids
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{proxy.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    ) as response:
+        assert response.status == 200
+    proxy.process.send_signal(signal.SIGTERM)
+    assert await _wait_exit(proxy.process, 20) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    host = socket.gethostname()
+    files = {p.name for p in (tmp_path / "logs").iterdir()}
+    assert files == {f"saiproxy-{host}-{pid}.log" for pid in pids}
