@@ -1,0 +1,77 @@
+"""A fake SAI built for load: fixed answer length, optional delay and drip.
+
+Run it as ``python -m bench.fake_sai --port 9000 --chars 200 --drip-chunks 10
+--drip-seconds 2``. It answers every template execution with ``chars``
+characters of text, after ``delay`` seconds, in ``drip-chunks`` pieces spread
+over ``drip-seconds`` (one piece when 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+
+from aiohttp import web
+
+
+def make_app(chars: int, delay: float, drip_chunks: int, drip_seconds: float) -> web.Application:
+    """Return the fake SAI application."""
+    answer = ("lorem ipsum dolor sit amet " * (chars // 27 + 1))[:chars].encode()
+    pieces = max(1, drip_chunks)
+    size = -(-len(answer) // pieces)
+    chunks = [answer[i : i + size] for i in range(0, len(answer), size)] or [b""]
+    gap = drip_seconds / len(chunks) if drip_seconds > 0 else 0.0
+    headers = {
+        "Content-Type": "text/plain; charset=utf-8",
+        "prompttokens": "12",
+        "completiontokens": str(max(1, chars // 4)),
+        "model": "sai-bench",
+    }
+
+    async def execute(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if delay:
+            await asyncio.sleep(delay)
+        if len(chunks) == 1 and not gap:
+            return web.Response(body=chunks[0], headers=headers)
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for chunk in chunks:
+            if gap:
+                await asyncio.sleep(gap)
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/templates/{template}/execute", execute)
+    return app
+
+
+def raise_nofile() -> None:
+    """Raise the open-file limit to the hard limit: thousands of sockets are normal here."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chars", type=int, default=200)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--drip-chunks", type=int, default=1)
+    parser.add_argument("--drip-seconds", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    raise_nofile()
+    app = make_app(args.chars, args.delay, args.drip_chunks, args.drip_seconds)
+    print(f"fake SAI on {args.host}:{args.port}", file=sys.stderr, flush=True)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()
