@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 
 from . import __version__, trace, workers
 from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
@@ -47,6 +48,23 @@ async def _run(demo: bool) -> int:
             await demo_runner.cleanup()
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory when installed (EVENT_LOOP=auto|uvloop), else None."""
+    choice = os.environ.get("EVENT_LOOP", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "asyncio", "uvloop"):
+        raise SettingsError("EVENT_LOOP", f"must be one of auto, asyncio, uvloop, got {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SettingsError("EVENT_LOOP", "uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load the settings and run the proxy; exit 2 on a configuration error."""
     argv = sys.argv[1:] if argv is None else argv
@@ -54,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return trace.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
-        return asyncio.run(_run(args.demo))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_run(args.demo))
     except SettingsError as error:
         print(f"saiproxy: configuration error: {error}", file=sys.stderr)
         return 2

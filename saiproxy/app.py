@@ -119,7 +119,9 @@ def log_setup_for(settings: Settings) -> LogSetup:
     """Return the process's logging, as the settings describe it."""
     return LogSetup(
         fmt=settings.log_format,
-        level=logging.DEBUG if settings.verbose_logging else logging.INFO,
+        level=logging.DEBUG
+        if settings.verbose_logging
+        else logging.getLevelNamesMapping()[settings.log_level.upper()],
         log_dir=settings.log_dir or None,
         max_bytes=settings.log_max_bytes,
         backups=settings.log_backups,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -26,8 +27,16 @@ def runner_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: every stream holds two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
+    raise_open_file_limit()
     app = create_app(settings, log_setup=log_setup_for(settings))
     runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()

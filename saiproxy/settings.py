@@ -85,7 +85,7 @@ class Settings:
     connect_timeout: float = 10.0
     max_retries: int = 3
     retry_backoff: float = 0.5
-    upstream_connections: int = 1024
+    upstream_connections: int = 0
     max_context_tokens: int = 128_000
     max_body_bytes: int = 8 * 1024 * 1024
     error_mode: ErrorMode = "message"
@@ -94,6 +94,7 @@ class Settings:
     placeholders: tuple[str, ...] = ("raspberry",)
     proxy_api_keys: tuple[Secret, ...] = ()
     verbose_logging: bool = False
+    log_level: str = "info"
     log_dir: str = "logs"
     log_format: LogFormat = "json"
     log_max_bytes: int = 5 * 1024 * 1024
@@ -221,6 +222,7 @@ _OPTIONS: Final = (
     _Option("AUTH_CHAIN", "auth", _names, "auth_chain"),
     _Option("USER_KEY_PLACEHOLDERS", "auth", _names, "placeholders"),
     _Option("VERBOSE_LOGGING", "logging", _bool, "verbose_logging"),
+    _Option("LOG_LEVEL", "logging", _choice("debug", "info", "warning", "error"), "log_level"),
     _Option("LOG_DIR", "logging", _str, "log_dir"),
     _Option("LOG_FORMAT", "logging", _choice("json", "text"), "log_format"),
     _Option("LOG_MAX_BYTES", "logging", _positive_int, "log_max_bytes"),

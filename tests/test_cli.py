@@ -223,10 +223,13 @@ async def test_two_workers_share_the_port(tmp_path: Path, proxies: list[Proxy]) 
             pids.add((await response.json())["pid"])
     assert len(pids) == 2
     assert proxy.process.pid not in pids
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{proxy.url}/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "hi"}]},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{proxy.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+        ) as response,
+    ):
         assert response.status == 200
     proxy.process.send_signal(signal.SIGTERM)
     assert await _wait_exit(proxy.process, 20) == 0
