@@ -1,0 +1,302 @@
+"""Benchmark saiproxy against direct calls to a fake SAI, in the same run.
+
+    python -m bench.run            # every scenario, about three minutes
+    python -m bench.run --smoke    # a few seconds: checks the bench still works
+
+Each scenario starts a fresh fake SAI (bench/fake_sai.py) and a fresh
+saiproxy (one worker, JSON logs at INFO unless the scenario says otherwise,
+stdout and the log file on disk), runs the load once straight at the fake SAI
+and once through the proxy, and records the proxy's peak RSS and CPU time.
+Speed is judged by the ratios in one run, never by absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import load
+from bench.fake_sai import raise_nofile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load shape: what SAI does, what the clients do."""
+
+    name: str
+    mode: load.Mode  # json (non-streaming) or sse (streaming)
+    concurrency: int
+    duration: float | None = None
+    requests: int | None = None
+    chars: int = 200
+    delay: float = 0.0
+    drip_chunks: int = 1
+    drip_seconds: float = 0.0
+    proxy_env: dict[str, str] = field(default_factory=dict)
+    direct: bool = True
+
+
+def scenarios(smoke: bool) -> list[Scenario]:
+    """Return the scenarios of the issue; tiny ones in smoke mode."""
+    if smoke:
+        return [
+            Scenario("non-stream c=4", "json", 4, requests=40),
+            Scenario("stream c=4", "sse", 4, requests=40, drip_chunks=4),
+            Scenario("first chunk, drip", "sse", 1, requests=2, drip_chunks=4, drip_seconds=0.2),
+        ]
+    seconds = 5.0
+    return [
+        Scenario("non-stream c=1", "json", 1, duration=seconds),
+        Scenario("non-stream c=64", "json", 64, duration=seconds),
+        Scenario("non-stream c=256", "json", 256, duration=seconds),
+        Scenario("stream c=1", "sse", 1, duration=seconds, drip_chunks=10),
+        Scenario("stream c=64", "sse", 64, duration=seconds, drip_chunks=10),
+        Scenario("stream c=256", "sse", 256, duration=seconds, drip_chunks=10),
+        Scenario("first chunk, 2 s drip", "sse", 1, requests=5, drip_chunks=10, drip_seconds=2),
+        Scenario("2,000 x 1 s calls, c=1,000", "json", 1000, requests=2000, delay=1.0),
+        Scenario(
+            "5,000 streams x 2 s", "sse", 5000, requests=5000, drip_chunks=10, drip_seconds=2
+        ),
+        Scenario(
+            "non-stream c=64, INFO", "json", 64, duration=seconds, proxy_env={"LOG_LEVEL": "info"},
+            direct=False,
+        ),
+        Scenario(
+            "non-stream c=64, WARNING", "json", 64, duration=seconds,
+            proxy_env={"LOG_LEVEL": "warning"}, direct=False,
+        ),
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Usage:
+    """Peak RSS and CPU seconds of a process, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.cpu_start = self.cpu()
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+async def wait_ready(url: str, process: subprocess.Popen[bytes], within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{url}: process exited with {process.returncode}")
+            try:
+                async with session.post(url, data=b"{}") as response:
+                    await response.read()
+                    return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def run_scenario(scenario: Scenario, workdir: Path) -> list[dict[str, Any]]:
+    """Run one scenario directly and through the proxy; return the table rows."""
+    rows: list[dict[str, Any]] = []
+    sai_port, proxy_port = free_port(), free_port()
+    out = (workdir / f"sai-{sai_port}.out").open("wb")
+    sai = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port),
+         "--chars", str(scenario.chars), "--delay", str(scenario.delay),
+         "--drip-chunks", str(scenario.drip_chunks),
+         "--drip-seconds", str(scenario.drip_seconds)],
+        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        sai_url = f"http://127.0.0.1:{sai_port}/api/templates/bench/execute"
+        await wait_ready(sai_url, sai)
+        common = {"concurrency": scenario.concurrency, "requests": scenario.requests,
+                  "duration": scenario.duration}  # fmt: skip
+        if scenario.direct:
+            results, elapsed = await load.run(sai_url, load.sai_body(), mode="raw", **common)
+            rows.append({"scenario": scenario.name, "via": "direct",
+                         **load.summary(results, elapsed)})  # fmt: skip
+
+        env = {
+            **os.environ,
+            "SAI_URL": f"http://127.0.0.1:{sai_port}",
+            "SAI_KEY": "bench-key",
+            "SAI_TEMPLATE_ID": "bench",
+            "HOST": "127.0.0.1",
+            "PORT": str(proxy_port),
+            "LOG_DIR": str(workdir / "logs"),
+            "SHUTDOWN_DELAY": "0",
+            "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
+            **scenario.proxy_env,
+        }
+        proxy_out = (workdir / f"proxy-{proxy_port}.out").open("wb")
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "saiproxy"], env=env, cwd=ROOT, stdout=proxy_out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+            await wait_ready(url, proxy)
+            usage = Usage(proxy.pid)
+            body = load.chat_body(scenario.mode == "sse")
+            results, elapsed = await load.run(url, body, mode=scenario.mode, **common)
+            rows.append({
+                "scenario": scenario.name, "via": "saiproxy", **load.summary(results, elapsed),
+                "rss_mb": usage.peak_rss_mb(), "cpu_s": usage.cpu() - usage.cpu_start,
+            })  # fmt: skip
+        finally:
+            stop(proxy)
+            proxy_out.close()
+    finally:
+        stop(sai)
+        out.close()
+    return rows
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"| {'scenario':<28} | {'via':<8} | {'requests':>8} | {'errors':>6} | {'RPS':>8} "
+        f"| {'p50 ms':>8} | {'p99 ms':>8} | {'first ms':>8} | {'elapsed s':>9} "
+        f"| {'peak RSS MB':>11} | {'CPU s':>6} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
+    for row in rows:
+        print(
+            f"| {row['scenario']:<28} | {row['via']:<8} | {_fmt(row['requests']):>8} "
+            f"| {_fmt(row['errors']):>6} | {_fmt(row['rps'], 0):>8} | {_fmt(row['p50_ms'], 2):>8} "
+            f"| {_fmt(row['p99_ms'], 2):>8} | {_fmt(row['first_ms'], 2):>8} "
+            f"| {_fmt(row['elapsed_s'], 2):>9} | {_fmt(row.get('rss_mb')):>11} "
+            f"| {_fmt(row.get('cpu_s'), 2):>6} |"
+        )
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """Return (target, measured, met) for every target the rows can judge."""
+    by = {(r["scenario"], r["via"]): r for r in rows}
+    checks: list[tuple[str, str, bool]] = []
+
+    def pair(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        if (name, "direct") in by and (name, "saiproxy") in by:
+            return by[(name, "direct")], by[(name, "saiproxy")]
+        return None
+
+    if found := pair("non-stream c=64"):
+        ratio = found[1]["rps"] / found[0]["rps"]
+        checks.append(("non-streaming RPS c=64 >= 0.30 x direct", f"{ratio:.2f} x", ratio >= 0.30))
+    if found := pair("stream c=64"):
+        ratio = found[1]["rps"] / found[0]["rps"]
+        checks.append(("streaming RPS c=64 >= 0.25 x direct", f"{ratio:.2f} x", ratio >= 0.25))
+    if found := pair("non-stream c=1"):
+        cost = found[1]["p50_ms"] - found[0]["p50_ms"]
+        checks.append(("hop p50 cost at c=1 <= 0.6 ms", f"{cost:.2f} ms", cost <= 0.6))
+    if found := pair("first chunk, 2 s drip"):
+        extra = found[1]["first_ms"] - found[0]["first_ms"]
+        checks.append(("first content <= SAI first byte + 5 ms", f"+{extra:.2f} ms", extra <= 5))
+    if found := pair("2,000 x 1 s calls, c=1,000"):
+        ratio = found[1]["elapsed_s"] / found[0]["elapsed_s"]
+        ok = ratio <= 1.25 and found[1]["errors"] == 0
+        checks.append(("2,000 x 1 s at c=1,000 <= 1.25 x direct", f"{ratio:.2f} x", ok))
+    if ("5,000 streams x 2 s", "saiproxy") in by:
+        row = by[("5,000 streams x 2 s", "saiproxy")]
+        ok = row["errors"] == 0 and row["rss_mb"] <= 250
+        measured = f"{row['errors']} errors, {row['rss_mb']:.0f} MB"
+        checks.append(("5,000 streams: 0 errors, RSS <= 250 MB", measured, ok))
+    if ("non-stream c=256", "saiproxy") in by:
+        rss = by[("non-stream c=256", "saiproxy")]["rss_mb"]
+        checks.append(("RSS under c=256 <= 80 MB", f"{rss:.0f} MB", rss <= 80))
+    info = by.get(("non-stream c=64, INFO", "saiproxy"))
+    warning = by.get(("non-stream c=64, WARNING", "saiproxy"))
+    if info and warning:
+        cost = 1 - info["rps"] / warning["rps"]
+        checks.append(("INFO logging costs <= 15 % of WARNING RPS", f"{cost * 100:.1f} %",
+                       cost <= 0.15))  # fmt: skip
+    return checks
+
+
+async def main_async(smoke: bool, only: list[str]) -> int:
+    raise_nofile()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="saiproxy-bench-") as tmp:
+        for scenario in scenarios(smoke):
+            if only and not any(word in scenario.name for word in only):
+                continue
+            print(f"running: {scenario.name}", file=sys.stderr, flush=True)
+            rows.extend(await run_scenario(scenario, Path(tmp)))
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    loop = os.environ.get("EVENT_LOOP", "auto") if os.environ.get("EVENT_LOOP") else loop
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, proxy event loop: {loop}\n")  # fmt: skip
+    print_table(rows)
+    checks = check_targets(rows)
+    if checks:
+        print()
+        for target, measured, met in checks:
+            print(f"{'MET ' if met else 'MISS'}  {target:<44} {measured}")
+    errors = sum(r["errors"] for r in rows if r["via"] == "saiproxy")
+    print(f"\n{len(rows)} measurements, {errors} proxy errors")
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny run: a few seconds")
+    parser.add_argument("--only", nargs="*", default=[], help="run scenarios whose name has a word")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main_async(args.smoke, args.only)))
+
+
+if __name__ == "__main__":
+    main()
