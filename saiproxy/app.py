@@ -11,7 +11,17 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
 from .auth import AuthChain
-from .keys import AUTH_CHAIN, METRICS, REQUEST_ID, SAI, SESSION, SETTINGS, STATE, ServingState
+from .keys import (
+    AUTH_CHAIN,
+    METRICS,
+    OUTCOME,
+    REQUEST_ID,
+    SAI,
+    SESSION,
+    SETTINGS,
+    STATE,
+    ServingState,
+)
 from .logs import LogSetup
 from .metrics import Metrics
 from .middlewares import (
@@ -31,6 +41,8 @@ class AccessLogger(AbstractAccessLogger):
     """One line per HTTP request, tagged with its request ID like every other line."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if OUTCOME in request:
+            return  # a chat completion: its "response finished" line says all this and more
         request_id = request.get(REQUEST_ID)
         self.logger.info(
             "%s %s %s",

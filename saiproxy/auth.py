@@ -52,7 +52,7 @@ class Credential:
         return {hdrs.COOKIE: self.secret.reveal()}
 
     def describe(self) -> dict[str, Any]:
-        """Return the loggable facts: kind, source, length."""
+        """Return the loggable facts of the credential decision: kind, source, length."""
         return {
             "credential": self.label,
             "kind": self.kind,
@@ -189,7 +189,6 @@ class AuthChain:
         for handler in self._handlers:
             found = handler.find(request, body)
             if found is not None:
-                log.info("credential selected", extra=found.describe())
                 return found
         raise NoCredential(
             "No SAI credential: send your SAI key as user_api_key (header or metadata), "

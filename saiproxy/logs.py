@@ -16,10 +16,12 @@ import queue
 import re
 import socket
 import sys
+import threading
+import time
 from collections.abc import Iterable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -37,6 +39,17 @@ _SENSITIVE: Final = re.compile(
     r"([^\"'\n,}]+)"
 )
 MASK: Final = "***"
+
+
+def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
+    """Log an INFO lifecycle line: ``logger.info(message, extra=fields)`` minus the caller lookup.
+
+    These lines are on every request's path; the source file and line of the
+    call are never written out, so finding them on each call is pure cost.
+    """
+    if logger.isEnabledFor(logging.INFO):
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None,
+                                        extra=fields))  # fmt: skip
 
 
 def log_file_name() -> str:
@@ -91,11 +104,26 @@ class TextFormatter(logging.Formatter):
         return f"{line} {fields}" if fields else line
 
 
+class _JsonFormatter(JsonFormatter):
+    """python-json-logger's formatter, with the time text built once per second."""
+
+    _second: int = -1
+    _stamp: str = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            # The writer thread is the only caller, so no lock is needed.
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def make_formatter(fmt: str) -> logging.Formatter:
     """Return the JSON (default) or text formatter."""
     if fmt == "text":
         return TextFormatter()
-    return JsonFormatter(
+    return _JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         json_ensure_ascii=False,
@@ -103,8 +131,101 @@ def make_formatter(fmt: str) -> logging.Formatter:
     )
 
 
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hand records over as they are: the filter has already merged the message."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The stock prepare formats the record and copies it; the writer thread
+        # formats anyway, so only the traceback is turned into text here.
+        if record.exc_info:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS: Final = logging.Formatter()
+
+
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """A rotating file written a batch of lines at a time."""
+
+    def write_lines(self, lines: list[str]) -> None:
+        if self.stream is None:
+            self.stream = self._open()
+        size = self.stream.tell()
+        pending: list[str] = []
+        for line in lines:
+            length = len(line) + 1
+            if self.maxBytes and size and size + length > self.maxBytes:
+                self.stream.write("".join(pending))
+                pending.clear()
+                self.doRollover()
+                self.stream = self.stream or self._open()
+                size = 0
+            pending.append(line + "\n")
+            size += length
+        self.stream.write("".join(pending))
+        self.stream.flush()
+
+
+class _Writer(threading.Thread):
+    """Formats and writes queued records in batches, off the event loop."""
+
+    BATCH: Final = 4096
+    GATHER: Final = 0.05  # seconds a line may wait for company
+
+    def __init__(
+        self,
+        records: queue.SimpleQueue[logging.LogRecord | None],
+        formatter: logging.Formatter,
+        stream: TextIO,
+        file: _RotatingFile | None,
+    ) -> None:
+        super().__init__(name="saiproxy-log-writer", daemon=True)
+        self._records = records
+        self._formatter = formatter
+        self._stream = stream
+        self._file = file
+
+    def run(self) -> None:
+        records = self._records
+        while True:
+            batch = [records.get()]
+            # Let a batch gather: each wake-up competes with the event loop for
+            # the GIL, so fewer, larger writes cost the proxy far less.
+            time.sleep(self.GATHER)
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(records.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [self._format(record) for record in batch if record is not None]
+            if lines:
+                self._write(lines)
+            if any(record is None for record in batch):
+                return
+
+    def _format(self, record: logging.LogRecord) -> str:
+        try:
+            return self._formatter.format(record)
+        except Exception as exc:  # a bad record must not stop the writer
+            return f"unformattable log record from {record.name}: {type(exc).__name__}"
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stdout went away; the file still gets the lines
+        if self._file is not None:
+            try:
+                self._file.write_lines(lines)
+            except OSError as exc:
+                print(f"saiproxy: cannot write the log file: {exc.strerror}", file=sys.stderr)
+
+
 class LogSetup:
-    """Root logging for one process: a queue handler and its listener thread."""
+    """Root logging for one process: a queue handler and its writer thread."""
 
     def __init__(
         self,
@@ -115,35 +236,29 @@ class LogSetup:
         max_bytes: int,
         backups: int,
         secrets: Iterable[str] = (),
-        stream: Any = None,
+        stream: TextIO | None = None,
     ) -> None:
-        formatter = make_formatter(fmt)
-        handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stdout)]
         self.path: Path | None = None
+        file = None
         if log_dir:
             directory = Path(log_dir)
             directory.mkdir(parents=True, exist_ok=True)
             self.path = directory / log_file_name()
-            handlers.append(
-                logging.handlers.RotatingFileHandler(
-                    self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-                )
-            )
-        for handler in handlers:
-            handler.setFormatter(formatter)
-        self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._handler = logging.handlers.QueueHandler(self._queue)
+            file = _RotatingFile(self.path, maxBytes=max_bytes, backupCount=backups,
+                                 encoding="utf-8", delay=True)  # fmt: skip
+        self._file = file
+        self._queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._handler = _QueueHandler(self._queue)
         self._handler.addFilter(RequestContextFilter(secrets))
-        self._listener = logging.handlers.QueueListener(
-            self._queue, *handlers, respect_handler_level=False
-        )
-        self._handlers = handlers
+        self._writer = _Writer(self._queue, make_formatter(fmt), stream or sys.stdout, file)
         self._level = level
         self._previous_level = logging.root.level
 
     def start(self) -> None:
         """Attach the queue handler to the root logger and start the writer thread."""
-        self._listener.start()
+        # Thread and process names are never written out: skip collecting them.
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+        self._writer.start()
         logging.root.addHandler(self._handler)
         logging.root.setLevel(self._level)
         # aiohttp's own loggers stay at WARNING unless we are verbose.
@@ -153,9 +268,10 @@ class LogSetup:
         logging.getLogger("aiohttp.access").setLevel(self._level)
 
     def stop(self) -> None:
-        """Detach, flush every queued record, and close the outputs."""
+        """Detach, write every queued record, and close the file."""
         logging.root.removeHandler(self._handler)
         logging.root.setLevel(self._previous_level)
-        self._listener.stop()
-        for handler in self._handlers:
-            handler.close()
+        self._queue.put(None)
+        self._writer.join()
+        if self._file is not None:
+            self._file.close()

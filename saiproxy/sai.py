@@ -33,6 +33,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .logs import event
 from .metrics import Metrics
 from .settings import ModelConfig, Settings
 
@@ -216,33 +217,23 @@ class SaiClient:
             "X-Request-ID": call.request_id,
             **credential.headers(),
         }
-        log.info(
-            "upstream call",
-            extra={
-                "attempt": call.attempts,
-                "template": call.template_id,
-                "credential": credential.label,
-            },
-        )
+        log.debug("upstream call", extra={"attempt": call.attempts})
         started = time.monotonic()
         try:
             response = await self._session.post(call.url, data=call.payload, headers=headers)
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            self._log_attempt(call, None, started)
-            self._metrics.upstream_attempts.labels("timeout").inc()
+            self._log_attempt(call, "timeout", started)
             raise _Transient(
                 UpstreamTimeout(self._settings.request_timeout, call.attempts)
             ) from None
         except aiohttp.ClientError as exc:
-            self._log_attempt(call, None, started)
-            self._metrics.upstream_attempts.labels("connection_error").inc()
+            self._log_attempt(call, "connection_error", started)
             raise _Transient(
                 UpstreamUnavailable(f"connection failed ({type(exc).__name__})", call.attempts)
             ) from None
 
         status = response.status
         self._log_attempt(call, status, started)
-        self._metrics.upstream_attempts.labels(str(status)).inc()
         if status == 200:
             return SaiStream(response, call, self._settings.request_timeout)
         try:
@@ -285,12 +276,16 @@ class SaiClient:
             return ""
         return raw.decode("utf-8", "replace")
 
-    @staticmethod
-    def _log_attempt(call: SaiCall, status: int | None, started: float) -> None:
-        log.info(
-            "upstream answered" if status is not None else "upstream unreachable",
-            extra={
+    def _log_attempt(self, call: SaiCall, status: int | str, started: float) -> None:
+        """Log and count one attempt: who was asked, with what, and how it went."""
+        self._metrics.upstream_attempts.labels(str(status)).inc()
+        event(
+            log,
+            "upstream attempt",
+            {
                 "attempt": call.attempts,
+                "template": call.template_id,
+                "credential": call.credential.label,
                 "status": status,
                 "latency_ms": round((time.monotonic() - started) * 1000, 1),
             },

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import secrets
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -21,11 +22,13 @@ from .errors import (
     ContextTooLong,
     InvalidRequest,
     ModelNotFound,
+    NoCredential,
     UpstreamError,
 )
 from .keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
-from .metrics import Metrics, metrics_response
-from .sai import SaiCall, SaiStream
+from .logs import event
+from .metrics import metrics_response
+from .sai import SaiAnswer, SaiCall, SaiClient, SaiStream
 from .settings import ModelConfig, Settings
 from .translate import (
     ChatRequest,
@@ -71,37 +74,68 @@ async def models(request: web.Request) -> web.Response:
 
 
 @dataclass(slots=True)
-class _Outcome:
-    """What one completion ended as, for the finish log line."""
+class _Exchange:
+    """One chat completion in flight: what was asked, what SAI is doing, how it ended."""
 
+    request: web.Request
+    settings: Settings
+    chat: ChatRequest
+    model: str
+    completion_id: str
+    created: int
     started: float
-    metrics: Metrics
-    stream: bool
+    call: SaiCall | None = None
+    early: UpstreamError | None = None  # an outcome known without calling SAI
     status: int = 200
     outcome: str = "ok"
     finish_reason: str | None = None
     first_byte: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def mark_first_byte(self) -> None:
-        if self.first_byte is None:
-            self.first_byte = time.monotonic()
+    @property
+    def sai(self) -> SaiClient:
+        return self.request.app[SAI]
+
+    def _known_call(self) -> SaiCall:
+        if self.early is not None:
+            raise self.early
+        assert self.call is not None
+        return self.call
+
+    async def open(self) -> SaiStream:
+        """Open SAI's answer as it arrives, or raise the outcome already known."""
+        return await self.sai.open(self._known_call())
+
+    async def fetch(self) -> SaiAnswer:
+        """Read SAI's whole answer, or raise the outcome already known."""
+        return await self.sai.fetch(self._known_call())
+
+    def failed(self, error: UpstreamError) -> None:
+        """Record an upstream outcome that ends the answer."""
+        self.outcome, self.finish_reason = error.code or "error", error.finish_reason
+
+    def succeeded(self, headers: Any, completion_chars: int) -> None:
+        """Record a complete answer and its token counts."""
+        self.prompt_tokens = header_tokens(headers, "prompttokens", self.chat.chars)
+        self.completion_tokens = header_tokens(headers, "completiontokens", completion_chars)
+        self.finish_reason = "stop"
 
     def finish(self) -> None:
         """Log the finish line and record the latency figures."""
         now = time.monotonic()
         latency = now - self.started
         generating = now - self.first_byte if self.first_byte is not None else 0.0
-        stream = "true" if self.stream else "false"
-        self.metrics.latency.labels(stream).observe(latency)
+        metrics = self.request.app[METRICS]
+        stream = "true" if self.chat.stream else "false"
+        metrics.latency.labels(stream).observe(latency)
         if self.first_byte is not None:
-            self.metrics.ttfb.labels(stream).observe(self.first_byte - self.started)
-        log.info(
+            metrics.ttfb.labels(stream).observe(self.first_byte - self.started)
+        event(
+            log,
             "response finished",
-            extra={
+            {
+                "path": self.request.path,
                 "status": self.status,
                 "outcome": self.outcome,
                 "finish_reason": self.finish_reason,
@@ -116,7 +150,6 @@ class _Outcome:
                 if generating > 0
                 else None,
                 "model": self.model,
-                **self.extra,
             },
         )
 
@@ -143,6 +176,27 @@ def _model(settings: Settings, chat: ChatRequest) -> ModelConfig:
     return model
 
 
+_SUFFIXES = itertools.count(secrets.randbits(40))
+
+
+def _completion_suffix() -> str:
+    """Return a process-unique suffix: a random start, counted up (no entropy per call)."""
+    return f"{next(_SUFFIXES) & 0xFFFFFFFFFFFF:012x}"
+
+
+def _prepare(request: web.Request, body: Any, chat: ChatRequest, model: ModelConfig,
+             exchange: _Exchange) -> dict[str, Any]:  # fmt: skip
+    """Decide the early outcome or the credential and SAI call; return the credential facts."""
+    settings = exchange.settings
+    if chat.estimated_tokens > settings.max_context_tokens:
+        exchange.early = ContextTooLong(chat.estimated_tokens, settings.max_context_tokens)
+        return {}
+    credential = request.app[AUTH_CHAIN].select(request, body)
+    payload = orjson.dumps(sai_payload(chat.messages, int(time.time() * 1000)))
+    exchange.call = request.app[SAI].new_call(model, payload, credential, request[REQUEST_ID])
+    return credential.describe()
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Answer an OpenAI chat completion from a SAI template execution."""
     settings = request.app[SETTINGS]
@@ -150,9 +204,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _read_body(request, settings.max_body_bytes)
     chat = parse_chat_request(body)
     model = _model(settings, chat)
-    log.info(
+    exchange = _Exchange(
+        request, settings, chat, model.name,
+        completion_id=f"chatcmpl-{request[REQUEST_ID]}-{_completion_suffix()}",
+        created=int(time.time()), started=started,
+    )  # fmt: skip
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    try:
+        try:
+            credential = _prepare(request, body, chat, model, exchange)
+        except NoCredential:
+            credential = {"credential": None}
+            raise
+        finally:
+            _log_received(request, chat, model, credential, exchange)
+        if chat.stream:
+            return await _stream(exchange)
+        return await _complete(exchange)
+    except asyncio.CancelledError:
+        exchange.outcome, exchange.status = "client_disconnected", 499
+        raise
+    except Exception as exc:
+        exchange.outcome = getattr(exc, "code", None) or type(exc).__name__
+        exchange.status = getattr(exc, "status", 500)
+        raise
+    finally:
+        request[OUTCOME] = exchange.outcome
+        metrics.in_flight.dec()
+        exchange.finish()
+
+
+def _log_received(
+    request: web.Request,
+    chat: ChatRequest,
+    model: ModelConfig,
+    credential: dict[str, Any],
+    exchange: _Exchange,
+) -> None:
+    """Log the request as received, with the credential decision."""
+    event(
+        log,
         "request received",
-        extra={
+        {
             "path": request.path,
             "stream": chat.stream,
             "model": model.name,
@@ -160,7 +254,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "messages": len(chat.messages),
             "roles": chat.role_counts(),
             "chars": chat.chars,
+            "estimated_tokens": chat.estimated_tokens,
             "unwrapped": chat.unwrapped,
+            **credential,
         },
     )
     if chat.unwrapped:
@@ -172,131 +268,60 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "chars_after": chat.unwrapped_chars_after,
             },
         )
-    if settings.verbose_logging:
+    if isinstance(exchange.early, ContextTooLong):
+        log.info(
+            "context too long, not calling SAI",
+            extra={"estimated_tokens": chat.estimated_tokens,
+                   "limit": exchange.settings.max_context_tokens},
+        )  # fmt: skip
+    if exchange.settings.verbose_logging:
         log.debug(
             "message previews",
             extra={"previews": [f"{m.role}: {m.text[:80]}" for m in chat.messages]},
         )
+        if exchange.call is not None:
+            log.debug("SAI payload built", extra={"payload_bytes": len(exchange.call.payload)})
 
-    outcome = _Outcome(started, request.app[METRICS], chat.stream, model=model.name)
-    request.app[METRICS].in_flight.inc()
-    request_id = request[REQUEST_ID]
-    completion_id = f"chatcmpl-{request_id}-{uuid.uuid4().hex[:12]}"
-    created = int(time.time())
+
+async def _complete(exchange: _Exchange) -> web.Response:
     try:
-        call: SaiCall | None = None
-        early: UpstreamError | None = None
-        if chat.estimated_tokens > settings.max_context_tokens:
-            log.info(
-                "context too long, not calling SAI",
-                extra={
-                    "estimated_tokens": chat.estimated_tokens,
-                    "limit": settings.max_context_tokens,
-                },
-            )
-            early = ContextTooLong(chat.estimated_tokens, settings.max_context_tokens)
-        else:
-            credential = request.app[AUTH_CHAIN].select(request, body)
-            payload = orjson.dumps(sai_payload(chat.messages, int(time.time() * 1000)))
-            if settings.verbose_logging:
-                log.debug("SAI payload built", extra={"payload_bytes": len(payload)})
-            call = request.app[SAI].new_call(model, payload, credential, request_id)
-        if chat.stream:
-            return await _stream(request, chat, call, early, outcome, completion_id, created)
-        return await _complete(request, chat, call, early, outcome, completion_id, created)
-    except asyncio.CancelledError:
-        outcome.outcome, outcome.status = "client_disconnected", 499
-        raise
-    except Exception as exc:
-        outcome.outcome = type(exc).__name__
-        outcome.status = getattr(exc, "status", 500)
-        raise
-    finally:
-        request[OUTCOME] = outcome.outcome
-        request.app[METRICS].in_flight.dec()
-        outcome.finish()
-
-
-def _error_completion(
-    error: UpstreamError, outcome: _Outcome, completion_id: str, created: int, model: str
-) -> web.Response:
-    outcome.outcome, outcome.finish_reason = error.code or "error", error.finish_reason
-    return _json(
-        completion(
-            completion_id=completion_id,
-            created=created,
-            model=model,
-            text=error.chat_text(),
-            finish_reason=error.finish_reason,
-            usage_=usage(0, 0),
-        )
-    )
-
-
-async def _complete(
-    request: web.Request,
-    chat: ChatRequest,
-    call: SaiCall | None,
-    early: UpstreamError | None,
-    outcome: _Outcome,
-    completion_id: str,
-    created: int,
-) -> web.Response:
-    settings = request.app[SETTINGS]
-    model_name = outcome.model or settings.default_model
-    try:
-        if early is not None:
-            raise early
-        assert call is not None
-        answer = await request.app[SAI].fetch(call)
+        answer = await exchange.fetch()
     except UpstreamError as error:
-        if settings.error_mode == "http":
+        if exchange.settings.error_mode == "http":
             raise
-        return _error_completion(error, outcome, completion_id, created, model_name)
-    outcome.first_byte = answer.opened_at
-    prompt = header_tokens(answer.headers, "prompttokens", chat.chars)
-    completion_tokens = header_tokens(answer.headers, "completiontokens", len(answer.text))
-    model_name = answer.headers.get("model") or model_name
-    outcome.prompt_tokens, outcome.completion_tokens = prompt, completion_tokens
-    outcome.model, outcome.finish_reason = model_name, "stop"
+        exchange.failed(error)
+        text, usage_ = error.chat_text(), usage(0, 0)
+    else:
+        exchange.first_byte = answer.opened_at
+        exchange.model = answer.headers.get("model") or exchange.model
+        exchange.succeeded(answer.headers, len(answer.text))
+        text = answer.text
+        usage_ = usage(exchange.prompt_tokens, exchange.completion_tokens)
+    assert exchange.finish_reason is not None
     return _json(
         completion(
-            completion_id=completion_id,
-            created=created,
-            model=model_name,
-            text=answer.text,
-            finish_reason="stop",
-            usage_=usage(prompt, completion_tokens),
+            completion_id=exchange.completion_id,
+            created=exchange.created,
+            model=exchange.model,
+            text=text,
+            finish_reason=exchange.finish_reason,
+            usage_=usage_,
         )
     )
 
 
-async def _stream(
-    request: web.Request,
-    chat: ChatRequest,
-    call: SaiCall | None,
-    early: UpstreamError | None,
-    outcome: _Outcome,
-    completion_id: str,
-    created: int,
-) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    state = request.app[STATE]
+async def _stream(exchange: _Exchange) -> web.StreamResponse:
+    request, settings = exchange.request, exchange.settings
+    state, metrics = request.app[STATE], request.app[METRICS]
     response = EventSourceResponse(
         headers=SSE_HEADERS,
         sep="\n",
         allow_all_methods=True,
         ping_interval=settings.ping_interval,
     )
-    opening: asyncio.Future[SaiStream]
-    if early is not None:
-        opening = asyncio.get_running_loop().create_future()
-        opening.set_exception(early)
-    else:
-        assert call is not None
-        opening = asyncio.ensure_future(request.app[SAI].open(call))
+    opening = asyncio.ensure_future(exchange.open())
     state.open_streams.add(response)
-    request.app[METRICS].open_streams.inc()
+    metrics.open_streams.inc()
     try:
         # Until SAI answers 200 nothing is sent, so a failure can still be a real
         # HTTP status; if the first keep-alive falls due first, the stream starts.
@@ -311,21 +336,15 @@ async def _stream(
         except UpstreamError as error:
             if settings.error_mode == "http" and not response.prepared:
                 raise
-            await _stream_error(
-                request,
-                response,
-                error,
-                outcome,
-                completion_id,
-                created,
-                settings.error_mode,
-                chat.include_usage,
-            )
-            return response
-        return await _relay(request, response, upstream, chat, outcome, completion_id, created)
+            await _stream_error(exchange, response, error)
+        else:
+            await _relay(exchange, response, upstream)
+        await response.write(ChunkWriter.DONE)
+        await response.write_eof()
+        return response
     finally:
         state.open_streams.discard(response)
-        request.app[METRICS].open_streams.dec()
+        metrics.open_streams.dec()
         if response.prepared:
             response.stop_streaming()
         if not opening.done():
@@ -334,27 +353,19 @@ async def _stream(
                 await opening
 
 
-async def _relay(
-    request: web.Request,
-    response: EventSourceResponse,
-    upstream: SaiStream,
-    chat: ChatRequest,
-    outcome: _Outcome,
-    completion_id: str,
-    created: int,
-) -> EventSourceResponse:
-    settings = request.app[SETTINGS]
+async def _relay(exchange: _Exchange, response: EventSourceResponse, upstream: SaiStream) -> None:
+    """Forward SAI's body piece by piece, then the finish and usage frames."""
     async with upstream:
-        model_name = upstream.headers.get("model") or outcome.model or settings.default_model
-        outcome.model = model_name
-        writer = ChunkWriter(completion_id, created, model_name)
+        exchange.model = upstream.headers.get("model") or exchange.model
+        writer = ChunkWriter(exchange.completion_id, exchange.created, exchange.model)
         if not response.prepared:
-            await response.prepare(request)
+            await response.prepare(exchange.request)
         await response.write(writer.role())
         chars = 0
         try:
             async for piece in upstream.text():
-                outcome.mark_first_byte()
+                if exchange.first_byte is None:
+                    exchange.first_byte = time.monotonic()
                 chars += len(piece)
                 await response.write(writer.content(piece))
         except UpstreamError as error:
@@ -362,48 +373,34 @@ async def _relay(
             log.warning(
                 "upstream broke off mid-stream", extra={"error": error.code, "chars_sent": chars}
             )
-            outcome.outcome, outcome.finish_reason = error.code or "error", "error"
-            if settings.error_mode == "http":
+            exchange.outcome, exchange.finish_reason = error.code or "error", "error"
+            if exchange.settings.error_mode == "http":
                 await response.write(writer.error(error.body()))
             else:
                 await response.write(writer.content("\n\n" + error.chat_text()))
                 await response.write(writer.finish("error"))
-            await response.write(writer.DONE)
-            await response.write_eof()
-            return response
-    prompt = header_tokens(upstream.headers, "prompttokens", chat.chars)
-    completion_tokens = header_tokens(upstream.headers, "completiontokens", chars)
-    outcome.prompt_tokens, outcome.completion_tokens = prompt, completion_tokens
-    outcome.finish_reason = "stop"
+            return
+    exchange.succeeded(upstream.headers, chars)
     await response.write(writer.finish("stop"))
-    if chat.include_usage:
-        await response.write(writer.usage(usage(prompt, completion_tokens)))
-    await response.write(writer.DONE)
-    await response.write_eof()
-    return response
+    if exchange.chat.include_usage:
+        await response.write(
+            writer.usage(usage(exchange.prompt_tokens, exchange.completion_tokens))
+        )
 
 
 async def _stream_error(
-    request: web.Request,
-    response: EventSourceResponse,
-    error: UpstreamError,
-    outcome: _Outcome,
-    completion_id: str,
-    created: int,
-    mode: str,
-    include_usage: bool,
+    exchange: _Exchange, response: EventSourceResponse, error: UpstreamError
 ) -> None:
-    outcome.outcome, outcome.finish_reason = error.code or "error", error.finish_reason
-    writer = ChunkWriter(completion_id, created, outcome.model or "")
+    """Answer a failure before any content: the explanation, or an error frame in http mode."""
+    exchange.failed(error)
+    writer = ChunkWriter(exchange.completion_id, exchange.created, exchange.model)
     if not response.prepared:
-        await response.prepare(request)
-    if mode == "http":
+        await response.prepare(exchange.request)
+    if exchange.settings.error_mode == "http":
         await response.write(writer.error(error.body()))
-    else:
-        await response.write(writer.role())
-        await response.write(writer.content(error.chat_text()))
-        await response.write(writer.finish(error.finish_reason))
-        if include_usage:
-            await response.write(writer.usage(usage(0, 0)))
-    await response.write(writer.DONE)
-    await response.write_eof()
+        return
+    await response.write(writer.role())
+    await response.write(writer.content(error.chat_text()))
+    await response.write(writer.finish(error.finish_reason))
+    if exchange.chat.include_usage:
+        await response.write(writer.usage(usage(0, 0)))

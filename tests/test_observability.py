@@ -46,7 +46,7 @@ async def test_trace_joins_two_replicas_files(
     events = [line for line in lines if re.match(r"  \d{4}-", line)]
     messages = [re.split(r"\s{2,}", line.strip())[-1] for line in events]
     # Replica a: four attempts and a finish with the error; then replica b's success.
-    assert messages.count("upstream call") == 5
+    assert messages.count("upstream attempt") == 5
     assert messages.count("retrying upstream call") == 3
     assert messages.count("response finished") == 2
     assert messages.index("upstream failed, no retries left") < len(messages) - 4
