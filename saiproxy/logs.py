@@ -9,6 +9,7 @@ context variable is still visible.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
 import os
@@ -42,14 +43,16 @@ MASK: Final = "***"
 
 
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
-    """Log an INFO lifecycle line: ``logger.info(message, extra=fields)`` minus the caller lookup.
+    """Log an INFO lifecycle line: ``logger.info(message, extra=fields)``, minus the caller lookup.
 
-    These lines are on every request's path; the source file and line of the
-    call are never written out, so finding them on each call is pure cost.
+    These lines are on every request's path; the caller's file and line are
+    never written out, so they are not looked up.
     """
     if logger.isEnabledFor(logging.INFO):
-        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None,
-                                        extra=fields))  # fmt: skip
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "", 0, message, (), None, extra=fields
+        )
+        logger.handle(record)
 
 
 def log_file_name() -> str:
@@ -133,6 +136,17 @@ def make_formatter(fmt: str) -> logging.Formatter:
 
 class _QueueHandler(logging.handlers.QueueHandler):
     """Hand records over as they are: the filter has already merged the message."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return super().handle(record)
+        # On the event loop, filtering and queueing wait for the loop's next turn
+        # (in this context, so the request ID is kept): the bytes a client waits
+        # for go out first. Records keep their order, and their time is already set.
+        loop.call_soon(super().handle, record)
+        return True
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         # The stock prepare formats the record and copies it; the writer thread
@@ -268,7 +282,10 @@ class LogSetup:
         logging.getLogger("aiohttp.access").setLevel(self._level)
 
     def stop(self) -> None:
-        """Detach, write every queued record, and close the file."""
+        """Detach, write every queued record, and close the file.
+
+        On an event loop, let it turn once first so deferred records are queued.
+        """
         logging.root.removeHandler(self._handler)
         logging.root.setLevel(self._previous_level)
         self._queue.put(None)

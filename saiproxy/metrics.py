@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import (
@@ -22,6 +22,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # labels() takes a lock and builds a tuple on every call; the label sets
+        # here are few and fixed, so the children are kept.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "saiproxy_requests",
             "HTTP requests served, by route, status and outcome.",
@@ -69,6 +72,14 @@ class Metrics:
             "Streaming answers open now.",
             registry=self.registry,
         )
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """Return the labelled child of a metric, looked up once per label set."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         """Return the text exposition format."""

@@ -123,7 +123,8 @@ def metrics_middleware(*, metrics: Metrics) -> Middleware:
             # Unknown paths share one label so a scanner cannot grow the series.
             path = route.canonical if route is not None else "other"
             default = "ok" if status < 400 else "error"
-            metrics.requests.labels(path, str(status), request.get(OUTCOME, default)).inc()
+            outcome = request.get(OUTCOME, default)
+            metrics.child(metrics.requests, path, str(status), outcome).inc()
 
     return middleware
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -99,21 +100,34 @@ class SaiStream:
         chunks comes out whole. A body that breaks off raises an UpstreamError.
         """
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
+        with self._body_errors():
             async for chunk in self.response.content.iter_any():
                 text = decoder.decode(chunk)
                 if text:
                     yield text
+        self._complete = True
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    async def read_text(self) -> str:
+        """Return the whole body as text, once it has all arrived."""
+        with self._body_errors():
+            raw = await self.response.read()
+        self._complete = True
+        return raw.decode("utf-8", "replace")
+
+    @contextlib.contextmanager
+    def _body_errors(self) -> Iterator[None]:
+        """Turn a body that stalls or breaks off into the matching UpstreamError."""
+        try:
+            yield
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout(self._timeout, self.call.attempts) from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(
                 f"the answer broke off ({type(exc).__name__})", self.call.attempts
             ) from None
-        self._complete = True
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            yield tail
 
     def close(self) -> None:
         """Release the connection: back to the pool if the body was read, else drop it."""
@@ -178,7 +192,7 @@ class SaiClient:
             stream = await self.open(call)
             async with stream:
                 try:
-                    text = "".join([piece async for piece in stream.text()])
+                    text = await stream.read_text()
                 except (UpstreamTimeout, UpstreamUnavailable) as error:
                     await self._before_retry(call, error)
                     continue
@@ -192,7 +206,7 @@ class SaiClient:
             )
             raise error
         call.retries += 1
-        self._metrics.retries.labels(error.code or "error").inc()
+        self._metrics.child(self._metrics.retries, error.code or "error").inc()
         base = self._settings.retry_backoff * 2 ** (call.retries - 1)
         delay = min(BACKOFF_CAP, base) * (0.5 + self._jitter() / 2)
         log.info(
@@ -278,7 +292,7 @@ class SaiClient:
 
     def _log_attempt(self, call: SaiCall, status: int | str, started: float) -> None:
         """Log and count one attempt: who was asked, with what, and how it went."""
-        self._metrics.upstream_attempts.labels(str(status)).inc()
+        self._metrics.child(self._metrics.upstream_attempts, str(status)).inc()
         event(
             log,
             "upstream attempt",

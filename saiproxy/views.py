@@ -128,9 +128,9 @@ class _Exchange:
         generating = now - self.first_byte if self.first_byte is not None else 0.0
         metrics = self.request.app[METRICS]
         stream = "true" if self.chat.stream else "false"
-        metrics.latency.labels(stream).observe(latency)
+        metrics.child(metrics.latency, stream).observe(latency)
         if self.first_byte is not None:
-            metrics.ttfb.labels(stream).observe(self.first_byte - self.started)
+            metrics.child(metrics.ttfb, stream).observe(self.first_byte - self.started)
         event(
             log,
             "response finished",
