@@ -88,7 +88,8 @@ class RequestContextFilter(logging.Filter):
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
-        if _SENSITIVE.search(text):
+        # A credential header needs ":" or "="; most values have neither.
+        if (":" in text or "=" in text) and _SENSITIVE.search(text):
             text = _SENSITIVE.sub(lambda m: f"{m[1]}{m[2]}{MASK}", text)
         return text
 
