@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -69,7 +68,6 @@ def _logging_ctx(log_setup: LogSetup) -> object:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         log_setup.start()
         yield
-        await asyncio.sleep(0)  # records handed to the loop's next turn get queued
         log_setup.stop()
 
     return ctx
