@@ -150,6 +150,7 @@ class _Exchange:
                 if generating > 0
                 else None,
                 "model": self.model,
+                **(self.call.summary() if self.call is not None else {}),
             },
         )
 

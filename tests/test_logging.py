@@ -89,7 +89,15 @@ async def test_request_lines_are_tagged_and_complete_json(
             received = next(r for r in by_field if r["message"].endswith("request received"))
             assert received["credential"] in ("user key", "user cookie", "SAI_KEY")
             assert received["length"] > 0 and received["source"]
-            assert "upstream attempt" in messages
+            finished = by_field[-1]
+            assert finished["attempts"] >= 1
+            assert finished["upstream_status"] in (200, 401)
+            assert finished["upstream_latency_ms"] >= 0
+            assert finished["template"] and finished["credential"]
+            # A failed attempt has a line of its own; a successful one does not.
+            failed = [r for r in by_field if r["message"].endswith("upstream attempt")]
+            expected = {"rejected": [401], "fallback": [429]}.get(name, [])
+            assert [r["status"] for r in failed] == expected
 
     finished = {r["request_id"]: r for r in records if r["message"].endswith("] response finished")}
     ok = finished[ids["ok"]]
