@@ -170,3 +170,30 @@ def test_startup_validation_exits_2_with_one_line(env: dict[str, str], variable:
     assert len(lines) == 1
     assert variable in lines[0]
     assert "secret-k-9" not in result.stderr + result.stdout
+
+
+def test_env_example_and_readme_document_every_variable() -> None:
+    from saiproxy.settings import _OPTIONS
+
+    documented = (ROOT / "config" / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    names = {option.env for option in _OPTIONS} | {
+        "SAI_TEMPLATE_ID",
+        "PROXY_API_KEYS",
+        "SAIPROXY_CONFIG",
+        "EVENT_LOOP",
+    }
+    for name in sorted(names):
+        assert f"\n{name}=" in documented, name
+        assert f"`{name}`" in readme, name
+
+
+def test_env_example_loads(tmp_path: Path) -> None:
+    env = {}
+    for line in (ROOT / "config" / ".env.example").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = value
+    env.update(SAI_KEY="k-example", SAI_TEMPLATE_ID="tpl", SAIPROXY_CONFIG=CONFIG)
+    settings = load_settings(env)
+    assert settings.port == 4000 and settings.error_mode == "message"
