@@ -40,7 +40,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     app = create_app(settings, log_setup=log_setup_for(settings))
     runner = web.AppRunner(app, **runner_options(settings))
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.workers > 1)
+    # A burst of new clients (1,000 at once is normal here) must not overflow the
+    # accept queue: a dropped SYN costs the client a one-second retransmit.
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=4096
+    )
     await site.start()
     log.info(
         "saiproxy listening",
