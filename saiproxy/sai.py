@@ -85,7 +85,6 @@ class SaiAnswer:
 
     text: str
     headers: CIMultiDictProxy[str]
-    credential: Credential
     opened_at: float
 
 
@@ -207,7 +206,7 @@ class SaiClient:
                 except (UpstreamTimeout, UpstreamUnavailable) as error:
                     await self._before_retry(call, error)
                     continue
-            return SaiAnswer(text, stream.headers, call.credential, stream.opened_at)
+            return SaiAnswer(text, stream.headers, stream.opened_at)
 
     async def _before_retry(self, call: SaiCall, error: UpstreamError) -> None:
         if call.retries >= self._settings.max_retries:
