@@ -43,11 +43,7 @@ class ChatRequest:
     unwrapped: int
     unwrapped_chars_before: int
     unwrapped_chars_after: int
-
-    @property
-    def chars(self) -> int:
-        """Return the total characters of every message's text."""
-        return sum(len(message.text) for message in self.messages)
+    chars: int  # total characters of every message's text, after unwrapping
 
     @property
     def estimated_tokens(self) -> int:
@@ -158,6 +154,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         unwrapped=unwrapped,
         unwrapped_chars_before=before,
         unwrapped_chars_after=after,
+        chars=sum(len(message.text) for message in messages),
     )
 
 

@@ -22,7 +22,6 @@ from .errors import (
     ContextTooLong,
     InvalidRequest,
     ModelNotFound,
-    NoCredential,
     UpstreamError,
 )
 from .keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
@@ -185,9 +184,10 @@ def _completion_suffix() -> str:
     return f"{next(_SUFFIXES) & 0xFFFFFFFFFFFF:012x}"
 
 
-def _prepare(request: web.Request, body: Any, chat: ChatRequest, model: ModelConfig,
-             exchange: _Exchange) -> dict[str, Any]:  # fmt: skip
-    """Decide the early outcome or the credential and SAI call; return the credential facts."""
+def _prepare(
+    request: web.Request, body: Any, chat: ChatRequest, model: ModelConfig, exchange: _Exchange
+) -> dict[str, Any]:
+    """Decide the early outcome, or the credential and the SAI call; return the credential facts."""
     settings = exchange.settings
     if chat.estimated_tokens > settings.max_context_tokens:
         exchange.early = ContextTooLong(chat.estimated_tokens, settings.max_context_tokens)
@@ -213,11 +213,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     try:
+        credential: dict[str, Any] = {"credential": None}
         try:
             credential = _prepare(request, body, chat, model, exchange)
-        except NoCredential:
-            credential = {"credential": None}
-            raise
         finally:
             _log_received(request, chat, model, credential, exchange)
         if chat.stream:
