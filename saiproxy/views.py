@@ -206,7 +206,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(body)
     model = _model(settings, chat)
     exchange = _Exchange(
-        request, settings, chat, model.name,
+        # SAI's model header names the model; without it, the name the client asked for.
+        request, settings, chat, chat.model or model.name,
         completion_id=f"chatcmpl-{request[REQUEST_ID]}-{_completion_suffix()}",
         created=int(time.time()), started=started,
     )  # fmt: skip

@@ -134,8 +134,8 @@ async def test_usage_is_estimated_when_headers_are_absent_or_invalid(
     data = await response.json()
     # ceil(5 / 4) = 2 prompt tokens, ceil(10 / 4) = 3 completion tokens.
     assert data["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
-    # No model header: the requested name (unknown, so the default) is reported.
-    assert data["model"] == "sai-model"
+    # No model header: the name the client asked for is reported (§1).
+    assert data["model"] == "whatever"
 
 
 async def test_content_is_set_whatever_the_user_agent(make_proxy: MakeProxy, sai: FakeSai) -> None:
