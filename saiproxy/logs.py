@@ -9,6 +9,7 @@ context variable is still visible.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -48,9 +49,10 @@ def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     never written out, so they are not looked up.
     """
     if logger.isEnabledFor(logging.INFO):
-        record = logger.makeRecord(
-            logger.name, logging.INFO, "", 0, message, (), None, extra=fields
-        )
+        record = logging.LogRecord(logger.name, logging.INFO, "", 0, message, None, None)
+        # Our own field names never clash with LogRecord's, so makeRecord's
+        # per-key clash check is skipped.
+        record.__dict__.update(fields)
         logger.handle(record)
 
 
@@ -151,9 +153,16 @@ def make_formatter(fmt: str) -> logging.Formatter:
     return _JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-        json_ensure_ascii=False,
-        json_default=str,
+        json_serializer=_serialise,
     )
+
+
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
+def _serialise(data: Any, **_: Any) -> str:
+    """Serialise a log line with one encoder made once (json.dumps makes one per call)."""
+    return _ENCODER.encode(data)
 
 
 class _QueueHandler(logging.handlers.QueueHandler):
