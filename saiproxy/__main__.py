@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from . import __version__, trace, workers
 from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
-from .server import serve
+from .server import ListenError, serve
 from .settings import SettingsError, load_settings
 
 
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"saiproxy: configuration error: {error}", file=sys.stderr)
         return 2
+    except ListenError as error:
+        print(f"saiproxy: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+class ListenError(Exception):
+    """The listening socket could not be opened (port taken, address not available)."""
+
+
 def runner_options(settings: Settings) -> dict[str, Any]:
     """Return the AppRunner options production uses (tests start their servers with them)."""
     return {
@@ -45,7 +49,13 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=4096
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ListenError(
+            f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
+        ) from None
     log.info(
         "saiproxy listening",
         extra={

@@ -239,3 +239,16 @@ async def test_two_workers_share_the_port(tmp_path: Path, proxies: list[Proxy]) 
     host = socket.gethostname()
     files = {p.name for p in (tmp_path / "logs").iterdir()}
     assert files == {f"saiproxy-{host}-{pid}.log" for pid in pids}
+
+
+def test_a_taken_port_is_one_clear_line(tmp_path: Path, proxies: list[Proxy]) -> None:
+    first = Proxy(tmp_path, "--demo")
+    proxies.append(first)
+    first.wait_ready()
+    second = Proxy(tmp_path, "--demo", PORT=str(first.port))
+    proxies.append(second)
+    assert second.process.wait(timeout=20) == 1
+    lines = second.output.read_text().strip().splitlines()
+    assert lines[-1].startswith(f"saiproxy: cannot listen on 127.0.0.1:{first.port}: ")
+    assert "already in use" in lines[-1].lower()
+    assert "Traceback" not in second.output.read_text()
