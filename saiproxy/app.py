@@ -110,8 +110,9 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[STATE] = ServingState()
+    app[STATE] = state = ServingState()
     app[METRICS] = metrics
+    metrics.open_streams.set_function(lambda: state.open_streams)
     app[AUTH_CHAIN] = AuthChain.from_settings(settings)
     app.on_response_prepare.append(add_request_id_header)
     if log_setup is not None:

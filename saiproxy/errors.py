@@ -28,9 +28,10 @@ from typing import Any, ClassVar
 class ProxyError(Exception):
     """A failure with an OpenAI error object and an HTTP status."""
 
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "api_error"
-    code: ClassVar[str | None] = None
+    # Class defaults; an instance may carry its own (aiohttp's 404s and 405s do).
+    status: int = 500
+    type: str = "api_error"
+    code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +18,7 @@ class ServingState:
     """What the process is doing: serving, or draining for shutdown."""
 
     ready: bool = True
-    open_streams: set[web.StreamResponse] = field(default_factory=set)
+    open_streams: int = 0
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -73,8 +73,8 @@ class _HttpClientError(ClientError):
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status  # type: ignore[misc]
-        self.code = code  # type: ignore[misc]
+        self.status = status
+        self.code = code
 
 
 @web.middleware

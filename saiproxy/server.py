@@ -81,7 +81,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             "shutdown: readiness is now 503",
             extra={
                 "delay_s": settings.shutdown_delay,
-                "open_streams": len(app[STATE].open_streams),
+                "open_streams": app[STATE].open_streams,
             },
         )
         await asyncio.sleep(settings.shutdown_delay)

@@ -312,7 +312,7 @@ async def _complete(exchange: _Exchange) -> web.Response:
 
 async def _stream(exchange: _Exchange) -> web.StreamResponse:
     request, settings = exchange.request, exchange.settings
-    state, metrics = request.app[STATE], request.app[METRICS]
+    state = request.app[STATE]
     response = EventSourceResponse(
         headers=SSE_HEADERS,
         sep="\n",
@@ -320,8 +320,7 @@ async def _stream(exchange: _Exchange) -> web.StreamResponse:
         ping_interval=settings.ping_interval,
     )
     opening = asyncio.ensure_future(exchange.open())
-    state.open_streams.add(response)
-    metrics.open_streams.inc()
+    state.open_streams += 1
     try:
         # Until SAI answers 200 nothing is sent, so a failure can still be a real
         # HTTP status; if the first keep-alive falls due first, the stream starts.
@@ -343,8 +342,7 @@ async def _stream(exchange: _Exchange) -> web.StreamResponse:
         await response.write_eof()
         return response
     finally:
-        state.open_streams.discard(response)
-        metrics.open_streams.dec()
+        state.open_streams -= 1
         if response.prepared:
             response.stop_streaming()
         if not opening.done():
