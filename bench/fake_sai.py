@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import socket
 import sys
 
 from aiohttp import web
@@ -49,6 +50,13 @@ def make_app(chars: int, delay: float, drip_chunks: int, drip_seconds: float) ->
     app = web.Application()
     app.router.add_post("/api/templates/{template}/execute", execute)
     return app
+
+
+def free_port() -> int:
+    """Return a loopback port that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def raise_nofile() -> None:

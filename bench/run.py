@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import Any
 import aiohttp
 
 from bench import load
-from bench.fake_sai import raise_nofile
+from bench.fake_sai import free_port, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,12 +82,6 @@ def scenarios(smoke: bool) -> list[Scenario]:
             proxy_env={"LOG_LEVEL": "warning"}, direct=False, rounds=6,
         ),
     ]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Usage:

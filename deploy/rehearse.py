@@ -19,7 +19,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import load  # noqa: E402
-from bench.fake_sai import raise_nofile  # noqa: E402
+from bench.fake_sai import free_port, raise_nofile  # noqa: E402
 
 HAPROXY_CONFIG = """\
 global
@@ -64,12 +63,6 @@ backend saiproxy
     default-server inter 300ms fall 1 rise 2
 {servers}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ensure_haproxy() -> str:
