@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -38,6 +39,22 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Collect cycles less often, and never walk the objects made at startup again.
+
+    With the default threshold (700 net allocations) the collector ran about
+    150 times a second under load and took about 6 % of the CPU; most of what
+    a request allocates is freed by reference counting anyway. Freezing moves
+    the modules, app and settings into a generation no collection visits.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
     raise_open_file_limit()
@@ -56,6 +73,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         raise ListenError(
             f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
         ) from None
+    tune_garbage_collector()
     log.info(
         "saiproxy listening",
         extra={

@@ -6,7 +6,6 @@ Pure functions: no I/O, no clock unless passed in, easy to test alone.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -52,7 +51,10 @@ class ChatRequest:
 
     def role_counts(self) -> dict[str, int]:
         """Return how many messages each role has."""
-        return dict(Counter(message.role for message in self.messages))
+        counts: dict[str, int] = {}
+        for message in self.messages:
+            counts[message.role] = counts.get(message.role, 0) + 1
+        return counts
 
 
 def unwrap_plugin(content: str) -> str | None:

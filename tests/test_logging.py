@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from saiproxy.logs import RequestContextFilter
+from saiproxy.logs import LogSetup, RequestContextFilter, event, request_id_var
 
 from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, MakeProxy, Reply, chat, log_lines
 
@@ -184,3 +186,61 @@ async def test_rotation_keeps_bounded_files(
     assert names == {base, f"{base}.1", f"{base}.2"}
     for path in files:
         assert path.stat().st_size <= 4000 + 1000  # at most one line over
+
+
+async def test_lines_keep_their_order_and_time_within_a_batch(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    # Lines are formatted a batch at a time; each keeps the moment it was logged.
+    proxy = await make_proxy(RETRY_BACKOFF="0.001")
+    sai.script(Reply(status=503), Reply(body="late answer", delay=0.03))
+    response = await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "order-1"})
+    assert response.status == 200
+    await asyncio.sleep(0.2)
+    records = [json.loads(line) for line in log_lines(tmp_path)]
+    mine = [r for r in records if r.get("request_id") == "order-1"]
+    assert [r["message"] for r in mine] == [
+        "[order-1] request received",
+        "[order-1] upstream attempt",
+        "[order-1] retrying upstream call",
+        "[order-1] response finished",
+    ]
+    assert mine[1]["status"] == 503
+    times = [
+        time.mktime(time.strptime(r["time"][:19], "%Y-%m-%d %H:%M:%S")) + int(r["time"][20:]) / 1000
+        for r in mine
+    ]
+    assert times == sorted(times)
+    assert times[-1] - times[0] >= 0.025  # SAI's 30 ms delay sits between them
+
+
+async def test_lines_logged_from_other_threads_are_written(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    setup = LogSetup(
+        fmt="json", level=logging.INFO, log_dir=None, max_bytes=0, backups=0, stream=stream
+    )
+    setup.start()  # on the running loop: batching
+    log = logging.getLogger("saiproxy.test")
+    request_id_var.set("thread-1")
+    event(log, "on the loop", {"n": 1})
+    await asyncio.to_thread(log.info, "from a worker thread", extra={"n": 2})
+    event(log, "on the loop again", {"n": 3})
+    await asyncio.sleep(0.01)
+    setup.stop()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["message"], r["n"], r["request_id"]) for r in records] == [
+        ("[thread-1] on the loop", 1, "thread-1"),
+        ("[thread-1] from a worker thread", 2, "thread-1"),
+        ("[thread-1] on the loop again", 3, "thread-1"),
+    ]
+
+
+def test_lines_logged_without_a_loop_are_written_at_once() -> None:
+    stream = io.StringIO()
+    setup = LogSetup(
+        fmt="text", level=logging.INFO, log_dir=None, max_bytes=0, backups=0, stream=stream
+    )
+    setup.start()  # no running loop: every line is formatted when logged
+    event(logging.getLogger("saiproxy.test"), "no loop here", {"n": 1})
+    setup.stop()
+    assert "INFO saiproxy.test no loop here n=1" in stream.getvalue()
