@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TextIO
+from typing import Any, Final, NamedTuple, Protocol, TextIO, runtime_checkable
 
 import orjson
 from pythonjsonlogger.json import JsonFormatter
@@ -43,6 +43,7 @@ _SENSITIVE: Final = re.compile(
     r"([^\"'\n,}]+)"
 )
 MASK: Final = "***"
+_MASK_CACHE_LIMIT: Final = 4096
 
 
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
@@ -83,6 +84,7 @@ class RequestContextFilter(logging.Filter):
         super().__init__()
         # Longest first, so a secret containing another is masked whole.
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._masked: dict[str, str] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         self.tag(record)
@@ -105,6 +107,15 @@ class RequestContextFilter(logging.Filter):
 
     def mask(self, text: str) -> str:
         """Return ``text`` with credential values replaced by ``***``."""
+        # Short field values repeat line after line ("ok", "SAI_KEY", paths, models).
+        masked = self._masked.get(text)
+        if masked is None:
+            masked = self._mask(text)
+            if len(text) <= 64 and len(self._masked) < _MASK_CACHE_LIMIT:
+                self._masked[text] = masked
+        return masked
+
+    def _mask(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
@@ -118,6 +129,22 @@ def _unmasked(text: str) -> str:
     return text
 
 
+class _Clock:
+    """Log time text, ``2026-11-26 21:04:51,123``, with the seconds part made once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+
+    def text(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            # Racing threads at worst both make the same text: no lock needed.
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._second = second
+        return f"{self._stamp},{int((created - second) * 1000):03d}"
+
+
 class TextFormatter(logging.Formatter):
     """Plain lines: time, level, logger, message, then the structured fields as k=v.
 
@@ -127,6 +154,16 @@ class TextFormatter(logging.Formatter):
     def __init__(self, mask: Callable[[str], str] = _unmasked) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
         self.mask = mask
+        self._clock = _Clock()
+
+    def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
+        """Format an INFO lifecycle line without a LogRecord (see :func:`event`)."""
+        mask = self.mask
+        pairs = " ".join(
+            f"{key}={mask(value) if isinstance(value, str) else value}"
+            for key, value in fields.items()
+        )
+        return f"{self._clock.text(created)} INFO {name} {message} {pairs}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -149,11 +186,12 @@ class _JsonFormatter(JsonFormatter):
     """
 
     mask: Callable[[str], str] = staticmethod(_unmasked)
+    _clock: _Clock
 
     def format(self, record: logging.LogRecord) -> str:
         mask = self.mask
         data: dict[str, Any] = {
-            "time": self.formatTime(record),
+            "time": self._clock.text(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -169,16 +207,18 @@ class _JsonFormatter(JsonFormatter):
             data["stack_info"] = self.formatStack(record.stack_info)
         return self.jsonify_log_record(data)
 
-    _second: int = -1
-    _stamp: str = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            # Racing threads at worst both make the same text: no lock needed.
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"
+    def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
+        """Format an INFO lifecycle line without a LogRecord (see :func:`event`)."""
+        mask = self.mask
+        data: dict[str, Any] = {
+            "time": self._clock.text(created),
+            "level": "INFO",
+            "logger": name,
+            "message": message,
+        }
+        for key, value in fields.items():
+            data[key] = mask(value) if type(value) is str else value
+        return self.jsonify_log_record(data)
 
 
 def make_formatter(fmt: str, mask: Callable[[str], str] = _unmasked) -> logging.Formatter:
@@ -191,6 +231,7 @@ def make_formatter(fmt: str, mask: Callable[[str], str] = _unmasked) -> logging.
         json_serializer=serialise,
     )
     formatter.mask = mask
+    formatter._clock = _Clock()
     return formatter
 
 
@@ -254,6 +295,13 @@ def _value(value: Any) -> str:
         return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     except (TypeError, orjson.JSONEncodeError):  # e.g. an int beyond 64 bits
         return _ENCODER.encode(value)
+
+
+@runtime_checkable
+class _EventFormatter(Protocol):
+    def format_event(
+        self, name: str, message: str, created: float, fields: dict[str, Any]
+    ) -> str: ...
 
 
 class _Deferred(NamedTuple):
@@ -372,16 +420,51 @@ class _BatchHandler(logging.handlers.QueueHandler):
         if not pending:
             return
         self._flushing = lines = []
+        direct: dict[logging.Logger, bool] = {}
         try:
             for item in pending:
-                if type(item) is _Deferred:
+                if type(item) is not _Deferred:
+                    lines.append(self._render(item))  # type: ignore[arg-type]
+                    continue
+                only_here = direct.get(item.logger)
+                if only_here is None:
+                    only_here = direct[item.logger] = self._only_handler_of(item.logger)
+                if only_here:
+                    lines.append(self._render_event(item))
+                else:
                     # Through the logger, so its filters and every other handler see it too.
                     item.logger.handle(item.record())
-                else:
-                    lines.append(self._render(item))  # type: ignore[arg-type]
         finally:
             self._flushing = None
         self.queue.put_nowait(lines)
+
+    def _only_handler_of(self, logger: logging.Logger) -> bool:
+        """Whether a record of ``logger`` would reach this handler, no filter, no other handler."""
+        if self.level > logging.INFO or not isinstance(self.formatter, _EventFormatter):
+            return False
+        node: logging.Logger | None = logger
+        while node is not None:
+            if node.filters or (node.handlers and node.handlers != [self]):
+                return False
+            if node.handlers or not node.propagate:
+                return node.handlers == [self]
+            node = node.parent
+        return False
+
+    def _render_event(self, item: _Deferred) -> str:
+        """Format a lifecycle line straight from its parts: no LogRecord on the way."""
+        fields, request_id = item.fields, item.request_id
+        message = item.message
+        if request_id is not None and "request_id" not in fields:
+            fields = {**fields, "request_id": request_id}
+            message = f"[{request_id}] {message}"
+        try:
+            formatter: _EventFormatter = self.formatter  # type: ignore[assignment]
+            return formatter.format_event(
+                item.logger.name, self._context.mask(message), item.created, fields
+            )
+        except Exception as exc:  # a bad line must not cost the caller anything
+            return f"unformattable log record from {item.logger.name}: {type(exc).__name__}"
 
     def _render(self, record: logging.LogRecord) -> str:
         try:
@@ -397,10 +480,15 @@ _batcher: _BatchHandler | None = None  # the running process's handler, for even
 class _RotatingFile(logging.handlers.RotatingFileHandler):
     """A rotating file written a batch of lines at a time."""
 
-    def write_lines(self, lines: list[str]) -> None:
+    def write_lines(self, lines: list[str], text: str) -> None:
+        """Append ``text``, which is ``lines`` joined, rotating where a line would not fit."""
         if self.stream is None:
             self.stream = self._open()
         size = self.stream.tell()
+        if not self.maxBytes or size + len(text) <= self.maxBytes:
+            self.stream.write(text)  # the usual case: the whole batch fits
+            self.stream.flush()
+            return
         pending: list[str] = []
         for line in lines:
             length = len(line) + 1
@@ -449,14 +537,17 @@ class _Writer(threading.Thread):
                 return  # the stop sign
 
     def _write(self, lines: list[str]) -> None:
+        lines.append("")  # the last line's newline
+        text = "\n".join(lines)
+        del lines[-1]
         try:
-            self._stream.write("\n".join(lines) + "\n")
+            self._stream.write(text)
             self._stream.flush()
         except (OSError, ValueError):
             pass  # stdout went away; the file still gets the lines
         if self._file is not None:
             try:
-                self._file.write_lines(lines)
+                self._file.write_lines(lines, text)
             except OSError as exc:
                 print(f"saiproxy: cannot write the log file: {exc.strerror}", file=sys.stderr)
 
