@@ -43,7 +43,18 @@ _SENSITIVE: Final = re.compile(
     r"([^\"'\n,}]+)"
 )
 MASK: Final = "***"
-_MASK_CACHE_LIMIT: Final = 4096
+_CACHE_LIMIT: Final = 4096
+
+
+def _remember(cache: dict[Any, str], key: Any, value: str) -> None:
+    """Add to a cache of repeated values; a full one starts afresh.
+
+    Unique values (times, request IDs, messages) fill the caches too; starting
+    afresh drops them, and the values that do repeat are back within a few lines.
+    """
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
 
 
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
@@ -111,8 +122,8 @@ class RequestContextFilter(logging.Filter):
         masked = self._masked.get(text)
         if masked is None:
             masked = self._mask(text)
-            if len(text) <= 64 and len(self._masked) < _MASK_CACHE_LIMIT:
-                self._masked[text] = masked
+            if len(text) <= 64:
+                _remember(self._masked, text, masked)
         return masked
 
     def _mask(self, text: str) -> str:
@@ -237,7 +248,6 @@ def make_formatter(fmt: str, mask: Callable[[str], str] = _unmasked) -> logging.
 
 _TRACEBACKS: Final = logging.Formatter()
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
-_KEY_CACHE_LIMIT: Final = 4096
 _keys: dict[str, str] = {}
 
 
@@ -254,8 +264,7 @@ def serialise(data: dict[str, Any], **_: Any) -> str:
         prefix = keys.get(key)
         if prefix is None:
             prefix = f"{_ENCODER.encode(str(key))}: "
-            if len(keys) < _KEY_CACHE_LIMIT:
-                keys[key] = prefix
+            _remember(keys, key, prefix)
         # Text and integers are most values: inlined, as this loop runs for every field.
         kind = type(value)
         if kind is str:
@@ -270,7 +279,6 @@ def serialise(data: dict[str, Any], **_: Any) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-_STRING_CACHE_LIMIT: Final = 4096
 _strings: dict[str, str] = {}  # short values repeat line after line: "ok", "stop", paths, models
 
 
@@ -280,8 +288,8 @@ def _value(value: Any) -> str:
         text = _strings.get(value)
         if text is None:
             text = orjson.dumps(value).decode()
-            if len(value) <= 64 and len(_strings) < _STRING_CACHE_LIMIT:
-                _strings[value] = text
+            if len(value) <= 64:
+                _remember(_strings, value, text)
         return text
     if kind is int:
         return str(value)

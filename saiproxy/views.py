@@ -193,7 +193,9 @@ def _prepare(
         exchange.early = ContextTooLong(chat.estimated_tokens, settings.max_context_tokens)
         return {}
     credential = request.app[AUTH_CHAIN].select(request, body)
-    payload = orjson.dumps(sai_payload(chat.messages, int(time.time() * 1000)))
+    # orjson's result keeps a 4 KB buffer whatever the length; the payload lives as
+    # long as the call (retries need it), so it is kept as an exact-size copy.
+    payload = bytes(memoryview(orjson.dumps(sai_payload(chat.messages, int(time.time() * 1000)))))
     exchange.call = request.app[SAI].new_call(model, payload, credential, request[REQUEST_ID])
     return credential.describe()
 
@@ -219,6 +221,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             credential = _prepare(request, body, chat, model, exchange)
         finally:
             _log_received(request, chat, model, credential, exchange)
+        del body  # parsed into chat; a long stream need not keep the raw JSON alive
         if chat.stream:
             return await _stream(exchange)
         return await _complete(exchange)
