@@ -48,20 +48,21 @@ class Scenario:
     proxy_env: dict[str, str] = field(default_factory=dict)
     direct: bool = True
     rounds: int = 1  # >1: run in turns with the other repeated scenarios; the median run counts
+    floor: bool = False  # also through bench/floor.py, a bare aiohttp proxy (non-streaming only)
 
 
 def scenarios(smoke: bool) -> list[Scenario]:
     """Return the scenarios of the issue; tiny ones in smoke mode."""
     if smoke:
         return [
-            Scenario("non-stream c=4", "json", 4, requests=40),
+            Scenario("non-stream c=4", "json", 4, requests=40, floor=True),
             Scenario("stream c=4", "sse", 4, requests=40, drip_chunks=4),
             Scenario("first chunk, drip", "sse", 1, requests=2, drip_chunks=4, drip_seconds=0.2),
         ]
     seconds = 5.0
     return [
-        Scenario("non-stream c=1", "json", 1, duration=seconds, rounds=3),
-        Scenario("non-stream c=64", "json", 64, duration=seconds, rounds=3),
+        Scenario("non-stream c=1", "json", 1, duration=seconds, rounds=3, floor=True),
+        Scenario("non-stream c=64", "json", 64, duration=seconds, rounds=3, floor=True),
         Scenario("non-stream c=256", "json", 256, duration=seconds),
         Scenario("stream c=1", "sse", 1, duration=seconds, drip_chunks=10),
         Scenario("stream c=64", "sse", 64, duration=seconds, drip_chunks=10, rounds=3),
@@ -183,10 +184,36 @@ async def run_scenario(scenario: Scenario, workdir: Path) -> list[dict[str, Any]
         finally:
             stop(proxy)
             proxy_out.close()
+        if scenario.floor:
+            rows.append(await _run_floor(scenario, sai_url, workdir, common))
     finally:
         stop(sai)
         out.close()
     return rows
+
+
+async def _run_floor(
+    scenario: Scenario, sai_url: str, workdir: Path, common: dict[str, Any]
+) -> dict[str, Any]:
+    """Run the load through bench/floor.py, the least an aiohttp proxy does."""
+    port = free_port()
+    floor_out = (workdir / f"floor-{port}.out").open("wb")
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", sai_url],
+        cwd=ROOT, stdout=floor_out, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        await wait_ready(url, floor)
+        usage = Usage(floor.pid)
+        results, elapsed = await load.run(url, load.chat_body(False), mode="json", **common)
+        return {
+            "scenario": scenario.name, "via": "floor", **load.summary(results, elapsed),
+            "rss_mb": usage.peak_rss_mb(), "cpu_s": usage.cpu() - usage.cpu_start,
+        }  # fmt: skip
+    finally:
+        stop(floor)
+        floor_out.close()
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -246,15 +273,24 @@ def check_targets(
             return by[(name, "direct")], by[(name, "saiproxy")]
         return None
 
+    def floor(name: str) -> dict[str, Any] | None:
+        return by.get((name, "floor"))
+
     if found := pair("non-stream c=64"):
         ratio = found[1]["rps"] / found[0]["rps"]
-        checks.append(("non-streaming RPS c=64 >= 0.30 x direct", f"{ratio:.2f} x", ratio >= 0.30))
+        figure = f"{ratio:.2f} x"
+        if bare := floor("non-stream c=64"):
+            figure += f" (bare aiohttp proxy: {bare['rps'] / found[0]['rps']:.2f} x)"
+        checks.append(("non-streaming RPS c=64 >= 0.30 x direct", figure, ratio >= 0.30))
     if found := pair("stream c=64"):
         ratio = found[1]["rps"] / found[0]["rps"]
         checks.append(("streaming RPS c=64 >= 0.25 x direct", f"{ratio:.2f} x", ratio >= 0.25))
     if found := pair("non-stream c=1"):
         cost = found[1]["p50_ms"] - found[0]["p50_ms"]
-        checks.append(("hop p50 cost at c=1 <= 0.6 ms", f"{cost:.2f} ms", cost <= 0.6))
+        figure = f"{cost:.2f} ms"
+        if bare := floor("non-stream c=1"):
+            figure += f" (bare aiohttp proxy: {bare['p50_ms'] - found[0]['p50_ms']:.2f} ms)"
+        checks.append(("hop p50 cost at c=1 <= 0.6 ms", figure, cost <= 0.6))
     if found := pair("first chunk, 2 s drip"):
         extra = found[1]["first_ms"] - found[0]["first_ms"]
         checks.append(("first content <= SAI first byte + 5 ms", f"+{extra:.2f} ms", extra <= 5))
@@ -332,7 +368,8 @@ async def main_async(smoke: bool, only: list[str]) -> int:
         for measured in runs.values():
             rows.append(_median_row(sorted(measured, key=lambda row: row["rps"])))
     order = {scenario.name: index for index, scenario in enumerate(chosen)}
-    rows.sort(key=lambda row: (order[row["scenario"]], row["via"] != "direct"))
+    via = {"direct": 0, "saiproxy": 1, "floor": 2}
+    rows.sort(key=lambda row: (order[row["scenario"]], via[row["via"]]))
     try:
         import uvloop  # noqa: F401
 

@@ -1,0 +1,80 @@
+"""The floor: the least an aiohttp proxy can do, to compare saiproxy with.
+
+    python -m bench.floor --port 9001 --upstream http://127.0.0.1:9000/api/templates/bench/execute
+
+One handler: read the client's JSON, post a SAI payload through one pooled
+ClientSession, answer a minimal chat completion. No logging, metrics,
+credentials, validation or error handling. The same stack as saiproxy
+(aiohttp server and client, orjson, uvloop when installed), so the gap
+between this and direct calls is what the stack itself costs on the
+machine, and the gap between saiproxy and this is what saiproxy's own work
+costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", str)
+
+
+async def chat(request: web.Request) -> web.Response:
+    body = orjson.loads(await request.read())
+    messages = body["messages"]
+    payload = {"inputs": {"system": messages[0]["content"], "user": messages[-1]["content"]}}
+    async with request.app[SESSION].post(
+        request.app[UPSTREAM],
+        data=orjson.dumps(payload),
+        headers={"Content-Type": "application/json"},
+    ) as upstream:
+        text = (await upstream.read()).decode()
+    answer = {
+        "id": "chatcmpl-floor",
+        "object": "chat.completion",
+        "model": body.get("model"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop"}],
+    }  # fmt: skip
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
+async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        app[SESSION] = session
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True)
+    args = parser.parse_args()
+    app = web.Application()
+    app[UPSTREAM] = args.upstream
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", chat)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    web.run_app(
+        app, host="127.0.0.1", port=args.port, access_log=None, print=None,
+        loop=loop_factory(),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
