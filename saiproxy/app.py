@@ -112,7 +112,9 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app[SETTINGS] = settings
     app[STATE] = state = ServingState()
     app[METRICS] = metrics
+    # Gauges read the serving state when scraped: no lock taken per request.
     metrics.open_streams.set_function(lambda: state.open_streams)
+    metrics.in_flight.set_function(lambda: state.in_flight)
     app[AUTH_CHAIN] = AuthChain.from_settings(settings)
     app.on_response_prepare.append(add_request_id_header)
     if log_setup is not None:

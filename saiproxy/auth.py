@@ -105,16 +105,16 @@ class MetadataHandler(_UserValue):
 
     def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
         params = body.get("litellm_params")
-        if isinstance(params, Mapping):
+        if isinstance(params, dict):
             metadata = params.get("metadata")
-            if isinstance(metadata, Mapping):
+            if isinstance(metadata, dict):
                 found = self._accept(
                     metadata.get("user_api_key"), "body litellm_params.metadata.user_api_key"
                 )
                 if found:
                     return found
         metadata = body.get("metadata")
-        if isinstance(metadata, Mapping):
+        if isinstance(metadata, dict):
             return self._accept(metadata.get("user_api_key"), "body metadata.user_api_key")
         return None
 

@@ -18,6 +18,7 @@ class ServingState:
     """What the process is doing: serving, or draining for shutdown."""
 
     ready: bool = True
+    in_flight: int = 0  # chat completions being answered
     open_streams: int = 0
 
 

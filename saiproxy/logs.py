@@ -58,10 +58,13 @@ def _remember(cache: dict[Any, str], key: Any, value: str) -> None:
 
 
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
-    """Log an INFO lifecycle line: ``logger.info(message, extra=fields)``, minus the caller lookup.
+    """Log an INFO lifecycle line like ``logger.info(message, extra=fields)``, far cheaper.
 
-    These lines are on every request's path; the caller's file and line are
-    never written out, so they are not looked up.
+    These lines are on every request's path. With the process's batching
+    handler running, only the parts are noted (the time and the request ID
+    included) and the line is made in the next batch, so ``fields`` must not
+    change afterwards; the caller's file and line are never written out, so
+    they are never looked up.
     """
     if logger.isEnabledFor(logging.INFO):
         batcher = _batcher

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -110,11 +109,13 @@ class SaiStream:
         chunks comes out whole. A body that breaks off raises an UpstreamError.
         """
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        with self._body_errors():
+        try:
             async for chunk in self.response.content.iter_any():
                 text = decoder.decode(chunk)
                 if text:
                     yield text
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._body_error(exc) from None
         self._complete = True
         tail = decoder.decode(b"", final=True)
         if tail:
@@ -122,22 +123,20 @@ class SaiStream:
 
     async def read_text(self) -> str:
         """Return the whole body as text, once it has all arrived."""
-        with self._body_errors():
+        try:
             raw = await self.response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._body_error(exc) from None
         self._complete = True
         return raw.decode("utf-8", "replace")
 
-    @contextlib.contextmanager
-    def _body_errors(self) -> Iterator[None]:
-        """Turn a body that stalls or breaks off into the matching UpstreamError."""
-        try:
-            yield
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise UpstreamTimeout(self._timeout, self.call.attempts) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(
-                f"the answer broke off ({type(exc).__name__})", self.call.attempts
-            ) from None
+    def _body_error(self, exc: Exception) -> UpstreamError:
+        """Return the UpstreamError for a body that stalled or broke off."""
+        if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+            return UpstreamTimeout(self._timeout, self.call.attempts)
+        return UpstreamUnavailable(
+            f"the answer broke off ({type(exc).__name__})", self.call.attempts
+        )
 
     def close(self) -> None:
         """Release the connection: back to the pool if the body was read, else drop it."""

@@ -79,7 +79,7 @@ def _content_text(content: Any, index: int) -> str:
         )
     texts: list[str] = []
     for part_index, part in enumerate(content):
-        if not isinstance(part, Mapping):
+        if not isinstance(part, dict):
             raise InvalidRequest(f"{param}[{part_index}] must be an object", param=param)
         kind = part.get("type")
         if kind in TEXT_PART_TYPES:
@@ -96,8 +96,12 @@ def _content_text(content: Any, index: int) -> str:
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate an OpenAI chat completion body; raise InvalidRequest with the reason."""
-    if not isinstance(body, Mapping):
+    """Validate an OpenAI chat completion body; raise InvalidRequest with the reason.
+
+    ``body`` comes from a JSON parser, so objects are exactly ``dict`` (checked
+    as such: an ABC ``isinstance`` check costs ten times more, per message).
+    """
+    if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
     raw_messages = body.get("messages")
     if raw_messages is None:
@@ -110,7 +114,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     messages: list[Message] = []
     unwrapped = before = after = 0
     for index, raw in enumerate(raw_messages):
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, dict):
             raise InvalidRequest(f"messages[{index}] must be an object", param=f"messages[{index}]")
         role = raw.get("role")
         if not isinstance(role, str) or not role:
@@ -144,7 +148,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         if n > 1:
             raise InvalidRequest("Only n=1 is supported: SAI returns one answer", param="n")
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, Mapping):
+    if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     include_usage = bool(options.get("include_usage")) if options else False
 

@@ -213,8 +213,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         completion_id=f"chatcmpl-{request[REQUEST_ID]}-{_completion_suffix()}",
         created=int(time.time()), started=started,
     )  # fmt: skip
-    metrics = request.app[METRICS]
-    metrics.in_flight.inc()
+    state = request.app[STATE]
+    state.in_flight += 1
     try:
         credential: dict[str, Any] = {"credential": None}
         try:
@@ -234,7 +234,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         request[OUTCOME] = exchange.outcome
-        metrics.in_flight.dec()
+        state.in_flight -= 1
         exchange.finish()
 
 
