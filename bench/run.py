@@ -1,6 +1,6 @@
 """Benchmark saiproxy against direct calls to a fake SAI, in the same run.
 
-    python -m bench.run            # every scenario, about six minutes
+    python -m bench.run            # every scenario, about nine minutes
     python -m bench.run --smoke    # a few seconds: checks the bench still works
 
 Each scenario starts a fresh fake SAI (bench/fake_sai.py) and a fresh
