@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from saiproxy.logs import LogSetup, RequestContextFilter, event, request_id_var
+from saiproxy.logs import LogSetup, RequestContextFilter, event, request_id_var, serialise
 
 from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, MakeProxy, Reply, chat, log_lines
 
@@ -244,3 +244,59 @@ def test_lines_logged_without_a_loop_are_written_at_once() -> None:
     event(logging.getLogger("saiproxy.test"), "no loop here", {"n": 1})
     setup.stop()
     assert "INFO saiproxy.test no loop here n=1" in stream.getvalue()
+
+
+async def test_lifecycle_lines_reach_other_handlers_too() -> None:
+    # With another handler on the root logger, lifecycle lines go through the
+    # logger as usual, so that handler sees them with their fields and request ID.
+    stream = io.StringIO()
+    setup = LogSetup(
+        fmt="json", level=logging.INFO, log_dir=None, max_bytes=0, backups=0, stream=stream
+    )
+    seen: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    capture = Capture()
+    setup.start()
+    logging.root.addHandler(capture)
+    try:
+        request_id_var.set("other-1")
+        event(logging.getLogger("saiproxy.test"), "request received", {"messages": 2})
+        await asyncio.sleep(0.1)  # one batch
+    finally:
+        logging.root.removeHandler(capture)
+        setup.stop()
+    assert [(r.getMessage(), r.messages, r.request_id) for r in seen] == [  # type: ignore[attr-defined]
+        ("[other-1] request received", 2, "other-1")
+    ]
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "[other-1] request received" and line["messages"] == 2
+
+
+def test_serialised_lines_are_spaced_like_json_dumps() -> None:
+    data = {
+        "time": "2026-11-26 21:04:51,123",
+        "message": 'quote " backslash \\ newline \n é 😀',
+        "n": 3,
+        "big": 2**80,  # beyond orjson: the fallback
+        "x": 1.5,
+        "none": None,
+        "flag": True,
+        "nested": {"a": [1, "b"]},
+    }
+    line = serialise(data)
+    assert "\n" not in line and json.loads(line) == data
+    flat = {key: value for key, value in data.items() if key != "nested"}
+    assert serialise(flat) == json.dumps(flat, ensure_ascii=False)
+
+
+def test_mask_cache_stays_bounded_and_correct() -> None:
+    context = RequestContextFilter(["s3cr3t-value"])
+    for index in range(10_000):
+        assert context.mask(f"value {index}") == f"value {index}"
+    assert len(context._masked) <= 4096
+    assert context.mask("key s3cr3t-value") == "key ***"
+    assert context.mask("key s3cr3t-value") == "key ***"  # from the cache
