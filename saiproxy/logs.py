@@ -482,6 +482,10 @@ class _BatchHandler(logging.handlers.QueueHandler):
     def _render(self, record: logging.LogRecord) -> str:
         try:
             self._context.tag(record)  # the formatter masks the fields
+            if record.exc_info and not record.exc_text:
+                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            if record.exc_text:  # an exception's text may quote anything
+                record.exc_text = self._context.mask(record.exc_text)
             return self.format(record)
         except Exception as exc:  # a bad record must not cost the caller anything
             return f"unformattable log record from {record.name}: {type(exc).__name__}"

@@ -300,3 +300,25 @@ def test_mask_cache_stays_bounded_and_correct() -> None:
     assert len(context._masked) <= 4096
     assert context.mask("key s3cr3t-value") == "key ***"
     assert context.mask("key s3cr3t-value") == "key ***"  # from the cache
+
+
+async def test_unexpected_errors_log_a_masked_traceback(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug whose message quotes a secret: the client gets a plain 500, the
+    # log gets the traceback with the secret masked.
+    def broken(*args: Any) -> Any:
+        raise RuntimeError(f"bug while building the payload for {SYSTEM_KEY}")
+
+    monkeypatch.setattr("saiproxy.views.sai_payload", broken)
+    proxy = await make_proxy()
+    response = await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "bug-1"})
+    assert response.status == 500
+    body = await response.json()
+    assert body["error"]["type"] == "api_error" and SYSTEM_KEY not in str(body)
+    await asyncio.sleep(0.2)
+    records = [json.loads(line) for line in log_lines(tmp_path)]
+    failure = next(r for r in records if "unexpected error" in r["message"])
+    assert failure["request_id"] == "bug-1" and failure["level"] == "ERROR"
+    assert "RuntimeError: bug while building the payload for ***" in failure["exc_info"]
+    assert all(SYSTEM_KEY not in json.dumps(r) for r in records)
