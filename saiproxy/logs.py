@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import logging.handlers
@@ -22,14 +23,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol, TextIO, runtime_checkable
 
 import orjson
 from pythonjsonlogger.json import JsonFormatter
 
-request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
 
 _STANDARD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
@@ -418,7 +420,9 @@ class _BatchHandler(logging.handlers.QueueHandler):
         pending = self._pending
         pending.append(item)
         if len(pending) == 1:
-            self._timer = loop.call_later(self.GATHER, self.flush)
+            # In an empty context: the batch must not see the request ID of
+            # whichever request happened to log its first line.
+            self._timer = loop.call_later(self.GATHER, self.flush, context=contextvars.Context())
 
     def flush(self) -> None:
         """Format every pending record and hand the lines to the writer thread.
@@ -481,6 +485,8 @@ class _BatchHandler(logging.handlers.QueueHandler):
 
     def _render(self, record: logging.LogRecord) -> str:
         try:
+            # The request ID was noted when the record was logged; tag() falls back
+            # to the context variable, which is empty in a batch (see _add).
             self._context.tag(record)  # the formatter masks the fields
             if record.exc_info and not record.exc_text:
                 record.exc_text = _TRACEBACKS.formatException(record.exc_info)

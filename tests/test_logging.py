@@ -322,3 +322,27 @@ async def test_unexpected_errors_log_a_masked_traceback(
     assert failure["request_id"] == "bug-1" and failure["level"] == "ERROR"
     assert "RuntimeError: bug while building the payload for ***" in failure["exc_info"]
     assert all(SYSTEM_KEY not in json.dumps(r) for r in records)
+
+
+async def test_a_batch_never_lends_a_request_id_to_other_lines() -> None:
+    # The batch's timer is set by the first line of the batch, here one logged
+    # inside a request; a line logged outside any request in the same batch
+    # must still carry no request ID.
+    stream = io.StringIO()
+    setup = LogSetup(
+        fmt="json", level=logging.INFO, log_dir=None, max_bytes=0, backups=0, stream=stream
+    )
+    setup.start()
+    log = logging.getLogger("saiproxy.test")
+
+    async def in_a_request() -> None:
+        request_id_var.set("req-1")
+        log.info("inside the request")
+
+    await asyncio.create_task(in_a_request())  # a task: its own context
+    log.info("outside any request")
+    await asyncio.sleep(0.1)
+    setup.stop()
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside["message"] == "[req-1] inside the request" and inside["request_id"] == "req-1"
+    assert outside["message"] == "outside any request" and "request_id" not in outside
