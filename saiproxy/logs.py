@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol, TextIO, runtime_checkable
 
-import orjson
 from pythonjsonlogger.json import JsonFormatter
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -253,61 +252,15 @@ def make_formatter(fmt: str, mask: Callable[[str], str] = _unmasked) -> logging.
 
 _TRACEBACKS: Final = logging.Formatter()
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
-_keys: dict[str, str] = {}
 
 
 def serialise(data: dict[str, Any], **_: Any) -> str:
-    """Serialise one log line: ``{"key": value, ...}``, as ``json.dumps`` spaces it.
+    """Serialise one log line with one C encoder made once (``json.dumps`` builds one per call).
 
-    The spacing matters: ``grep '"request_id": "a1b2c3d4"'`` finds a
-    request's lines. Values are encoded with orjson (nested objects come out
-    compact), which makes a line about three times cheaper than ``json.dumps``.
+    Its ``"key": value`` spacing matters: ``grep '"request_id": "a1b2c3d4"'``
+    finds a request's lines (orjson, faster, writes no spaces).
     """
-    parts = []
-    keys, strings = _keys, _strings
-    for key, value in data.items():
-        prefix = keys.get(key)
-        if prefix is None:
-            prefix = f"{_ENCODER.encode(str(key))}: "
-            _remember(keys, key, prefix)
-        # Text and integers are most values: inlined, as this loop runs for every field.
-        kind = type(value)
-        if kind is str:
-            text = strings.get(value)
-            if text is None:
-                text = _value(value)
-        elif kind is int:
-            text = str(value)
-        else:
-            text = _value(value)
-        parts.append(prefix + text)
-    return "{" + ", ".join(parts) + "}"
-
-
-_strings: dict[str, str] = {}  # short values repeat line after line: "ok", "stop", paths, models
-
-
-def _value(value: Any) -> str:
-    kind = type(value)
-    if kind is str:
-        text = _strings.get(value)
-        if text is None:
-            text = orjson.dumps(value).decode()
-            if len(value) <= 64:
-                _remember(_strings, value, text)
-        return text
-    if kind is int:
-        return str(value)
-    if value is None:
-        return "null"
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is float:
-        return repr(value) if value - value == 0 else "null"  # inf and nan are not JSON
-    try:
-        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    except (TypeError, orjson.JSONEncodeError):  # e.g. an int beyond 64 bits
-        return _ENCODER.encode(value)
+    return _ENCODER.encode(data)
 
 
 @runtime_checkable
