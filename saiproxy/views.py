@@ -235,7 +235,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         request[OUTCOME] = exchange.outcome
         state.in_flight -= 1
-        exchange.finish()
+        # The finish line and the latency figures are recorded once the answer
+        # is on its way: here they would sit between SAI's answer and the client.
+        asyncio.get_running_loop().call_soon(exchange.finish)
 
 
 def _log_received(
