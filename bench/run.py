@@ -166,54 +166,47 @@ async def run_scenario(scenario: Scenario, workdir: Path) -> list[dict[str, Any]
             "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
             **scenario.proxy_env,
         }
-        proxy_out = (workdir / f"proxy-{proxy_port}.out").open("wb")
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "saiproxy"], env=env, cwd=ROOT, stdout=proxy_out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
-            await wait_ready(url, proxy)
-            usage = Usage(proxy.pid)
-            body = load.chat_body(scenario.mode == "sse")
-            results, elapsed = await load.run(url, body, mode=scenario.mode, **common)
-            rows.append({
-                "scenario": scenario.name, "via": "saiproxy", **load.summary(results, elapsed),
-                "rss_mb": usage.peak_rss_mb(), "cpu_s": usage.cpu() - usage.cpu_start,
-            })  # fmt: skip
-        finally:
-            stop(proxy)
-            proxy_out.close()
+        rows.append(await _through(
+            scenario, "saiproxy", ["-m", "saiproxy"], proxy_port, workdir, common, env=env,
+        ))  # fmt: skip
         if scenario.floor:
-            rows.append(await _run_floor(scenario, sai_url, workdir, common))
+            # bench/floor.py: the least an aiohttp proxy does (non-streaming only).
+            floor_port = free_port()
+            argv = ["-m", "bench.floor", "--port", str(floor_port), "--upstream", sai_url]
+            rows.append(await _through(scenario, "floor", argv, floor_port, workdir, common))
     finally:
         stop(sai)
         out.close()
     return rows
 
 
-async def _run_floor(
-    scenario: Scenario, sai_url: str, workdir: Path, common: dict[str, Any]
+async def _through(
+    scenario: Scenario,
+    via: str,
+    argv: list[str],
+    port: int,
+    workdir: Path,
+    common: dict[str, Any],
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run the load through bench/floor.py, the least an aiohttp proxy does."""
-    port = free_port()
-    floor_out = (workdir / f"floor-{port}.out").open("wb")
-    floor = subprocess.Popen(
-        [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", sai_url],
-        cwd=ROOT, stdout=floor_out, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    """Start a proxy process, run the scenario's load through it, stop it; return the row."""
+    process_out = (workdir / f"{via}-{port}.out").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, *argv], env=env, cwd=ROOT, stdout=process_out, stderr=subprocess.STDOUT
+    )
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        await wait_ready(url, floor)
-        usage = Usage(floor.pid)
-        results, elapsed = await load.run(url, load.chat_body(False), mode="json", **common)
+        await wait_ready(url, process)
+        usage = Usage(process.pid)
+        body = load.chat_body(scenario.mode == "sse")
+        results, elapsed = await load.run(url, body, mode=scenario.mode, **common)
         return {
-            "scenario": scenario.name, "via": "floor", **load.summary(results, elapsed),
+            "scenario": scenario.name, "via": via, **load.summary(results, elapsed),
             "rss_mb": usage.peak_rss_mb(), "cpu_s": usage.cpu() - usage.cpu_start,
         }  # fmt: skip
     finally:
-        stop(floor)
-        floor_out.close()
+        stop(process)
+        process_out.close()
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol, TextIO, runtime_checkable
 
@@ -44,18 +44,7 @@ _SENSITIVE: Final = re.compile(
     r"([^\"'\n,}]+)"
 )
 MASK: Final = "***"
-_CACHE_LIMIT: Final = 4096
-
-
-def _remember(cache: dict[Any, str], key: Any, value: str) -> None:
-    """Add to a cache of repeated values; a full one starts afresh.
-
-    Unique values (times, request IDs, messages) fill the caches too; starting
-    afresh drops them, and the values that do repeat are back within a few lines.
-    """
-    if len(cache) >= _CACHE_LIMIT:
-        cache.clear()
-    cache[key] = value
+_MASK_CACHE_LIMIT: Final = 4096
 
 
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
@@ -123,11 +112,15 @@ class RequestContextFilter(logging.Filter):
     def mask(self, text: str) -> str:
         """Return ``text`` with credential values replaced by ``***``."""
         # Short field values repeat line after line ("ok", "SAI_KEY", paths, models).
+        # Unique ones (request IDs, messages) fill the cache too: a full cache
+        # starts afresh, and the values that repeat are back within a few lines.
         masked = self._masked.get(text)
         if masked is None:
             masked = self._mask(text)
             if len(text) <= 64:
-                _remember(self._masked, text, masked)
+                if len(self._masked) >= _MASK_CACHE_LIMIT:
+                    self._masked.clear()
+                self._masked[text] = masked
         return masked
 
     def _mask(self, text: str) -> str:
@@ -173,22 +166,23 @@ class TextFormatter(logging.Formatter):
 
     def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
         """Format an INFO lifecycle line without a LogRecord (see :func:`event`)."""
-        mask = self.mask
-        pairs = " ".join(
-            f"{key}={mask(value) if isinstance(value, str) else value}"
-            for key, value in fields.items()
-        )
-        return f"{self._clock.text(created)} INFO {name} {message} {pairs}"
+        return f"{self._clock.text(created)} INFO {name} {message} {self._pairs(fields.items())}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        mask = self.mask
-        fields = " ".join(
-            f"{key}={mask(value) if isinstance(value, str) else value}"
-            for key, value in record.__dict__.items()
-            if key not in _STANDARD_ATTRS
-        )
+        fields = self._pairs(_extras(record))
         return f"{line} {fields}" if fields else line
+
+    def _pairs(self, items: Iterable[tuple[str, Any]]) -> str:
+        mask = self.mask
+        return " ".join(
+            f"{key}={mask(value) if isinstance(value, str) else value}" for key, value in items
+        )
+
+
+def _extras(record: logging.LogRecord) -> Iterator[tuple[str, Any]]:
+    """Yield a record's own fields: what ``extra=`` and saiproxy added to it."""
+    return ((key, value) for key, value in record.__dict__.items() if key not in _STANDARD_ATTRS)
 
 
 class _JsonFormatter(JsonFormatter):
@@ -200,23 +194,16 @@ class _JsonFormatter(JsonFormatter):
     merge, and the time text is made once per second.
     """
 
-    mask: Callable[[str], str] = staticmethod(_unmasked)
-    _clock: _Clock
+    def __init__(self, mask: Callable[[str], str] = _unmasked, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mask = mask
+        self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        mask = self.mask
-        data: dict[str, Any] = {
-            "time": self._clock.text(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS:
-                data[key] = mask(value) if type(value) is str else value
-        if record.exc_info and not record.exc_text:
-            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-        if record.exc_text:
+        data = self._data(
+            record.created, record.levelname, record.name, record.getMessage(), _extras(record)
+        )
+        if record.exc_text:  # made (and masked) by the handler
             data["exc_info"] = record.exc_text
         if record.stack_info:
             data["stack_info"] = self.formatStack(record.stack_info)
@@ -224,30 +211,34 @@ class _JsonFormatter(JsonFormatter):
 
     def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
         """Format an INFO lifecycle line without a LogRecord (see :func:`event`)."""
+        return self.jsonify_log_record(self._data(created, "INFO", name, message, fields.items()))
+
+    def _data(
+        self, created: float, level: str, name: str, message: str,
+        fields: Iterable[tuple[str, Any]],
+    ) -> dict[str, Any]:  # fmt: skip
         mask = self.mask
         data: dict[str, Any] = {
             "time": self._clock.text(created),
-            "level": "INFO",
+            "level": level,
             "logger": name,
             "message": message,
         }
-        for key, value in fields.items():
+        for key, value in fields:
             data[key] = mask(value) if type(value) is str else value
-        return self.jsonify_log_record(data)
+        return data
 
 
 def make_formatter(fmt: str, mask: Callable[[str], str] = _unmasked) -> logging.Formatter:
     """Return the JSON (default) or text formatter; ``mask`` cleans every text field."""
     if fmt == "text":
         return TextFormatter(mask)
-    formatter = _JsonFormatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s",
+    return _JsonFormatter(
+        mask,
+        fmt="%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         json_serializer=serialise,
     )
-    formatter.mask = mask
-    formatter._clock = _Clock()
-    return formatter
 
 
 _TRACEBACKS: Final = logging.Formatter()

@@ -184,11 +184,9 @@ def _completion_suffix() -> str:
     return f"{next(_SUFFIXES) & 0xFFFFFFFFFFFF:012x}"
 
 
-def _prepare(
-    request: web.Request, body: Any, chat: ChatRequest, model: ModelConfig, exchange: _Exchange
-) -> dict[str, Any]:
+def _prepare(exchange: _Exchange, body: Any, model: ModelConfig) -> dict[str, Any]:
     """Decide the early outcome, or the credential and the SAI call; return the credential facts."""
-    settings = exchange.settings
+    request, settings, chat = exchange.request, exchange.settings, exchange.chat
     if chat.estimated_tokens > settings.max_context_tokens:
         exchange.early = ContextTooLong(chat.estimated_tokens, settings.max_context_tokens)
         return {}
@@ -218,9 +216,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         credential: dict[str, Any] = {"credential": None}
         try:
-            credential = _prepare(request, body, chat, model, exchange)
+            credential = _prepare(exchange, body, model)
         finally:
-            _log_received(request, chat, model, credential, exchange)
+            _log_received(exchange, model, credential)
         del body  # parsed into chat; a long stream need not keep the raw JSON alive
         if chat.stream:
             return await _stream(exchange)
@@ -240,14 +238,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         asyncio.get_running_loop().call_soon(exchange.finish)
 
 
-def _log_received(
-    request: web.Request,
-    chat: ChatRequest,
-    model: ModelConfig,
-    credential: dict[str, Any],
-    exchange: _Exchange,
-) -> None:
+def _log_received(exchange: _Exchange, model: ModelConfig, credential: dict[str, Any]) -> None:
     """Log the request as received, with the credential decision."""
+    request, chat = exchange.request, exchange.chat
     event(
         log,
         "request received",
