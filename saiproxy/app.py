@@ -22,7 +22,7 @@ from .keys import (
     STATE,
     ServingState,
 )
-from .logs import LogSetup
+from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
     add_request_id_header,
@@ -115,6 +115,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # Gauges read the serving state when scraped: no lock taken per request.
     metrics.open_streams.set_function(lambda: state.open_streams)
     metrics.in_flight.set_function(lambda: state.in_flight)
+    metrics.log_write_failures.set_function(write_failures)
     app[AUTH_CHAIN] = AuthChain.from_settings(settings)
     app.on_response_prepare.append(add_request_id_header)
     if log_setup is not None:

@@ -442,6 +442,12 @@ class _BatchHandler(logging.handlers.QueueHandler):
 
 
 _batcher: _BatchHandler | None = None  # the running process's handler, for event()
+_write_failures = 0  # batches the writer thread could not write (read by /metrics)
+
+
+def write_failures() -> int:
+    """Return how many batches of lines this process failed to write."""
+    return _write_failures
 
 
 class _RotatingFile(logging.handlers.RotatingFileHandler):
@@ -516,6 +522,8 @@ class _Writer(threading.Thread):
             try:
                 self._file.write_lines(lines, text)
             except OSError as exc:
+                global _write_failures
+                _write_failures += 1
                 print(f"saiproxy: cannot write the log file: {exc.strerror}", file=sys.stderr)
 
 

@@ -62,6 +62,17 @@ class Metrics:
             "Rate-limited calls moved to SAI_COOKIE.",
             registry=self.registry,
         )
+        self.tool_calls_unrecognised = Counter(
+            "saiproxy_tool_calls_unrecognised",
+            "Tool-call blocks in SAI's answers that were left as text, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.log_write_failures = Gauge(
+            "saiproxy_log_write_failures",
+            "Batches of log lines this process failed to write since it started.",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "saiproxy_in_flight_requests",
             "Chat completions being served now.",
