@@ -13,6 +13,7 @@ from aiohttp.typedefs import Middleware
 from .auth import AuthChain
 from .keys import (
     AUTH_CHAIN,
+    ERROR_SHAPES,
     METRICS,
     OUTCOME,
     REQUEST_ID,
@@ -31,10 +32,11 @@ from .middlewares import (
     proxy_access_middleware,
     request_id_middleware,
 )
+from .protocols.chat import chat_completions
+from .protocols.openai import OpenAIErrors
 from .sai import SaiClient
 from .settings import Settings
-from .views import chat_completions, health, models, readiness
-from .views import metrics as metrics_view
+from .views import health, models, prometheus, readiness
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -124,7 +126,10 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
 
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
-    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/metrics", prometheus)
+    # Each protocol's routes, and the error shape of the paths under them
+    # (first matching prefix wins; OpenAI's shape everywhere else).
+    app[ERROR_SHAPES] = ((), OpenAIErrors())
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", models)

@@ -22,7 +22,7 @@ Texts never contain a secret: credentials appear only by their label.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 
 class ProxyError(Exception):
@@ -98,7 +98,8 @@ class ModelNotFound(ClientError):
 class UpstreamError(ProxyError):
     """SAI did not produce an answer."""
 
-    finish_reason: ClassVar[str] = "error"
+    # The finish reason of the explanation in message mode: one every client accepts.
+    finish_reason: ClassVar[Literal["stop", "length"]] = "stop"
 
     def chat_text(self) -> str:
         """Return the explanation a chat user reads in message mode."""

@@ -8,6 +8,7 @@ import aiohttp
 from aiohttp import web
 
 from .auth import AuthChain
+from .core.render import ErrorShape
 from .metrics import Metrics
 from .sai import SaiClient
 from .settings import Settings
@@ -28,5 +29,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
 METRICS = web.AppKey("metrics", Metrics)
+# Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
+ERROR_SHAPES = web.AppKey("error_shapes", tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape])
 REQUEST_ID = web.RequestKey("request_id", str)
 OUTCOME = web.RequestKey("outcome", str)

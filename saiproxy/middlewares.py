@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ClientError, ProxyAccessDenied, ProxyError
-from .keys import OUTCOME, REQUEST_ID
+from .keys import ERROR_SHAPES, OUTCOME, REQUEST_ID
 from .logs import request_id_var
 from .metrics import Metrics
 from .settings import Secret
@@ -77,15 +77,24 @@ class _HttpClientError(ClientError):
         self.code = code
 
 
+def _render(request: web.Request, error: ProxyError) -> web.Response:
+    """Render ``error`` in the shape of the protocol the path belongs to."""
+    shapes, default = request.app[ERROR_SHAPES]
+    for prefix, shape in shapes:
+        if request.path.startswith(prefix):
+            return shape.response(error)
+    return default.response(error)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as an OpenAI error object, in exactly one place."""
+    """Render every failure as an error object of the path's protocol, in exactly one place."""
     try:
         return await handler(request)
     except ProxyError as error:
         if error.status >= 500:
             log.error("request failed", extra={"status": error.status, "code": error.code})
-        return error_response(error)
+        return _render(request, error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -101,14 +110,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         else:
             failure = _HttpClientError(exc.status, "http_error", exc.reason)
-        response = error_response(failure)
+        response = _render(request, failure)
         if hdrs.ALLOW in exc.headers:
             response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
         return response
     except Exception:
         log.exception("unexpected error while serving the request")
         internal = ProxyError("Internal error in saiproxy; the request ID finds it in the logs")
-        return error_response(internal)
+        return _render(request, internal)
 
 
 def metrics_middleware(*, metrics: Metrics) -> Middleware:

@@ -102,6 +102,7 @@ class Settings:
     shutdown_delay: float = 2.0
     shutdown_timeout: float = 30.0
     ping_interval: float = 15.0
+    tool_repair_retries: int = 1
     workers: int = 1
 
     def model_for(self, name: str | None) -> ModelConfig | None:
@@ -209,6 +210,7 @@ _OPTIONS: Final = (
     _Option("ERROR_MODE", "server", _choice("message", "http"), "error_mode"),
     _Option("MAX_CONTEXT_TOKENS", "server", _positive_int, "max_context_tokens"),
     _Option("PING_INTERVAL", "server", _positive_float, "ping_interval"),
+    _Option("TOOL_REPAIR_RETRIES", "upstream", _non_negative_int, "tool_repair_retries"),
     _Option("SHUTDOWN_DELAY", "server", _non_negative_float, "shutdown_delay"),
     _Option("SHUTDOWN_TIMEOUT", "server", _non_negative_float, "shutdown_timeout"),
     _Option("SAI_URL", "upstream", _url, "sai_url"),

@@ -87,7 +87,7 @@ def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextI
         logger = str(record.get("logger", "")).removeprefix("saiproxy.")
         print(
             f"  {record.get('time', '?')}  +{offset:8.1f} ms  {record.get('level', '?'):<7} "
-            f"{logger:<8} {message}",
+            f"{logger:<8}  {message}",
             file=out,
         )
         extra = _fields(record)

@@ -140,7 +140,8 @@ async def test_user_key_401_stops_with_one_attempt(make_proxy: MakeProxy, sai: F
     data = await response.json()
     assert [r.auth for r in sai.received] == [("X-Api-Key", USER_KEY)]
     choice = data["choices"][0]
-    assert choice["finish_reason"] == "error"
+    assert choice["finish_reason"] == "stop"
+    assert response.headers["X-Saiproxy-Error"] == "invalid_api_key"
     assert "user key" in choice["message"]["content"]
     assert "401" in choice["message"]["content"]
     assert data["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -196,7 +197,7 @@ async def test_cookie_429_does_not_fall_back_again(make_proxy: MakeProxy, sai: F
     sai.script(Reply(status=429), Reply(status=429))
     response = await proxy.post(URL, json=chat(("user", "hi")), headers={"user_api_key": USER_KEY})
     data = await response.json()
-    assert data["choices"][0]["finish_reason"] == "error"
+    assert data["choices"][0]["finish_reason"] == "stop"
     assert "429" in data["choices"][0]["message"]["content"]
     assert [r.auth for r in sai.received] == [("X-Api-Key", USER_KEY), ("Cookie", SYSTEM_COOKIE)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from saiproxy.translate import PLUGIN_MARKER, PLUGIN_PREFIX
+from saiproxy.core.conversation import PLUGIN_MARKER, PLUGIN_PREFIX
 
 from .conftest import SYSTEM_KEY, TEMPLATE, FakeSai, MakeProxy, Reply, chat
 

@@ -310,7 +310,7 @@ async def test_unexpected_errors_log_a_masked_traceback(
     def broken(*args: Any) -> Any:
         raise RuntimeError(f"bug while building the payload for {SYSTEM_KEY}")
 
-    monkeypatch.setattr("saiproxy.views.sai_payload", broken)
+    monkeypatch.setattr("saiproxy.core.exchange.sai_payload", broken)
     proxy = await make_proxy()
     response = await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "bug-1"})
     assert response.status == 500

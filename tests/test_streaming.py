@@ -172,9 +172,9 @@ async def test_error_before_first_byte_is_real_http_in_http_mode(
 @pytest.mark.parametrize(
     ("reply", "finish_reason", "fragment"),
     [
-        (Reply(status=401), "error", "SAI_KEY"),
+        (Reply(status=401), "stop", "SAI_KEY"),
         (Reply(status=500, body="prompt is too long"), "length", "too long"),
-        (Reply(status=429), "error", "429"),
+        (Reply(status=429), "stop", "429"),
     ],
 )
 async def test_error_before_first_byte_in_message_mode(
@@ -187,6 +187,11 @@ async def test_error_before_first_byte_in_message_mode(
     )
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
+    assert response.headers["X-Saiproxy-Error"] in (
+        "invalid_api_key",
+        "context_length_exceeded",
+        "rate_limit_exceeded",
+    )
     events = await _events(response)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert fragment in events[1]["choices"][0]["delta"]["content"]
@@ -234,7 +239,7 @@ async def test_upstream_reset_mid_stream_is_never_a_clean_stop(
     assert contents.startswith("first second ")
     assert "never" not in contents
     if mode == "message":
-        assert finishes[-1] == "error"
+        assert finishes[-1] == "length"  # truncated, in a finish reason every client knows
         assert "broke off" in contents
     else:
         assert events[-2]["error"]["code"] == "upstream_error"

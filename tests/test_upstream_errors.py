@@ -12,10 +12,11 @@ from .conftest import FakeSai, MakeProxy, Reply, chat
 URL = "/v1/chat/completions"
 
 # outcome name -> (replies, message-mode finish_reason, http status, type, code, text fragment)
+# Message mode only uses finish reasons every OpenAI client accepts (§3).
 OUTCOMES: dict[str, tuple[list[Reply], str, int, str, str, str]] = {
     "401": (
         [Reply(status=401)],
-        "error",
+        "stop",
         401,
         "authentication_error",
         "invalid_api_key",
@@ -23,7 +24,7 @@ OUTCOMES: dict[str, tuple[list[Reply], str, int, str, str, str]] = {
     ),
     "429": (
         [Reply(status=429, body="Test template usage limit exceeded")],
-        "error",
+        "stop",
         429,
         "rate_limit_error",
         "rate_limit_exceeded",
@@ -47,7 +48,7 @@ OUTCOMES: dict[str, tuple[list[Reply], str, int, str, str, str]] = {
     ),
     "500": (
         [Reply(status=500, body="internal")],
-        "error",
+        "stop",
         502,
         "api_error",
         "upstream_error",
@@ -55,7 +56,7 @@ OUTCOMES: dict[str, tuple[list[Reply], str, int, str, str, str]] = {
     ),
     "503-after-retries": (
         [Reply(status=503)] * 3,
-        "error",
+        "stop",
         502,
         "api_error",
         "upstream_error",
@@ -63,7 +64,7 @@ OUTCOMES: dict[str, tuple[list[Reply], str, int, str, str, str]] = {
     ),
     "timeout-after-retries": (
         [Reply(delay=2.0)] * 3,
-        "error",
+        "stop",
         504,
         "api_error",
         "upstream_timeout",
@@ -75,11 +76,12 @@ ENV = {"MAX_RETRIES": "2", "REQUEST_TIMEOUT": "0.3"}
 
 @pytest.mark.parametrize("name", list(OUTCOMES))
 async def test_outcome_in_message_mode(make_proxy: MakeProxy, sai: FakeSai, name: str) -> None:
-    replies, finish_reason, *_, fragment = OUTCOMES[name]
+    replies, finish_reason, _, _, code, fragment = OUTCOMES[name]
     proxy = await make_proxy(**ENV)
     sai.script(*replies)
     response = await proxy.post(URL, json=chat(("user", "hi")))
     assert response.status == 200
+    assert response.headers["X-Saiproxy-Error"] == code
     data = await response.json()
     assert data["object"] == "chat.completion"
     choice = data["choices"][0]
@@ -214,7 +216,7 @@ async def test_early_context_check_skips_sai(
 
 
 async def test_early_check_counts_unwrapped_text(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    from saiproxy.translate import PLUGIN_MARKER, PLUGIN_PREFIX
+    from saiproxy.core.conversation import PLUGIN_MARKER, PLUGIN_PREFIX
 
     proxy = await make_proxy(MAX_CONTEXT_TOKENS="50")
     wrapped = PLUGIN_PREFIX + "short question" + PLUGIN_MARKER + "x" * 5000

@@ -1,0 +1,515 @@
+"""One client request through SAI, whatever its protocol: the core every adapter shares.
+
+An adapter parses its body into a :class:`Conversation`, opens an
+:class:`Exchange` and hands it a :class:`~saiproxy.core.render.Renderer`.
+The exchange picks the credential, checks the context size, calls SAI (with
+the client's retries and fallback), turns SAI's text into prose, tool calls
+and finish reasons, and decides in one place what an upstream failure
+becomes (:meth:`Exchange.policy`): a real HTTP status, an in-band error, or an
+explanation the user reads. It logs and counts every request the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from typing import Any, Final, Literal
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from ..errors import BodyTooLarge, ContextTooLong, InvalidRequest, ModelNotFound, UpstreamError
+from ..keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
+from ..logs import event
+from ..sai import SaiCall, SaiClient, SaiStream
+from ..settings import ModelConfig, Settings
+from .answer import AnswerFilter, Rejected, check_json
+from .conversation import Answer, Conversation, Finish, Turn, Usage
+from .prompt import estimate_tokens, header_tokens, sai_payload
+from .render import Renderer
+
+log = logging.getLogger("saiproxy.exchange")
+
+SSE_HEADERS: Final = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+ERROR_HEADER: Final = "X-Saiproxy-Error"
+Policy = Literal["raise", "in_band", "explain"]
+
+_SUFFIXES = itertools.count(secrets.randbits(40))
+
+
+def unique_suffix() -> str:
+    """Return a process-unique suffix: a random start, counted up (no entropy per call)."""
+    return f"{next(_SUFFIXES) & 0xFFFFFFFFFFFF:012x}"
+
+
+async def read_json(request: web.Request) -> Any:
+    """Return the request body parsed as JSON; 413 over MAX_BODY_BYTES, 400 if not JSON."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        raise BodyTooLarge(
+            f"The request body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)"
+        ) from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Return a JSON response."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+class Exchange:
+    """One request in flight: what was asked, what SAI is doing, how it ended."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        body: Any,
+        conversation: Conversation,
+        *,
+        protocol: str,
+    ) -> None:
+        self.request = request
+        self.settings: Settings = request.app[SETTINGS]
+        self.conversation = conversation
+        self.protocol = protocol
+        self.started = time.monotonic()
+        self.created = int(time.time())
+        self.request_id = request[REQUEST_ID]
+        self.suffix = unique_suffix()
+        self.model_config = self._model(conversation.model)
+        # SAI's model header names the model; without it, the name the client asked for.
+        self.model = conversation.model or self.model_config.name
+        self._body = body
+        self.call: SaiCall | None = None
+        self.early: UpstreamError | None = None  # an outcome known without calling SAI
+        self.chars = 0
+        self.status = 200
+        self.outcome = "ok"
+        self.finish_reason: str | None = None
+        self.first_byte: float | None = None
+        self.usage = Usage()
+        self.tool_calls = 0
+
+    @property
+    def sai(self) -> SaiClient:
+        return self.request.app[SAI]
+
+    @property
+    def ids(self) -> str:
+        """Return the part every ID of this answer shares: request ID and a unique suffix."""
+        return f"{self.request_id}-{self.suffix}"
+
+    def _model(self, name: str | None) -> ModelConfig:
+        model = self.settings.model_for(name)
+        if model is None:
+            raise ModelNotFound(
+                f"The model {name!r} does not exist; see GET /v1/models", param="model"
+            )
+        return model
+
+    # --- the request's life
+
+    async def respond(self, renderer: Renderer) -> web.StreamResponse:
+        """Answer the request with ``renderer``'s shapes, streamed or not."""
+        state = self.request.app[STATE]
+        state.in_flight += 1
+        try:
+            credential: dict[str, Any] = {"credential": None}
+            try:
+                credential = self._prepare()
+            finally:
+                self._log_received(credential)
+            self._body = None  # parsed already; a long stream need not keep the raw JSON
+            if self.conversation.stream:
+                return await self._stream(renderer)
+            return await self._complete(renderer)
+        except asyncio.CancelledError:
+            self.outcome, self.status = "client_disconnected", 499
+            raise
+        except Exception as exc:
+            self.outcome = getattr(exc, "code", None) or type(exc).__name__
+            self.status = getattr(exc, "status", 500)
+            raise
+        finally:
+            self.request[OUTCOME] = self.outcome
+            state.in_flight -= 1
+            # The finish line and the latency figures are recorded once the answer
+            # is on its way: here they would sit between SAI's answer and the client.
+            asyncio.get_running_loop().call_soon(self._finish)
+
+    def _prepare(self) -> dict[str, Any]:
+        """Decide the early outcome, or the credential and the SAI call; return credential facts."""
+        payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000))
+        estimated = estimate_tokens(self.chars)
+        if estimated > self.settings.max_context_tokens:
+            self.early = ContextTooLong(estimated, self.settings.max_context_tokens)
+            return {}
+        credential = self.request.app[AUTH_CHAIN].select(self.request, self._body)
+        self.call = self.sai.new_call(
+            self.model_config, _exact(orjson.dumps(payload)), credential, self.request_id
+        )
+        return credential.describe()
+
+    def policy(self, error: UpstreamError, *, prepared: bool) -> Policy:
+        """Decide what an upstream failure becomes: the one place ERROR_MODE is read.
+
+        ``http`` mode: a real status while nothing was sent, else an in-band
+        error in the protocol's shape. ``message`` mode: the explanation as the
+        answer's text, with a finish reason every client accepts.
+        """
+        self.outcome = error.code or "error"
+        if self.settings.error_mode == "http":
+            return "in_band" if prepared else "raise"
+        return "explain"
+
+    def explained(self, error: UpstreamError, *, relayed: bool) -> Answer:
+        """Return the answer that explains ``error`` (``message`` mode).
+
+        After part of the answer went out, it is marked truncated (``length``),
+        never a clean stop.
+        """
+        text = error.chat_text()
+        finish: Finish = "length" if relayed else error.finish_reason
+        self.finish_reason = finish
+        return Answer("\n\n" + text if relayed else text, self.model, finish, outcome=self.outcome)
+
+    # --- non-streamed
+
+    async def _complete(self, renderer: Renderer) -> web.Response:
+        try:
+            answer = await self._answer()
+        except UpstreamError as error:
+            if self.policy(error, prepared=False) == "raise":
+                raise
+            answer = self.explained(error, relayed=False)
+            return json_response(renderer.body(answer), headers={ERROR_HEADER: self.outcome})
+        return json_response(renderer.body(answer))
+
+    async def _answer(self) -> Answer:
+        conversation = self.conversation
+        fetched = await self.sai.fetch(self._known_call())
+        self.first_byte = fetched.opened_at
+        self.model = fetched.headers.get("model") or self.model
+        self._count(fetched.headers, len(fetched.text))
+        text = fetched.text
+        output = conversation.output
+        if output is not None and (problem := check_json(text, output)) is not None:
+            text = await self._repair(text, problem)
+        answer_filter = AnswerFilter(conversation, self._rejected)
+        prose = answer_filter.feed(text) + answer_filter.close()
+        return self._answered(answer_filter, prose)
+
+    async def _repair(self, text: str, problem: str) -> str:
+        """Ask SAI once more for JSON that parses and follows the schema (TOOL_REPAIR_RETRIES)."""
+        output = self.conversation.output
+        assert output is not None and self.call is not None
+        for attempt in range(self.settings.tool_repair_retries):
+            log.info(
+                "structured output invalid, asking again",
+                extra={"problem": problem[:200], "repair": attempt + 1},
+            )
+            retry = Conversation(
+                [
+                    *self.conversation.turns,
+                    Turn("assistant", text),
+                    Turn(
+                        "user",
+                        f"Your answer could not be used: {problem}. Answer again with only "
+                        "the JSON object, no prose and no code fence.",
+                    ),
+                ],
+                system=self.conversation.system,
+                output=output,
+            )
+            payload, chars = sai_payload(retry, int(time.time() * 1000))
+            call = self.sai.new_call(
+                self.model_config,
+                _exact(orjson.dumps(payload)),
+                self.call.credential,
+                self.request_id,
+            )
+            fetched = await self.sai.fetch(call)
+            text = fetched.text
+            self.usage.prompt_tokens += header_tokens(fetched.headers, "prompttokens", chars)
+            self.usage.completion_tokens += header_tokens(
+                fetched.headers, "completiontokens", len(text)
+            )
+            problem_again = check_json(text, output)
+            if problem_again is None:
+                return text
+            problem = problem_again
+        log.warning(
+            "structured output still invalid, answered as is", extra={"problem": problem[:200]}
+        )
+        return text
+
+    # --- streamed
+
+    async def _stream(self, renderer: Renderer) -> web.StreamResponse:
+        request, settings = self.request, self.settings
+        state = request.app[STATE]
+        response = EventSourceResponse(
+            headers=SSE_HEADERS,
+            sep="\n",
+            allow_all_methods=True,
+            ping_interval=settings.ping_interval,
+        )
+        stream = _Stream(self, renderer, response)
+        opening = asyncio.ensure_future(
+            self.sai.open(self._known_call()) if self.early is None else _raise(self.early)
+        )
+        state.open_streams += 1
+        try:
+            if renderer.eager and self.early is None:
+                await stream.start(self.model)
+            # Until SAI answers 200 nothing need be sent, so a failure can still be a
+            # real HTTP status; if the first keep-alive falls due first, the stream starts.
+            while not opening.done():
+                await asyncio.wait({opening}, timeout=settings.ping_interval)
+                if not opening.done():
+                    await stream.prepare()
+                    await response.write(renderer.ping())
+            try:
+                upstream = opening.result()
+            except UpstreamError as error:
+                await stream.failed(error)
+            else:
+                await stream.relay(upstream)
+            await response.write_eof()
+            return response
+        finally:
+            state.open_streams -= 1
+            if response.prepared:
+                response.stop_streaming()
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                    await opening
+
+    # --- shared
+
+    def _known_call(self) -> SaiCall:
+        if self.early is not None:
+            raise self.early
+        assert self.call is not None
+        return self.call
+
+    def _count(self, headers: Any, completion_chars: int) -> None:
+        self.usage.prompt_tokens += header_tokens(headers, "prompttokens", self.chars)
+        self.usage.completion_tokens += header_tokens(headers, "completiontokens", completion_chars)
+
+    def _answered(self, answer_filter: AnswerFilter, text: str) -> Answer:
+        """Return the finished answer and note its finish reason."""
+        calls = answer_filter.calls
+        if answer_filter.stop_sequence is not None:
+            finish: Any = "stop_sequence"
+        elif calls:
+            finish = "tool_calls"
+        else:
+            finish = "stop"
+        self.finish_reason = finish
+        self.tool_calls = len(calls)
+        return Answer(text, self.model, finish, calls, answer_filter.stop_sequence, self.usage)
+
+    def _rejected(self, rejected: Rejected) -> None:
+        metrics = self.request.app[METRICS]
+        metrics.child(metrics.tool_calls_unrecognised, rejected.reason).inc()
+        log.warning(
+            "tool call not recognised, left as text",
+            extra={"reason": rejected.reason, "detail": rejected.detail[:300]},
+        )
+
+    def _log_received(self, credential: dict[str, Any]) -> None:
+        """Log the request as received, with the credential decision."""
+        conversation = self.conversation
+        event(
+            log,
+            "request received",
+            {
+                "path": self.request.path,
+                "protocol": self.protocol,
+                "stream": conversation.stream,
+                "model": self.model_config.name,
+                "requested_model": conversation.model,
+                "messages": len(conversation.turns),
+                "roles": conversation.role_counts(),
+                "chars": self.chars,
+                "estimated_tokens": estimate_tokens(self.chars),
+                "unwrapped": conversation.unwrapped,
+                "tools": len(conversation.offered_tools),
+                **credential,
+            },
+        )
+        if conversation.unwrapped:
+            log.info(
+                "IDE plugin wrapper removed",
+                extra={
+                    "count": conversation.unwrapped,
+                    "chars_before": conversation.unwrapped_chars_before,
+                    "chars_after": conversation.unwrapped_chars_after,
+                },
+            )
+        if isinstance(self.early, ContextTooLong):
+            log.info(
+                "context too long, not calling SAI",
+                extra={"estimated_tokens": estimate_tokens(self.chars),
+                       "limit": self.settings.max_context_tokens},
+            )  # fmt: skip
+        if self.settings.verbose_logging:
+            log.debug(
+                "message previews",
+                extra={"previews": [f"{t.role}: {t.text[:80]}" for t in conversation.turns]},
+            )
+            if self.call is not None:
+                log.debug("SAI payload built", extra={"payload_bytes": len(self.call.payload)})
+
+    def _finish(self) -> None:
+        """Log the finish line and record the latency figures."""
+        now = time.monotonic()
+        latency = now - self.started
+        generating = now - self.first_byte if self.first_byte is not None else 0.0
+        metrics = self.request.app[METRICS]
+        stream = "true" if self.conversation.stream else "false"
+        metrics.child(metrics.latency, stream).observe(latency)
+        if self.first_byte is not None:
+            metrics.child(metrics.ttfb, stream).observe(self.first_byte - self.started)
+        usage = self.usage
+        event(
+            log,
+            "response finished",
+            {
+                "path": self.request.path,
+                "status": self.status,
+                "outcome": self.outcome,
+                "finish_reason": self.finish_reason,
+                "tool_calls": self.tool_calls,
+                "latency_ms": round(latency * 1000, 1),
+                "ttfb_ms": round((self.first_byte - self.started) * 1000, 1)
+                if self.first_byte is not None
+                else None,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens,
+                "tokens_per_second": round(usage.completion_tokens / generating, 1)
+                if generating > 0
+                else None,
+                "model": self.model,
+                **(self.call.summary() if self.call is not None else {}),
+            },
+        )
+
+
+class _Stream:
+    """The streamed answer of one exchange: started or not, what went out, how it ends."""
+
+    def __init__(
+        self, exchange: Exchange, renderer: Renderer, response: EventSourceResponse
+    ) -> None:
+        self.exchange = exchange
+        self.renderer = renderer
+        self.response = response
+        self.started = False
+
+    async def prepare(self) -> None:
+        """Send the status line and headers, if not yet sent."""
+        if not self.response.prepared:
+            await self.response.prepare(self.exchange.request)
+
+    async def start(self, model: str) -> None:
+        """Send the opening frames, if not yet sent."""
+        await self.prepare()
+        if not self.started:
+            self.started = True
+            await self.response.write(self.renderer.head(model))
+
+    async def failed(self, error: UpstreamError, *, relayed: bool = False) -> None:
+        """End the stream with ``error`` as the policy says; re-raise it for a real status."""
+        exchange, renderer, response = self.exchange, self.renderer, self.response
+        policy = exchange.policy(error, prepared=response.prepared)
+        if policy == "raise":
+            raise error
+        if policy == "in_band":
+            exchange.finish_reason = "error"
+            await self.prepare()
+            await response.write(renderer.failure(error))
+            return
+        if not response.prepared:
+            response.headers[ERROR_HEADER] = exchange.outcome
+        await self.start(exchange.model)
+        answer = exchange.explained(error, relayed=relayed)
+        await response.write(renderer.text(answer.text))
+        answer.text = ""
+        await response.write(renderer.finish(answer))
+
+    async def relay(self, upstream: SaiStream) -> None:
+        """Forward SAI's body piece by piece as prose, then the calls and the finish."""
+        exchange, renderer, write = self.exchange, self.renderer, self.response.write
+        conversation = exchange.conversation
+        answer_filter = (
+            AnswerFilter(conversation, exchange._rejected)
+            if conversation.offered_tools or conversation.stop or conversation.output
+            else None
+        )
+        chars = 0
+        async with upstream:
+            exchange.model = upstream.headers.get("model") or exchange.model
+            await self.start(exchange.model)
+            try:
+                async for piece in upstream.text():
+                    if exchange.first_byte is None:
+                        exchange.first_byte = time.monotonic()
+                    chars += len(piece)
+                    if answer_filter is not None:
+                        piece = answer_filter.feed(piece)
+                        if answer_filter.stopped:
+                            if piece:
+                                await write(renderer.text(piece))
+                            break  # leaving closes SAI's answer: nobody reads the rest
+                    if piece:
+                        await write(renderer.text(piece))
+            except UpstreamError as error:
+                # Mid-stream: never let a broken body look like a clean stop.
+                log.warning(
+                    "upstream broke off mid-stream",
+                    extra={"error": error.code, "chars_sent": chars},
+                )
+                if answer_filter is not None and (held := answer_filter.close()):
+                    await write(renderer.text(held))
+                await self.failed(error, relayed=True)
+                return
+        exchange._count(upstream.headers, chars)
+        if answer_filter is None:
+            exchange.finish_reason = "stop"
+            await write(renderer.finish(Answer("", exchange.model, "stop", usage=exchange.usage)))
+            return
+        held = answer_filter.close()
+        if held:
+            await write(renderer.text(held))
+        answer = exchange._answered(answer_filter, "")
+        if answer.calls:
+            await write(renderer.calls(answer.calls))
+        await write(renderer.finish(answer))
+
+
+async def _raise(error: UpstreamError) -> SaiStream:
+    raise error
+
+
+def _exact(data: bytes) -> bytes:
+    # orjson's result keeps a 4 KB buffer whatever the length; the payload lives as
+    # long as the call (retries need it), so it is kept as an exact-size copy.
+    return bytes(memoryview(data))

@@ -1,0 +1,215 @@
+"""Pieces the OpenAI-shaped protocols share: content parts, tools, finish reasons, errors."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+
+from ..core.conversation import Finish, OutputFormat, Tool, ToolChoice, Usage
+from ..errors import InvalidRequest, ProxyError
+
+TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
+MAX_MODEL_CHARS: Final = 256
+
+FINISH_REASONS: Final[dict[Finish, str]] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "stop_sequence": "stop",
+}
+
+
+class OpenAIErrors:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def response(self, error: ProxyError) -> web.Response:
+        """Return the error as its HTTP status and OpenAI error object."""
+        from ..middlewares import error_response
+
+        return error_response(error)
+
+
+def content_text(content: Any, param: str) -> str:
+    """Return the text of a message's content: a string, null, or text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            f"{param} must be a string, null or an array of content parts", param=param
+        )
+    texts: list[str] = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"{param}[{index}] must be an object", param=param)
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{param}[{index}].type must be a string", param=param)
+        if kind in TEXT_PART_TYPES:
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest(f"{param}[{index}].text must be a string", param=param)
+            texts.append(text)
+        elif kind == "refusal":
+            refusal = part.get("refusal")
+            texts.append(refusal if isinstance(refusal, str) else "")
+        else:
+            raise InvalidRequest(
+                f"SAI templates accept text only: {param}[{index}] has type {kind[:40]!r}",
+                param=param,
+            )
+    return "\n".join(texts)
+
+
+def model_name(body: dict[str, Any]) -> str | None:
+    """Return the requested model name, checked."""
+    model = body.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise InvalidRequest("'model' must be a string", param="model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest(f"'model' is longer than {MAX_MODEL_CHARS} characters", param="model")
+    return model
+
+
+def flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    """Return a boolean field, checked."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean", param=name)
+    return value
+
+
+def _schema(value: Any, param: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{param} must be a JSON schema object", param=param)
+    return value
+
+
+def _name(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{param} is required and must be a string", param=param)
+    return value
+
+
+def _text(value: Any, param: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{param} must be a string", param=param)
+    return value
+
+
+def tool(spec: Any, param: str, *, flat: bool) -> Tool:
+    """Parse one offered tool: Chat's nested shape, or the Responses API's flat one."""
+    if not isinstance(spec, dict):
+        raise InvalidRequest(f"{param} must be an object", param=param)
+    kind = spec.get("type")
+    if kind == "function":
+        function = spec if flat else spec.get("function")
+        if not isinstance(function, dict):
+            raise InvalidRequest(f"{param}.function must be an object", param=param)
+        return Tool(
+            _name(function.get("name"), f"{param}.name"),
+            _text(function.get("description"), f"{param}.description"),
+            "function",
+            parameters=_schema(function.get("parameters"), f"{param}.parameters"),
+        )
+    if kind == "custom":
+        custom = spec if flat else spec.get("custom")
+        if not isinstance(custom, dict):
+            raise InvalidRequest(f"{param}.custom must be an object", param=param)
+        return Tool(
+            _name(custom.get("name"), f"{param}.name"),
+            _text(custom.get("description"), f"{param}.description"),
+            "custom",
+            format=_schema(custom.get("format"), f"{param}.format"),
+        )
+    shown = kind[:40] if isinstance(kind, str) else kind
+    raise InvalidRequest(
+        f"{param} has type {shown!r}: saiproxy emulates function and custom tools only",
+        param=param,
+    )
+
+
+def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool, ...]:
+    """Parse the offered tools."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'{param}' must be an array of tools", param=param)
+    return tuple(tool(spec, f"{param}[{index}]", flat=flat) for index, spec in enumerate(value))
+
+
+def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) -> ToolChoice:
+    """Parse ``tool_choice``: auto, none, required, or one named function or custom tool."""
+    if value is None:
+        return ToolChoice()
+    if value in ("auto", "none", "required"):
+        return ToolChoice(value)
+    if isinstance(value, dict) and value.get("type") in ("function", "custom"):
+        kind = value["type"]
+        inner = value if flat else value.get(kind)
+        name = inner.get("name") if isinstance(inner, dict) else None
+        if not isinstance(name, str) or name not in {t.name for t in offered}:
+            raise InvalidRequest(
+                "'tool_choice' names a tool that is not in 'tools'", param="tool_choice"
+            )
+        return ToolChoice("named", name)
+    raise InvalidRequest(
+        "'tool_choice' must be auto, none, required or a named function or custom tool",
+        param="tool_choice",
+    )
+
+
+def json_format(spec: Any, param: str, *, flat: bool = False) -> OutputFormat | None:
+    """Parse ``response_format`` (Chat) or ``text.format`` (Responses, flat)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise InvalidRequest(f"'{param}' must be an object", param=param)
+    kind = spec.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat()
+    if kind == "json_schema":
+        inner = spec if flat else spec.get("json_schema")
+        if not isinstance(inner, dict):
+            raise InvalidRequest(f"'{param}.json_schema' must be an object", param=param)
+        name = inner.get("name")
+        return OutputFormat(
+            _schema(inner.get("schema"), f"{param}.schema"),
+            name if isinstance(name, str) else None,
+            inner.get("strict") is True,
+        )
+    raise InvalidRequest(f"'{param}.type' must be text, json_object or json_schema", param=param)
+
+
+def stop_sequences(value: Any, param: str = "stop") -> tuple[str, ...]:
+    """Parse ``stop``: a string or a list of up to 4 strings."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        if len(value) > 4:
+            raise InvalidRequest(f"'{param}' takes at most 4 sequences", param=param)
+        return tuple(item for item in value if item)
+    raise InvalidRequest(f"'{param}' must be a string or an array of strings", param=param)
+
+
+def usage(usage_: Usage) -> dict[str, int]:
+    """Return an OpenAI Chat/Completions usage object."""
+    return {
+        "prompt_tokens": usage_.prompt_tokens,
+        "completion_tokens": usage_.completion_tokens,
+        "total_tokens": usage_.total_tokens,
+    }
