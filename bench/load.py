@@ -120,18 +120,38 @@ async def run(
     return results, time.perf_counter() - started
 
 
-def chat_body(stream: bool, text: str = "Say something about load testing.") -> bytes:
-    """Return an OpenAI chat body."""
-    return orjson.dumps(
-        {
-            "model": "sai-model",
-            "stream": stream,
-            "messages": [
-                {"role": "system", "content": "You are a benchmark."},
-                {"role": "user", "content": text},
-            ],
-        }
-    )
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"Look up the {name.split('_')[1]} of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for name in ("get_weather", "get_time", "get_population")
+]
+
+
+def chat_body(
+    stream: bool, text: str = "Say something about load testing.", *, tools: bool = False
+) -> bytes:
+    """Return an OpenAI chat body; with ``tools``, one offering three function tools."""
+    body: dict[str, object] = {
+        "model": "sai-model",
+        "stream": stream,
+        "messages": [
+            {"role": "system", "content": "You are a benchmark."},
+            {"role": "user", "content": text},
+        ],
+    }
+    if tools:
+        body["tools"] = TOOLS
+    return orjson.dumps(body)
 
 
 def sai_body() -> bytes:

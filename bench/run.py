@@ -49,6 +49,7 @@ class Scenario:
     direct: bool = True
     rounds: int = 1  # >1: run in turns with the other repeated scenarios; the median run counts
     floor: bool = False  # also through bench/floor.py, a bare aiohttp proxy (non-streaming only)
+    tools: bool = False  # the request offers tools: the answer goes through the call-block filter
 
 
 def scenarios(smoke: bool) -> list[Scenario]:
@@ -57,6 +58,7 @@ def scenarios(smoke: bool) -> list[Scenario]:
         return [
             Scenario("non-stream c=4", "json", 4, requests=40, floor=True),
             Scenario("stream c=4", "sse", 4, requests=40, drip_chunks=4),
+            Scenario("stream c=4, tools", "sse", 4, requests=40, drip_chunks=4, tools=True),
             Scenario("first chunk, drip", "sse", 1, requests=2, drip_chunks=4, drip_seconds=0.2),
         ]
     seconds = 5.0
@@ -66,6 +68,11 @@ def scenarios(smoke: bool) -> list[Scenario]:
         Scenario("non-stream c=256", "json", 256, duration=seconds),
         Scenario("stream c=1", "sse", 1, duration=seconds, drip_chunks=10),
         Scenario("stream c=64", "sse", 64, duration=seconds, drip_chunks=10, rounds=3),
+        # The same stream offering three tools: prose relayed through the call-block filter.
+        Scenario(
+            "stream c=64, tools", "sse", 64, duration=seconds, drip_chunks=10, rounds=3,
+            direct=False, tools=True,
+        ),
         Scenario("stream c=256", "sse", 256, duration=seconds, drip_chunks=10),
         Scenario("first chunk, 2 s drip", "sse", 1, requests=5, drip_chunks=10, drip_seconds=2),
         Scenario("2,000 x 1 s calls, c=1,000", "json", 1000, requests=2000, delay=1.0),
@@ -198,7 +205,7 @@ async def _through(
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         await wait_ready(url, process)
         usage = Usage(process.pid)
-        body = load.chat_body(scenario.mode == "sse")
+        body = load.chat_body(scenario.mode == "sse", tools=scenario.tools)
         results, elapsed = await load.run(url, body, mode=scenario.mode, **common)
         return {
             "scenario": scenario.name, "via": via, **load.summary(results, elapsed),
@@ -278,6 +285,16 @@ def check_targets(
     if found := pair("stream c=64"):
         ratio = found[1]["rps"] / found[0]["rps"]
         checks.append(("streaming RPS c=64 >= 0.25 x direct", f"{ratio:.2f} x", ratio >= 0.25))
+    for name in ("stream c=64", "stream c=4"):
+        plain, tools = by.get((name, "saiproxy")), by.get((f"{name}, tools", "saiproxy"))
+        if plain and tools:
+            # Same pieces per stream in both runs, so CPU per request compares CPU per piece.
+            cost = (tools["cpu_s"] / tools["requests"]) / (plain["cpu_s"] / plain["requests"]) - 1
+            checks.append((
+                "a stream offering tools costs <= 10 % more CPU per piece",
+                f"{cost * 100:+.1f} % ({name})", cost <= 0.10,
+            ))  # fmt: skip
+            break
     if found := pair("non-stream c=1"):
         cost = found[1]["p50_ms"] - found[0]["p50_ms"]
         figure = f"{cost:.2f} ms"

@@ -78,6 +78,8 @@ def _held_tail(text: str) -> int:
 
 def _block_start(text: str) -> int:
     """Return where the first complete block start is in ``text``, or -1."""
+    if "<" not in text and "{" not in text:
+        return -1
     tag = text.find(TOOL_CALL_OPEN)
     found = _JSON_CALLS_START.search(text) if "{" in text else None
     if found is not None and (tag < 0 or found.start() < tag):
@@ -250,7 +252,10 @@ class AnswerFilter:
             self._block = text[start:]
             prose = self._cut(text[:start])  # a stop sequence there drops the block
             return prose + (self._check_block_end() if self._block is not None else "")
-        keep = _held_tail(text) if any(c in text for c in _MARKER_CHARS) else 0
+        if "<" not in text and "{" not in text and "`" not in text:
+            self._pending = ""  # the usual piece of prose: nothing to hold
+            return self._cut(text) if self._stops else text
+        keep = _held_tail(text)
         self._pending = text[len(text) - keep :] if keep else ""
         return self._cut(text[: len(text) - keep])
 

@@ -131,13 +131,39 @@ def output_instructions(output: OutputFormat | None) -> str:
     return "\n".join(lines)
 
 
-def system_text(conversation: Conversation) -> str:
+_ToolKey = tuple[int, str, str | None, bool]
+_TOOL_PARTS: dict[_ToolKey, tuple[tuple[Tool, ...], str, str]] = {}
+_TOOL_PARTS_LIMIT: Final = 256
+
+
+def tool_parts(conversation: Conversation) -> tuple[str, str]:
+    """Return the tool instructions and ``inputs.tools`` (empty strings when none are offered).
+
+    Kept by the tools tuple (the parser hands out one tuple per distinct tool
+    list) and the choice: an agent's calls repeat them, and building them is
+    most of what offering tools costs per request.
+    """
+    tools, choice = conversation.tools, conversation.tool_choice
+    if not tools or choice.mode == "none":
+        return "", ""
+    key = (id(tools), choice.mode, choice.name, conversation.parallel_tool_calls)
+    found = _TOOL_PARTS.get(key)
+    if found is not None and found[0] is tools:
+        return found[1], found[2]
+    offered = conversation.offered_tools
+    instructions = tool_instructions(conversation)
+    payload = orjson.dumps([chat_tool(tool) for tool in offered]).decode() if offered else ""
+    if len(_TOOL_PARTS) >= _TOOL_PARTS_LIMIT:
+        _TOOL_PARTS.clear()
+    _TOOL_PARTS[key] = (tools, instructions, payload)
+    return instructions, payload
+
+
+def system_text(conversation: Conversation, instructions: str | None = None) -> str:
     """Return ``inputs.system``: the client's system text, then the tool and output blocks."""
-    parts = [
-        conversation.system,
-        tool_instructions(conversation),
-        output_instructions(conversation.output),
-    ]
+    if instructions is None:
+        instructions = tool_parts(conversation)[0]
+    parts = [conversation.system, instructions, output_instructions(conversation.output)]
     return "\n\n".join(part for part in parts if part)
 
 
@@ -150,12 +176,11 @@ def sai_payload(conversation: Conversation, now_ms: int) -> tuple[dict[str, Any]
     """
     names = {call.id: call.name for turn in conversation.turns for call in turn.calls}
     history = [_sai_message(turn, names) for turn in conversation.turns]
-    system = system_text(conversation)
+    instructions, tools = tool_parts(conversation)
+    system = system_text(conversation, instructions)
     inputs: dict[str, Any] = {"system": system, "user": history[-1][1] if history else ""}
     chars = len(system) + sum(len(text) for _, text in history)
-    offered = conversation.offered_tools
-    if offered:
-        tools = orjson.dumps([chat_tool(tool) for tool in offered]).decode()
+    if tools:
         inputs["tools"] = tools
         chars += len(tools)
     payload: dict[str, Any] = {"inputs": inputs}

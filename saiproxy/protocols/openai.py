@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from ..core.conversation import Finish, OutputFormat, Tool, ToolChoice, Usage
@@ -139,13 +140,29 @@ def tool(spec: Any, param: str, *, flat: bool) -> Tool:
     )
 
 
+_TOOLS_CACHE: dict[tuple[bytes, bool], tuple[Tool, ...]] = {}
+_TOOLS_CACHE_LIMIT: Final = 256
+
+
 def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool, ...]:
-    """Parse the offered tools."""
+    """Parse the offered tools.
+
+    An agent sends the same tools with every call: the parsed tuple is kept by
+    the tools' JSON, so the same tools are parsed once and are the same object
+    (the prompt builder keeps their instructions by it too).
+    """
     if value is None:
         return ()
     if not isinstance(value, list):
         raise InvalidRequest(f"'{param}' must be an array of tools", param=param)
-    return tuple(tool(spec, f"{param}[{index}]", flat=flat) for index, spec in enumerate(value))
+    key = (orjson.dumps(value), flat)
+    found = _TOOLS_CACHE.get(key)
+    if found is None:
+        found = tuple(tool(spec, f"{param}[{i}]", flat=flat) for i, spec in enumerate(value))
+        if len(_TOOLS_CACHE) >= _TOOLS_CACHE_LIMIT:
+            _TOOLS_CACHE.clear()
+        _TOOLS_CACHE[key] = found
+    return found
 
 
 def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) -> ToolChoice:
