@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import random
@@ -13,7 +14,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import ClientError, ProxyAccessDenied, ProxyError
+from .errors import BodyTimeout, BodyTooLarge, ClientError, ProxyAccessDenied, ProxyError
 from .keys import OUTCOME, REQUEST_ID
 from .logs import request_id_var
 from .metrics import Metrics
@@ -85,7 +86,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as error:
         if error.status >= 500:
             log.error("request failed", extra={"status": error.status, "code": error.code})
-        return error_response(error)
+        response = error_response(error)
+        if isinstance(error, BodyTimeout):
+            response.force_close()  # the rest of the body may still be on its way
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -141,7 +145,9 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
         if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        presented = token.strip().encode()
+        # aiohttp keeps undecodable header bytes as surrogates: encode them back
+        # rather than fail, so a stray byte is a refusal (401), not a 500.
+        presented = token.strip().encode("utf-8", "surrogateescape")
         # Compare against every key, without stopping early, so timing tells nothing.
         matched = False
         for key in allowed:
@@ -154,6 +160,36 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
             raise ProxyAccessDenied(
                 "Invalid or missing proxy API key: send Authorization: Bearer <key>"
             )
+        return await handler(request)
+
+    return middleware
+
+
+def body_timeout_middleware(*, timeout: float) -> Middleware:
+    """Read the request body within ``timeout`` seconds, or answer 408 and close.
+
+    aiohttp reads a body only when the handler asks, with no timer of its
+    own: a client sending a few bytes now and then would hold the request
+    (and its connection) forever. The body read here is kept by the request,
+    so the handler's own read returns it at once.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()
+            except TimeoutError:
+                log.info("request body too slow", extra={"timeout_s": timeout})
+                raise BodyTimeout(
+                    f"The request body did not arrive within {timeout:g} s (BODY_READ_TIMEOUT)"
+                ) from None
+            except web.HTTPRequestEntityTooLarge:
+                raise BodyTooLarge(
+                    f"The request body is larger than the limit of {request.client_max_size} "
+                    "bytes (MAX_BODY_BYTES)"
+                ) from None
         return await handler(request)
 
     return middleware
