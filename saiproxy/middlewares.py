@@ -86,10 +86,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as error:
         if error.status >= 500:
             log.error("request failed", extra={"status": error.status, "code": error.code})
-        response = error_response(error)
-        if isinstance(error, BodyTimeout):
-            response.force_close()  # the rest of the body may still be on its way
-        return response
+        return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -182,9 +179,18 @@ def body_timeout_middleware(*, timeout: float) -> Middleware:
                     await request.read()
             except TimeoutError:
                 log.info("request body too slow", extra={"timeout_s": timeout})
-                raise BodyTimeout(
-                    f"The request body did not arrive within {timeout:g} s (BODY_READ_TIMEOUT)"
-                ) from None
+                response = error_response(
+                    BodyTimeout(
+                        f"The request body did not arrive within {timeout:g} s "
+                        "(BODY_READ_TIMEOUT)"
+                    )
+                )
+                # Answer and hang up at once: aiohttp would otherwise linger,
+                # waiting for the rest of a body that is not coming.
+                await response.prepare(request)
+                await response.write_eof()
+                request.protocol.force_close()
+                return response
             except web.HTTPRequestEntityTooLarge:
                 raise BodyTooLarge(
                     f"The request body is larger than the limit of {request.client_max_size} "
