@@ -181,8 +181,7 @@ def body_timeout_middleware(*, timeout: float) -> Middleware:
                 log.info("request body too slow", extra={"timeout_s": timeout})
                 response = error_response(
                     BodyTimeout(
-                        f"The request body did not arrive within {timeout:g} s "
-                        "(BODY_READ_TIMEOUT)"
+                        f"The request body did not arrive within {timeout:g} s (BODY_READ_TIMEOUT)"
                     )
                 )
                 # Answer and hang up at once: aiohttp would otherwise linger,

@@ -30,7 +30,8 @@ class RawRequest:
 def _head(status: str, headers: list[tuple[str, str | bytes]]) -> bytes:
     lines = [f"HTTP/1.1 {status}".encode()]
     for name, value in headers:
-        lines.append(name.encode() + b": " + (value if isinstance(value, bytes) else value.encode()))
+        raw = value if isinstance(value, bytes) else value.encode()
+        lines.append(name.encode() + b": " + raw)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 

@@ -23,7 +23,6 @@ import yaml
 
 from saiproxy import trace
 from saiproxy.logs import LogSetup, write_failures
-from saiproxy.sai import clean_header_value
 from saiproxy.server import serve
 from saiproxy.settings import load_settings
 
@@ -115,6 +114,8 @@ async def test_undecodable_model_header_is_cleaned_and_logs_go_on(
 
 
 def test_clean_header_value() -> None:
+    from saiproxy.sai import clean_header_value
+
     assert clean_header_value("sai-model") == "sai-model"
     assert clean_header_value("caf\u00e9") == "caf\u00e9"
     raw = b"a\xffb\x1bc".decode("utf-8", "surrogateescape")
@@ -368,14 +369,15 @@ def test_trace_escapes_control_characters(tmp_path: Path) -> None:
 # --- 7. secrets in SAI_URL -----------------------------------------------------------------------
 
 
-async def test_user_info_in_sai_url_is_used_but_never_logged(
-    sai: FakeSai, tmp_path: Path
-) -> None:
+async def test_user_info_in_sai_url_is_used_but_never_logged(sai: FakeSai, tmp_path: Path) -> None:
     password = "pw-url-secret-93"
     env = _env(sai, tmp_path, SAI_URL=sai.url.replace("http://", f"http://op:{password}@"))
-    async with serving(env) as url, aiohttp.ClientSession() as session:
-        async with session.post(f"{url}{URL}", json=chat(("user", "hi"))) as response:
-            assert response.status == 200
+    async with (
+        serving(env) as url,
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}{URL}", json=chat(("user", "hi"))) as response,
+    ):
+        assert response.status == 200
     expected = "Basic " + base64.b64encode(f"op:{password}".encode()).decode()
     assert sai.received[0].headers["Authorization"] == expected
     text = "\n".join(log_lines(tmp_path))
@@ -434,9 +436,7 @@ async def test_listening_beyond_loopback_without_proxy_keys_warns(
 ) -> None:
     async with serving(_env(sai, tmp_path, HOST=host)):
         pass
-    warnings = [
-        line for line in map(json.loads, log_lines(tmp_path)) if line["level"] == "WARNING"
-    ]
+    warnings = [line for line in map(json.loads, log_lines(tmp_path)) if line["level"] == "WARNING"]
     assert len(warnings) == (1 if warned else 0)
     if warned:
         assert "PROXY_API_KEYS" in warnings[0]["message"]
