@@ -27,6 +27,7 @@ from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
     add_request_id_header,
+    body_timeout_middleware,
     error_middleware,
     metrics_middleware,
     proxy_access_middleware,
@@ -101,7 +102,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # of everything, as rendered by the error middleware, which comes
     # next, so whatever fails inside it (access refused, bad body, 404, 405,
     # SAI's outcomes in http mode) is rendered one way. Access control runs
-    # before any handler reads the body.
+    # before anything reads the body; the body is read last, under its timer.
     metrics = Metrics()
     middlewares: list[Middleware] = [
         request_id_middleware,
@@ -110,6 +111,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     ]
     if settings.proxy_api_keys:
         middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
+    middlewares.append(body_timeout_middleware(timeout=settings.body_read_timeout))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STATE] = state = ServingState()
@@ -143,7 +145,7 @@ def log_setup_for(settings: Settings) -> LogSetup:
         level=logging.DEBUG
         if settings.verbose_logging
         else logging.getLevelNamesMapping()[settings.log_level.upper()],
-        log_dir=settings.log_dir or None,
+        log_dir=(settings.log_dir or None) if settings.log_file else None,
         max_bytes=settings.log_max_bytes,
         backups=settings.log_backups,
         secrets=[secret.reveal() for secret in settings.secrets()],

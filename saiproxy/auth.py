@@ -12,19 +12,23 @@ Credentials are logged by kind, source and length only; the value lives in a
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from aiohttp import hdrs, web
 
-from .errors import NoCredential
+from .errors import InvalidRequest, NoCredential
 from .settings import Secret, Settings
 
 log = logging.getLogger(__name__)
 
 COOKIE_MARKER: Final = "Cookies"
 USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")
+# Control characters cannot go into SAI's header (CR/LF would split it) and
+# surrogates are bytes that were not UTF-8: such a value is the client's error.
+_UNSENDABLE: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 Kind = Literal["key", "cookie"]
 
@@ -85,6 +89,12 @@ class _UserValue:
             log.info("user credential ignored: not a string", extra={"source": source})
             return None
         value = raw.strip()
+        if _UNSENDABLE.search(value):
+            log.info("user credential refused: control characters", extra={"source": source})
+            raise InvalidRequest(
+                f"The SAI credential in {source} contains control characters or bytes "
+                "that are not UTF-8; send the key or cookie as plain text"
+            )
         if not value:
             log.info("user credential ignored: empty", extra={"source": source})
             return None

@@ -4,6 +4,8 @@
     ├── ClientError                 the client's request is wrong (4xx, never retried)
     │   ├── InvalidRequest          400 invalid_request_error
     │   ├── BodyTooLarge            413
+    │   ├── BodyTimeout             408: the body did not arrive within BODY_READ_TIMEOUT
+    │   ├── MalformedRequest        aiohttp could not parse the request (400, 431, ...)
     │   ├── ProxyAccessDenied       401 authentication_error / invalid_api_key
     │   ├── NoCredential            401: the auth chain found no SAI credential
     │   └── ModelNotFound           404 model_not_found (STRICT_MODELS)
@@ -11,7 +13,8 @@
         ├── UpstreamAuthRejected    SAI said 401 for a credential
         ├── UpstreamRateLimited     SAI said 429 and no fallback is left
         ├── ContextTooLong          SAI's "prompt is too long", or the early estimate
-        ├── UpstreamUnavailable     5xx / connection failure after retries
+        ├── UpstreamUnavailable     5xx, 3xx, connection failure after retries
+        │   └── UpstreamAnswerTooLarge  the answer grew past MAX_ANSWER_BYTES
         └── UpstreamTimeout         no answer within REQUEST_TIMEOUT after retries
 
 A ``ProxyError`` renders as HTTP with :meth:`ProxyError.body`; an
@@ -70,6 +73,23 @@ class BodyTooLarge(ClientError):
 
     status = 413
     code = "request_too_large"
+
+
+class BodyTimeout(ClientError):
+    """The request body did not arrive within BODY_READ_TIMEOUT."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class MalformedRequest(ClientError):
+    """aiohttp's parser refused the request (request line, headers, framing)."""
+
+    code = "malformed_request"
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ProxyAccessDenied(ClientError):
@@ -182,6 +202,16 @@ class UpstreamUnavailable(UpstreamError):
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         super().__init__(f"SAI could not answer: {detail}{tries}. Please try again in a moment.")
         self.detail = detail
+
+
+class UpstreamAnswerTooLarge(UpstreamUnavailable):
+    """SAI's answer grew past MAX_ANSWER_BYTES (decompressed); never retried."""
+
+    def __init__(self, limit: int, attempts: int = 1) -> None:
+        super().__init__(
+            f"the answer is larger than the limit of {limit} bytes (MAX_ANSWER_BYTES)", attempts
+        )
+        self.limit = limit
 
 
 class UpstreamTimeout(UpstreamError):

@@ -28,6 +28,8 @@ from typing import Any, Final, NamedTuple, Protocol, TextIO, runtime_checkable
 
 from pythonjsonlogger.json import JsonFormatter
 
+from .settings import SettingsError
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
@@ -45,6 +47,61 @@ _SENSITIVE: Final = re.compile(
 )
 MASK: Final = "***"
 _MASK_CACHE_LIMIT: Final = 4096
+
+# A text field longer than this is cut, with a marker saying how much went: a
+# client must not be able to write megabytes per line (and so rotate every
+# file away) through a path, a model name or any other string it sends.
+FIELD_LIMIT: Final = 512
+_CONTAINER_LIMIT: Final = 64  # items of a list or dict field kept in a line
+
+
+def bound(text: str, limit: int = FIELD_LIMIT) -> str:
+    """Return ``text`` cut to ``limit`` characters, with a marker when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more chars]"
+
+
+_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    known = _ESCAPES.get(char)
+    if known is not None:
+        return known
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """Return ``text`` with every non-printable character escaped (``\\n``, ``\\x1b``).
+
+    Text lines are read by people in terminals: a raw newline would forge a
+    line, an escape sequence would drive the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape_char(char) for char in text)
+
+
+def _bound_value(value: Any) -> Any:
+    """Return a list or dict field with its strings and its length bounded."""
+    if isinstance(value, str):
+        return bound(value)
+    if isinstance(value, dict):
+        items = list(value.items())
+        bounded: Any = {
+            bound(str(key)): _bound_value(item) for key, item in items[:_CONTAINER_LIMIT]
+        }
+        if len(items) > _CONTAINER_LIMIT:
+            bounded["..."] = f"{len(items) - _CONTAINER_LIMIT} more items"
+        return bounded
+    if isinstance(value, (list, tuple)):
+        bounded = [_bound_value(item) for item in value[:_CONTAINER_LIMIT]]
+        if len(value) > _CONTAINER_LIMIT:
+            bounded.append(f"...[{len(value) - _CONTAINER_LIMIT} more items]")
+        return bounded
+    return value
 
 
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
@@ -156,7 +213,9 @@ class _Clock:
 class TextFormatter(logging.Formatter):
     """Plain lines: time, level, logger, message, then the structured fields as k=v.
 
-    ``mask`` is applied to every text field on its way out.
+    ``mask`` is applied to every text field on its way out; then every field
+    and the message are bounded (:data:`FIELD_LIMIT`) and their control
+    characters escaped, so one record is always one line.
     """
 
     def __init__(self, mask: Callable[[str], str] = _unmasked) -> None:
@@ -166,7 +225,16 @@ class TextFormatter(logging.Formatter):
 
     def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
         """Format an INFO lifecycle line without a LogRecord (see :func:`event`)."""
+        message = escape_controls(bound(message))
         return f"{self._clock.text(created)} INFO {name} {message} {self._pairs(fields.items())}"
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        record.message = escape_controls(bound(message))
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -176,7 +244,8 @@ class TextFormatter(logging.Formatter):
     def _pairs(self, items: Iterable[tuple[str, Any]]) -> str:
         mask = self.mask
         return " ".join(
-            f"{key}={mask(value) if isinstance(value, str) else value}" for key, value in items
+            f"{key}={escape_controls(bound(mask(value) if isinstance(value, str) else str(value)))}"
+            for key, value in items
         )
 
 
@@ -190,7 +259,8 @@ class _JsonFormatter(JsonFormatter):
 
     The fields are always the same: time, level, logger, message, then the
     record's own extras (request_id among them), text ones masked with
-    ``mask``. Building that dict directly takes half the time of the generic
+    ``mask`` and bounded (:data:`FIELD_LIMIT`; JSON escapes control characters).
+    Building that dict directly takes half the time of the generic
     merge, and the time text is made once per second.
     """
 
@@ -222,10 +292,16 @@ class _JsonFormatter(JsonFormatter):
             "time": self._clock.text(created),
             "level": level,
             "logger": name,
-            "message": message,
+            "message": bound(message),
         }
         for key, value in fields:
-            data[key] = mask(value) if type(value) is str else value
+            if type(value) is str:
+                value = mask(value)
+                if len(value) > FIELD_LIMIT:
+                    value = bound(value)
+            elif isinstance(value, (list, tuple, dict)):
+                value = _bound_value(value)
+            data[key] = value
         return data
 
 
@@ -442,19 +518,19 @@ class _BatchHandler(logging.handlers.QueueHandler):
 
 
 _batcher: _BatchHandler | None = None  # the running process's handler, for event()
-_write_failures = 0  # batches the writer thread could not write (read by /metrics)
+_write_failures = 0  # writes of a batch that failed, per destination (read by /metrics)
 
 
 def write_failures() -> int:
-    """Return how many batches of lines this process failed to write."""
+    """Return how many times this process failed to write a batch of lines somewhere."""
     return _write_failures
 
 
 class _RotatingFile(logging.handlers.RotatingFileHandler):
     """A rotating file written a batch of lines at a time."""
 
-    def write_lines(self, lines: list[str], text: str) -> None:
-        """Append ``text``, which is ``lines`` joined, rotating where a line would not fit."""
+    def write_lines(self, text: str) -> None:
+        """Append ``text`` (lines, each ending with a newline), rotating where one would not fit."""
         if self.stream is None:
             self.stream = self._open()
         size = self.stream.tell()
@@ -463,7 +539,7 @@ class _RotatingFile(logging.handlers.RotatingFileHandler):
             self.stream.flush()
             return
         pending: list[str] = []
-        for line in lines:
+        for line in text[:-1].split("\n"):
             length = len(line) + 1
             if self.maxBytes and size and size + length > self.maxBytes:
                 self.stream.write("".join(pending))
@@ -490,6 +566,7 @@ class _Writer(threading.Thread):
         self._lines = lines
         self._stream = stream
         self._file = file
+        self._reported: set[str] = set()
 
     def run(self) -> None:
         queued = self._lines
@@ -512,19 +589,38 @@ class _Writer(threading.Thread):
     def _write(self, lines: list[str]) -> None:
         lines.append("")  # the last line's newline
         text = "\n".join(lines)
-        del lines[-1]
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass  # stdout went away; the file still gets the lines
+        # Whatever a line holds (a lone surrogate from undecodable bytes, say)
+        # and whatever the destination does, the thread must live on: a dead
+        # writer would silently end logging while the queue grows unbounded.
+        self._attempt("stdout", self._write_stream, text)
         if self._file is not None:
+            self._attempt("the log file", self._file.write_lines, text)
+
+    def _write_stream(self, text: str) -> None:
+        self._stream.write(text)
+        self._stream.flush()
+
+    def _attempt(self, where: str, write: Callable[[str], None], text: str) -> None:
+        """Write ``text`` with ``write``; retry once with unencodable characters replaced."""
+        try:
             try:
-                self._file.write_lines(lines, text)
-            except OSError as exc:
-                global _write_failures
-                _write_failures += 1
-                print(f"saiproxy: cannot write the log file: {exc.strerror}", file=sys.stderr)
+                write(text)
+            except UnicodeError:
+                # ASCII with escapes: writable whatever the destination's encoding.
+                write(text.encode("ascii", "backslashreplace").decode("ascii"))
+        except Exception as exc:
+            global _write_failures
+            _write_failures += 1
+            if where not in self._reported:
+                self._reported.add(where)
+                detail = getattr(exc, "strerror", None) or type(exc).__name__
+                with contextlib.suppress(Exception):
+                    print(
+                        f"saiproxy: cannot write to {where}: {detail} "
+                        "(reported once; saiproxy_log_write_failures counts them)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
 
 class LogSetup:
@@ -545,8 +641,15 @@ class LogSetup:
         file = None
         if log_dir:
             directory = Path(log_dir)
-            directory.mkdir(parents=True, exist_ok=True)
             self.path = directory / log_file_name()
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                # Opened now, so an unwritable directory stops the start, not the logs.
+                self.path.open("a", encoding="utf-8").close()
+            except OSError as exc:
+                raise SettingsError(
+                    "LOG_DIR", f"cannot write log files in {log_dir} ({exc.strerror})"
+                ) from None
             file = _RotatingFile(self.path, maxBytes=max_bytes, backupCount=backups,
                                  encoding="utf-8", delay=True)  # fmt: skip
         self._file = file

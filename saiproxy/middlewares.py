@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import random
@@ -13,7 +14,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import ClientError, ProxyAccessDenied, ProxyError
+from .errors import BodyTimeout, BodyTooLarge, ClientError, ProxyAccessDenied, ProxyError
 from .keys import ERROR_SHAPES, OUTCOME, REQUEST_ID
 from .logs import request_id_var
 from .metrics import Metrics
@@ -150,7 +151,9 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
         if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        presented = token.strip().encode()
+        # aiohttp keeps undecodable header bytes as surrogates: encode them back
+        # rather than fail, so a stray byte is a refusal (401), not a 500.
+        presented = token.strip().encode("utf-8", "surrogateescape")
         # Compare against every key, without stopping early, so timing tells nothing.
         matched = False
         for key in allowed:
@@ -163,6 +166,45 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
             raise ProxyAccessDenied(
                 "Invalid or missing proxy API key: send Authorization: Bearer <key>"
             )
+        return await handler(request)
+
+    return middleware
+
+
+def body_timeout_middleware(*, timeout: float) -> Middleware:
+    """Read the request body within ``timeout`` seconds, or answer 408 and close.
+
+    aiohttp reads a body only when the handler asks, with no timer of its
+    own: a client sending a few bytes now and then would hold the request
+    (and its connection) forever. The body read here is kept by the request,
+    so the handler's own read returns it at once.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()
+            except TimeoutError:
+                log.info("request body too slow", extra={"timeout_s": timeout})
+                response = _render(
+                    request,
+                    BodyTimeout(
+                        f"The request body did not arrive within {timeout:g} s (BODY_READ_TIMEOUT)"
+                    ),
+                )
+                # Answer and hang up at once: aiohttp would otherwise linger,
+                # waiting for the rest of a body that is not coming.
+                await response.prepare(request)
+                await response.write_eof()
+                request.protocol.force_close()
+                return response
+            except web.HTTPRequestEntityTooLarge:
+                raise BodyTooLarge(
+                    f"The request body is larger than the limit of {request.client_max_size} "
+                    "bytes (MAX_BODY_BYTES)"
+                ) from None
         return await handler(request)
 
     return middleware

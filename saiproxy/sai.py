@@ -21,12 +21,13 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .auth import AuthChain, Credential
 from .errors import (
     ContextTooLong,
+    UpstreamAnswerTooLarge,
     UpstreamAuthRejected,
     UpstreamError,
     UpstreamRateLimited,
@@ -43,6 +44,25 @@ RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.IGNORECASE)
 ERROR_BODY_LIMIT: Final = 64 * 1024
 BACKOFF_CAP: Final = 10.0
+# aiohttp decodes header bytes as UTF-8 with surrogate escapes; anything that is
+# not clean text (undecodable bytes, control characters) must not reach a caller.
+_UNCLEAN: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def clean_header_value(value: str) -> str:
+    """Return a header value as clean text: bad bytes become U+FFFD, controls a space."""
+    if value.isascii() and value.isprintable():
+        return value  # the usual case, at the cost of two C scans
+    if not value.isascii():
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _UNCLEAN.sub(" ", value)
+
+
+def clean_headers(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    """Return SAI's response headers with every value cleaned (see clean_header_value)."""
+    return CIMultiDictProxy(
+        CIMultiDict((name, clean_header_value(value)) for name, value in headers.items())
+    )
 
 
 class _Transient(Exception):
@@ -83,51 +103,82 @@ class SaiAnswer:
     """A complete answer: text and the headers that describe it."""
 
     text: str
-    headers: CIMultiDictProxy[str]
+    headers: CIMultiDictProxy[str]  # cleaned, like SaiStream.headers
     opened_at: float
+
+    def header(self, name: str) -> str | None:
+        """Return one cleaned response header, or None."""
+        return self.headers.get(name)
 
 
 class SaiStream:
-    """An open 200 answer whose body is still arriving."""
+    """An open 200 answer whose body is still arriving.
 
-    def __init__(self, response: aiohttp.ClientResponse, call: SaiCall, timeout: float) -> None:
+    At most ``max_bytes`` of body (decompressed) are accepted: beyond that the
+    answer ends with :class:`~saiproxy.errors.UpstreamAnswerTooLarge`, so SAI
+    cannot make the proxy hold more, whatever it sends.
+    """
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        call: SaiCall,
+        timeout: float,
+        max_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
         self.response = response
         self.call = call
         self._timeout = timeout
+        self._max_bytes = max_bytes
         self._complete = False
         self.opened_at = time.monotonic()
+        self._headers: CIMultiDictProxy[str] | None = None
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
-        """Return SAI's response headers."""
-        return self.response.headers
+        """Return SAI's response headers, every value cleaned (never raw undecodable bytes)."""
+        if self._headers is None:
+            self._headers = clean_headers(self.response.headers)
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        """Return one cleaned response header (``model``, ``prompttokens``, ...), or None."""
+        return self.headers.get(name)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body's chunks, decompressed, ending with an UpstreamError past the cap."""
+        received = 0
+        try:
+            async for chunk in self.response.content.iter_any():
+                received += len(chunk)
+                if received > self._max_bytes:
+                    raise UpstreamAnswerTooLarge(self._max_bytes, self.call.attempts)
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._body_error(exc) from None
+        self._complete = True
 
     async def text(self) -> AsyncIterator[str]:
         """Yield the body as text, piece by piece, as it arrives.
 
         UTF-8 is decoded incrementally so a character split across network
-        chunks comes out whole. A body that breaks off raises an UpstreamError.
+        chunks comes out whole. A body that breaks off, or grows past
+        MAX_ANSWER_BYTES, raises an UpstreamError.
         """
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
-            async for chunk in self.response.content.iter_any():
-                text = decoder.decode(chunk)
-                if text:
-                    yield text
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._body_error(exc) from None
-        self._complete = True
+        async for chunk in self._chunks():
+            text = decoder.decode(chunk)
+            if text:
+                yield text
         tail = decoder.decode(b"", final=True)
         if tail:
             yield tail
 
     async def read_text(self) -> str:
-        """Return the whole body as text, once it has all arrived."""
-        try:
-            raw = await self.response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._body_error(exc) from None
-        self._complete = True
+        """Return the whole body as text, once it has all arrived (at most MAX_ANSWER_BYTES)."""
+        raw = bytearray()
+        async for chunk in self._chunks():
+            raw += chunk
         return raw.decode("utf-8", "replace")
 
     def _body_error(self, exc: Exception) -> UpstreamError:
@@ -202,6 +253,8 @@ class SaiClient:
             async with stream:
                 try:
                     text = await stream.read_text()
+                except UpstreamAnswerTooLarge:
+                    raise  # asking again would only make SAI send it again
                 except (UpstreamTimeout, UpstreamUnavailable) as error:
                     await self._before_retry(call, error)
                     continue
@@ -243,7 +296,11 @@ class SaiClient:
         log.debug("upstream call", extra={"attempt": call.attempts})
         started = time.monotonic()
         try:
-            response = await self._session.post(call.url, data=call.payload, headers=headers)
+            # Never follow a redirect: it would repeat the call, credential
+            # included, to wherever SAI's answer points. A 3xx is a failure.
+            response = await self._session.post(
+                call.url, data=call.payload, headers=headers, allow_redirects=False
+            )
         except (TimeoutError, aiohttp.ServerTimeoutError):
             self._log_attempt(call, "timeout", started)
             raise _Transient(
@@ -258,7 +315,9 @@ class SaiClient:
         status = response.status
         self._log_attempt(call, status, started)
         if status == 200:
-            return SaiStream(response, call, self._settings.request_timeout)
+            return SaiStream(
+                response, call, self._settings.request_timeout, self._settings.max_answer_bytes
+            )
         try:
             body = await self._error_body(response)
         finally:
@@ -286,6 +345,11 @@ class SaiClient:
             return _Fallback()
         if status == 500 and CONTEXT_TOO_LONG.search(body):
             return ContextTooLong()
+        if 300 <= status < 400:
+            log.warning("SAI answered with a redirect; not following it", extra={"status": status})
+            return UpstreamUnavailable(
+                f"HTTP {status} from SAI (a redirect, not followed)", call.attempts
+            )
         error = UpstreamUnavailable(f"HTTP {status} from SAI", call.attempts)
         if status in RETRYABLE_STATUSES:
             return _Transient(error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import resource
 import signal
@@ -13,10 +14,72 @@ from aiohttp import web
 
 from . import __version__
 from .app import AccessLogger, create_app, log_setup_for
+from .errors import MalformedRequest
 from .keys import STATE
+from .logs import bound
+from .middlewares import REQUEST_ID_HEADER, error_response, new_request_id
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class _RequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse as OpenAI errors.
+
+    A bad request line, bad or oversized headers or broken framing never reach
+    the application (its middlewares included): aiohttp answers them itself,
+    in plain text, after logging an ERROR with a traceback. They are the
+    client's mistake: one INFO line, and the error shape every client expects.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        text = str(getattr(exc, "message", None) or message or "").strip()
+        reason = bound(text.splitlines()[0], 200) if text else "bad request"
+        request_id = new_request_id()
+        log.info(
+            "malformed request refused",
+            extra={
+                "request_id": request_id,
+                "status": status,
+                "error": type(exc).__name__ if exc is not None else None,
+                "reason": reason,
+                "remote": request.remote,
+            },
+        )
+        response = error_response(MalformedRequest(f"Malformed HTTP request: {reason}", status))
+        response.headers[REQUEST_ID_HEADER] = request_id
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making :class:`_RequestHandler` connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """The AppRunner production uses: aiohttp's own error answers in the OpenAI shape."""
+
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp offers no option for the connection handler's class; the
+        # server it built is the same object with that one method changed.
+        server.__class__ = _Server
+        return server
 
 
 class ListenError(Exception):
@@ -29,7 +92,19 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         "handler_cancellation": True,  # a client that hangs up cancels its upstream call
         "access_log_class": AccessLogger,
         "shutdown_timeout": settings.shutdown_timeout,
+        # An idle keep-alive connection is closed after this (aiohttp's default is an hour).
+        "keepalive_timeout": settings.keepalive_timeout,
     }
+
+
+def is_loopback(host: str) -> bool:
+    """Return True when ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a wildcard ("0.0.0.0", "::", "") or a host name: assume reachable
 
 
 def raise_open_file_limit() -> None:
@@ -59,7 +134,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
     raise_open_file_limit()
     app = create_app(settings, log_setup=log_setup_for(settings))
-    runner = web.AppRunner(app, **runner_options(settings))
+    runner = ProxyRunner(app, **runner_options(settings))
     await runner.setup()
     # A burst of new clients (1,000 at once is normal here) must not overflow the
     # accept queue: a dropped SYN costs the client a one-second retransmit.
@@ -80,11 +155,17 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             "version": __version__,
             "host": settings.host,
             "port": settings.port,
-            "upstream": str(settings.sai_url),
+            "upstream": settings.loggable_sai_url,
             "models": list(settings.models),
             "error_mode": settings.error_mode,
         },
     )
+    if not settings.proxy_api_keys and not is_loopback(settings.host):
+        log.warning(
+            "listening beyond loopback without PROXY_API_KEYS: anyone who can reach "
+            "this port uses the shared SAI credentials",
+            extra={"host": settings.host, "port": settings.port},
+        )
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -88,6 +88,9 @@ class Settings:
     upstream_connections: int = 0
     max_context_tokens: int = 128_000
     max_body_bytes: int = 8 * 1024 * 1024
+    max_answer_bytes: int = 32 * 1024 * 1024
+    keepalive_timeout: float = 75.0
+    body_read_timeout: float = 30.0
     error_mode: ErrorMode = "message"
     strict_models: bool = False
     auth_chain: tuple[str, ...] = DEFAULT_AUTH_CHAIN
@@ -96,6 +99,7 @@ class Settings:
     verbose_logging: bool = False
     log_level: str = "info"
     log_dir: str = "logs"
+    log_file: bool = True
     log_format: LogFormat = "json"
     log_max_bytes: int = 5 * 1024 * 1024
     log_backups: int = 3
@@ -117,7 +121,19 @@ class Settings:
     def secrets(self) -> tuple[Secret, ...]:
         """Return every configured secret, for log masking."""
         values = [self.sai_key, self.sai_cookie, *self.proxy_api_keys]
+        if self.sai_url.password:
+            values.append(Secret(self.sai_url.password))
         return tuple(value for value in values if value is not None)
+
+    @property
+    def loggable_sai_url(self) -> str:
+        """Return SAI_URL without its user info: a password in it must never be logged."""
+        return redact_url(self.sai_url)
+
+
+def redact_url(url: URL) -> str:
+    """Return ``url`` as text without user name and password."""
+    return str(url.with_user(None)) if url.user or url.password else str(url)
 
 
 # --- parsers: each takes the raw text and returns the typed value or raises ValueError
@@ -206,6 +222,8 @@ _OPTIONS: Final = (
     _Option("PORT", "server", _port, "port"),
     _Option("WORKERS", "server", _positive_int, "workers"),
     _Option("MAX_BODY_BYTES", "server", _positive_int, "max_body_bytes"),
+    _Option("KEEPALIVE_TIMEOUT", "server", _positive_float, "keepalive_timeout"),
+    _Option("BODY_READ_TIMEOUT", "server", _positive_float, "body_read_timeout"),
     _Option("STRICT_MODELS", "server", _bool, "strict_models"),
     _Option("ERROR_MODE", "server", _choice("message", "http"), "error_mode"),
     _Option("MAX_CONTEXT_TOKENS", "server", _positive_int, "max_context_tokens"),
@@ -219,6 +237,7 @@ _OPTIONS: Final = (
     _Option("MAX_RETRIES", "upstream", _non_negative_int, "max_retries"),
     _Option("RETRY_BACKOFF", "upstream", _non_negative_float, "retry_backoff"),
     _Option("UPSTREAM_CONNECTIONS", "upstream", _non_negative_int, "upstream_connections"),
+    _Option("MAX_ANSWER_BYTES", "upstream", _positive_int, "max_answer_bytes"),
     _Option("SAI_KEY", "upstream", Secret, "sai_key", secret=True),
     _Option("SAI_COOKIE", "upstream", Secret, "sai_cookie", secret=True),
     _Option("AUTH_CHAIN", "auth", _names, "auth_chain"),
@@ -226,6 +245,7 @@ _OPTIONS: Final = (
     _Option("VERBOSE_LOGGING", "logging", _bool, "verbose_logging"),
     _Option("LOG_LEVEL", "logging", _choice("debug", "info", "warning", "error"), "log_level"),
     _Option("LOG_DIR", "logging", _str, "log_dir"),
+    _Option("LOG_FILE", "logging", _bool, "log_file"),
     _Option("LOG_FORMAT", "logging", _choice("json", "text"), "log_format"),
     _Option("LOG_MAX_BYTES", "logging", _positive_int, "log_max_bytes"),
     _Option("LOG_BACKUPS", "logging", _non_negative_int, "log_backups"),

@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from .logs import escape_controls
+
 _SHOWN_FIRST: Final = ("time", "level", "logger", "message", "request_id", "taskName")
 _SUMMARY: Final = (
     ("status", "status {}"),
@@ -64,9 +66,13 @@ def find(request_id: str, files: Iterable[Path]) -> Iterator[tuple[Path, dict[st
                     yield path, record
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _fields(record: dict[str, Any]) -> str:
     return " ".join(
-        f"{key}={json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value}"
+        escape_controls(f"{key}={_text(value)}")
         for key, value in record.items()
         if key not in _SHOWN_FIRST and value is not None
     )
@@ -85,9 +91,13 @@ def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextI
         offset = (moment - start).total_seconds() * 1000 if moment and start else 0.0
         message = str(record.get("message", "")).removeprefix(tag)
         logger = str(record.get("logger", "")).removeprefix("saiproxy.")
+        # Lines are JSON-decoded: a raw newline or terminal escape sent by a
+        # client would reach the terminal unless escaped here.
         print(
-            f"  {record.get('time', '?')}  +{offset:8.1f} ms  {record.get('level', '?'):<7} "
-            f"{logger:<8}  {message}",
+            escape_controls(
+                f"  {record.get('time', '?')}  +{offset:8.1f} ms  {record.get('level', '?'):<7} "
+                f"{logger:<8}  {message}"
+            ),
             file=out,
         )
         extra = _fields(record)
@@ -99,7 +109,7 @@ def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextI
         parts = [
             label.format(summary[key]) for key, label in _SUMMARY if summary.get(key) is not None
         ]
-        print("summary: " + ", ".join(parts), file=out)
+        print(escape_controls("summary: " + ", ".join(parts)), file=out)
 
 
 def main(argv: list[str], out: TextIO = sys.stdout) -> int:
