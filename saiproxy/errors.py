@@ -15,7 +15,8 @@
         ├── ContextTooLong          SAI's "prompt is too long", or the early estimate
         ├── UpstreamUnavailable     5xx, 3xx, connection failure after retries
         │   └── UpstreamAnswerTooLarge  the answer grew past MAX_ANSWER_BYTES
-        └── UpstreamTimeout         no answer within REQUEST_TIMEOUT after retries
+        ├── UpstreamTimeout         no answer within REQUEST_TIMEOUT after retries
+        └── ShutdownCut             the process is stopping: the answer was cut short
 
 A ``ProxyError`` renders as HTTP with :meth:`ProxyError.body`; an
 ``UpstreamError`` in ``message`` mode renders as assistant text with
@@ -226,4 +227,19 @@ class UpstreamTimeout(UpstreamError):
         super().__init__(
             f"SAI did not answer within {timeout:g} s{tries}. "
             "Please try again, or shorten the request."
+        )
+
+
+class ShutdownCut(UpstreamError):
+    """SHUTDOWN_TIMEOUT ran out while the answer was still coming: it is cut short."""
+
+    status = 503
+    type = "api_error"
+    code = "server_shutting_down"
+    finish_reason = "length"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This saiproxy instance is restarting and had to cut the answer short. "
+            "Please send the request again."
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -19,8 +20,19 @@ class ServingState:
     """What the process is doing: serving, or draining for shutdown."""
 
     ready: bool = True
-    in_flight: int = 0  # chat completions being answered
+    in_flight: int = 0  # completions being answered
     open_streams: int = 0
+    # The tasks answering completions, so shutdown can cut what outlives its budget.
+    answering: set[asyncio.Task[object]] = field(default_factory=set)
+    cutting: bool = False
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+
+    def cut(self) -> int:
+        """Cut every answer still in progress short (shutdown's budget ran out); return how many."""
+        self.cutting = True
+        for task in self.answering:
+            task.cancel()
+        return len(self.answering)
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -15,7 +15,7 @@ from aiohttp import web
 from . import __version__
 from .app import AccessLogger, create_app, log_setup_for
 from .errors import MalformedRequest
-from .keys import STATE
+from .keys import STATE, ServingState
 from .logs import bound
 from .middlewares import REQUEST_ID_HEADER, error_response, new_request_id
 from .settings import Settings
@@ -82,6 +82,9 @@ class ProxyRunner(web.AppRunner):
         return server
 
 
+CUT_GRACE = 1.0  # seconds a cut answer gets to write its ending (at most a quarter of the budget)
+
+
 class ListenError(Exception):
     """The listening socket could not be opened (port taken, address not available)."""
 
@@ -134,7 +137,11 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
     raise_open_file_limit()
     app = create_app(settings, log_setup=log_setup_for(settings))
-    runner = ProxyRunner(app, **runner_options(settings))
+    # drain() gives answers their budget; what aiohttp waits for afterwards is
+    # only the grace for answers already ending.
+    options = runner_options(settings)
+    options["shutdown_timeout"] = min(CUT_GRACE, settings.shutdown_timeout / 4)
+    runner = ProxyRunner(app, **options)
     await runner.setup()
     # A burst of new clients (1,000 at once is normal here) must not overflow the
     # accept queue: a dropped SYN costs the client a one-second retransmit.
@@ -171,26 +178,43 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    state = app[STATE]
     try:
         await stop.wait()
         # Readiness turns 503 at once while we keep serving, so load balancers
         # notice and stop routing here before the listener goes away.
-        app[STATE].ready = False
+        state.ready = False
         log.info(
             "shutdown: readiness is now 503",
-            extra={
-                "delay_s": settings.shutdown_delay,
-                "open_streams": app[STATE].open_streams,
-            },
+            extra={"delay_s": settings.shutdown_delay, "open_streams": state.open_streams},
         )
         await asyncio.sleep(settings.shutdown_delay)
         log.info(
             "shutdown: closing the listener, draining in-flight requests",
-            extra={"timeout_s": settings.shutdown_timeout},
+            extra={"timeout_s": settings.shutdown_timeout, "in_flight": state.in_flight},
         )
+        await drain(runner, state, settings.shutdown_timeout)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        # Closes the listener and idle keep-alive connections, waits up to
-        # shutdown_timeout for in-flight requests and streams, then cleans up.
+        # Everything has finished or been cut by now: this closes the idle
+        # connections and the application within a short grace.
         await runner.cleanup()
+
+
+async def drain(runner: web.BaseRunner, state: ServingState, budget: float) -> None:
+    """Stop listening, let answers finish within ``budget`` seconds, then cut what is left.
+
+    aiohttp's own drain waits its timeout twice (once for handlers, once more
+    after cancelling them) and cancels a stream mid-frame; here the answers get
+    the budget, and one that outlives it ends properly (an explanation or an
+    error frame, then its terminator) within a short grace.
+    """
+    for site in list(runner.sites):
+        await site.stop()  # closes the listener; connections stay
+    grace = min(CUT_GRACE, budget / 4)
+    if state.answering:
+        await asyncio.wait(set(state.answering), timeout=budget - grace)
+    if state.answering:
+        log.warning("shutdown: budget spent, cutting answers short", extra={"cut": state.cut()})
+        await asyncio.wait(set(state.answering), timeout=grace)

@@ -208,6 +208,39 @@ async def test_sigterm_lets_an_open_stream_finish(
     assert await _wait_exit(proxy.process, 20) == 0
 
 
+@pytest.mark.parametrize("mode", ["message", "http"])
+async def test_shutdown_cuts_a_stream_that_outlives_its_budget(
+    sai: FakeSai, tmp_path: Path, proxies: list[Proxy], mode: str
+) -> None:
+    sai.default = Reply(body=[f"w{i} " for i in range(100)], chunk_delay=0.1)  # about 10 s
+    proxy = Proxy(
+        tmp_path, SAI_URL=sai.url, SAI_KEY="k-cut", SAI_TEMPLATE_ID="t", ERROR_MODE=mode,
+        SHUTDOWN_DELAY="0.5", SHUTDOWN_TIMEOUT="2",
+    )  # fmt: skip
+    proxies.append(proxy)
+    await asyncio.to_thread(proxy.wait_ready)
+    url = f"{proxy.url}/v1/chat/completions"
+    body = {"stream": True, "messages": [{"role": "user", "content": "long answer"}]}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(url, json=body)
+        await response.content.readline()  # the stream is open
+        started = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        raw = await response.read()
+        status = await _wait_exit(proxy.process, 20)
+        elapsed = time.monotonic() - started
+    assert status == 0
+    # Within SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT (plus the interpreter's own exit).
+    assert elapsed < 0.5 + 2 + 1.5, elapsed
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert b"w99" not in raw and b'"finish_reason":"stop"' not in raw
+    if mode == "message":
+        assert b"restarting" in raw and b'"finish_reason":"length"' in raw
+    else:
+        assert b'"code":"server_shutting_down"' in raw
+    assert "answer cut by shutdown" in proxy.output.read_text()
+
+
 async def test_two_workers_share_the_port(tmp_path: Path, proxies: list[Proxy]) -> None:
     proxy = Proxy(tmp_path, "--demo", WORKERS="2")
     proxies.append(proxy)

@@ -516,3 +516,34 @@ async def test_hostile_fake_answers_normally_by_default(
     response = await proxy.post(URL, json=chat(("user", "hi")))
     assert (await response.json())["choices"][0]["message"]["content"] == "Hello from SAI"
     assert evil.received[0].headers["x-api-key"] == SYSTEM_KEY
+
+
+async def test_message_and_content_part_counts_are_capped(make_proxy: MakeProxy) -> None:
+    from saiproxy.core.conversation import MAX_CONTENT_PARTS, MAX_MESSAGES
+
+    proxy = await make_proxy()
+    many = {"messages": [{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1)}
+    response = await proxy.post(URL, data=orjson.dumps(many), headers=JSON)
+    assert response.status == 400
+    assert f"at most {MAX_MESSAGES}" in (await response.json())["error"]["message"]
+    parts = [{"type": "text", "text": "a"}] * (MAX_CONTENT_PARTS + 1)
+    response = await proxy.post(URL, json={"messages": [{"role": "user", "content": parts}]})
+    assert response.status == 400
+    assert f"at most {MAX_CONTENT_PARTS}" in (await response.json())["error"]["message"]
+
+
+async def test_a_huge_body_does_not_stall_other_requests(make_proxy: MakeProxy) -> None:
+    # 8 MiB of tiny messages: parsed in a thread and refused by count, while
+    # health checks keep being answered.
+    proxy = await make_proxy()
+    huge = orjson.dumps({"messages": [{"role": "user", "content": "a"}] * 270_000})
+    posts = [
+        asyncio.ensure_future(proxy.post(URL, data=io.BytesIO(huge), headers=JSON))
+        for _ in range(3)
+    ]
+    answered = 0
+    while not all(post.done() for post in posts):
+        assert (await proxy.get("/health")).status == 200
+        answered += 1
+    assert [(await post).status for post in posts] == [400, 400, 400]
+    assert answered > 1

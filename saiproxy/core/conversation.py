@@ -15,6 +15,20 @@ PLUGIN_PREFIX: Final = (
     "in the user's input in the chat session: \""
 )
 PLUGIN_MARKER: Final = '"\nContext:'
+# What one request may carry: far above any real conversation, far below what
+# fills memory (300,000 tiny messages in an 8 MiB body took ~70 MB to hold).
+MAX_MESSAGES: Final = 10_000
+MAX_CONTENT_PARTS: Final = 1_000
+
+
+def check_count(items: list[Any], limit: int, param: str, what: str) -> None:
+    """Refuse a list longer than ``limit`` with a 400 that names the limit."""
+    if len(items) > limit:
+        from ..errors import InvalidRequest
+
+        raise InvalidRequest(
+            f"'{param}' has {len(items)} {what}; saiproxy takes at most {limit}", param=param
+        )
 
 
 def unwrap_plugin(content: str) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..core.conversation import Answer, Conversation, ToolCall, Turn
+from ..core.conversation import MAX_MESSAGES, Answer, Conversation, ToolCall, Turn, check_count
 from ..core.exchange import Exchange, read_json
 from ..errors import InvalidRequest, UpstreamError
 from . import openai
@@ -108,6 +108,7 @@ def parse(body: Any) -> tuple[Conversation, bool]:
         raise InvalidRequest("'messages' must be an array of message objects", param="messages")
     if not raw_messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
+    check_count(raw_messages, MAX_MESSAGES, "messages", "messages")
     turns = [_turn(raw, index) for index, raw in enumerate(raw_messages)]
     # §1: a leading system message becomes inputs.system when more messages follow.
     system = ""

@@ -7,7 +7,15 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..core.conversation import Finish, OutputFormat, Tool, ToolChoice, Usage
+from ..core.conversation import (
+    MAX_CONTENT_PARTS,
+    Finish,
+    OutputFormat,
+    Tool,
+    ToolChoice,
+    Usage,
+    check_count,
+)
 from ..errors import InvalidRequest, ProxyError
 
 TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
@@ -41,6 +49,7 @@ def content_text(content: Any, param: str) -> str:
         raise InvalidRequest(
             f"{param} must be a string, null or an array of content parts", param=param
         )
+    check_count(content, MAX_CONTENT_PARTS, param, "content parts")
     texts: list[str] = []
     for index, part in enumerate(content):
         if not isinstance(part, dict):
