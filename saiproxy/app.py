@@ -22,6 +22,7 @@ from .keys import (
     STATE,
     ServingState,
 )
+from .landing import landing
 from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
@@ -31,6 +32,7 @@ from .middlewares import (
     proxy_access_middleware,
     request_id_middleware,
 )
+from .openapi import openapi
 from .sai import SaiClient
 from .settings import Settings
 from .views import chat_completions, health, models, readiness
@@ -125,6 +127,9 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
     app.router.add_get("/metrics", metrics_view)
+    # For people and API tools: open even with PROXY_API_KEYS (see OPEN_PATHS).
+    app.router.add_get("/", landing)
+    app.router.add_get("/openapi.json", openapi)
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", models)
