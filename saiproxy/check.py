@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from . import __version__
-from .auth import AuthChain, Credential
+from .auth import AuthChain, Credential, SystemHandler
 from .errors import UpstreamError
 from .metrics import Metrics
 from .sai import SaiClient
@@ -62,13 +62,12 @@ class Probe:
 
 
 def system_credentials(settings: Settings) -> list[Credential]:
-    """Return the configured system credentials, SAI_KEY first."""
-    found = []
-    if settings.sai_key is not None:
-        found.append(Credential("key", "SAI_KEY", settings.sai_key, user=False))
-    if settings.sai_cookie is not None:
-        found.append(Credential("cookie", "SAI_COOKIE", settings.sai_cookie, user=False))
-    return found
+    """Return the configured system credentials, SAI_KEY first, as the auth chain builds them."""
+    handlers = (
+        SystemHandler("system_key", "key", settings.sai_key),
+        SystemHandler("system_cookie", "cookie", settings.sai_cookie),
+    )
+    return [handler.credential for handler in handlers if handler.credential is not None]
 
 
 def probe_payload() -> bytes:
@@ -82,15 +81,11 @@ def probe_payload() -> bytes:
     )
 
 
-def _secret_name(credential: Credential) -> str:
-    return credential.label  # SAI_KEY or SAI_COOKIE: the variable, the secret and the file
-
-
 def advice_for(
     credential: Credential, model: ModelConfig, status: int | str, settings: Settings
 ) -> tuple[str, str]:
     """Return the outcome code and what an operator should do about a failed probe."""
-    name = _secret_name(credential)
+    name = credential.label  # SAI_KEY or SAI_COOKIE: the variable, the secret and the file
     where = f"{name} (environment, {name}_FILE, or the Docker secret {name})"
     if status == 401:
         return "invalid_api_key", f"SAI rejected {name}: put a current value in {where}"
