@@ -1,4 +1,5 @@
-"""Command line: ``saiproxy [--demo]`` serves; ``saiproxy trace <id> [FILES...]`` reads logs."""
+"""Command line: ``saiproxy [--demo]`` serves; ``saiproxy trace <id> [FILES...]`` reads logs;
+``saiproxy check [--json]`` probes SAI with the system credentials before a rollout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import __version__, trace, workers
+from . import __version__, check, trace, workers
 from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
 from .server import ListenError, serve
 from .settings import SettingsError, load_settings
@@ -18,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saiproxy",
         description="OpenAI-compatible reverse proxy in front of SAI. "
-        "'saiproxy trace <request-id> [LOG FILES...]' prints one request's timeline.",
+        "'saiproxy trace <request-id> [LOG FILES...]' prints one request's timeline; "
+        "'saiproxy check [--json]' validates the configuration and probes SAI with each "
+        "system credential.",
     )
     parser.add_argument("--version", action="version", version=f"saiproxy {__version__}")
     parser.add_argument(
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["trace"]:
         return trace.main(argv[1:])
+    if argv[:1] == ["check"]:
+        return check.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -23,6 +23,7 @@ from .keys import (
     STATE,
     ServingState,
 )
+from .landing import landing
 from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
@@ -33,6 +34,7 @@ from .middlewares import (
     proxy_access_middleware,
     request_id_middleware,
 )
+from .openapi import openapi
 from .protocols.chat import chat_completions
 from .protocols.openai import OpenAIErrors
 from .sai import SaiClient
@@ -129,6 +131,9 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
     app.router.add_get("/metrics", prometheus)
+    # For people and API tools: open even with PROXY_API_KEYS (see OPEN_PATHS).
+    app.router.add_get("/", landing)
+    app.router.add_get("/openapi.json", openapi)
     # Each protocol's routes, and the error shape of the paths under them
     # (first matching prefix wins; OpenAI's shape everywhere else).
     app[ERROR_SHAPES] = ((), OpenAIErrors())

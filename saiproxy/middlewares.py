@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
-OPEN_PATHS: Final = frozenset({"/health", "/health/readiness", "/metrics"})
+# The landing page and the API description show no secret: people need them before a key.
+OPEN_PATHS: Final = frozenset({"/health", "/health/readiness", "/metrics", "/", "/openapi.json"})
 
 
 def new_request_id() -> str:
