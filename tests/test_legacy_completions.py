@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 
+from saiproxy.keys import STATE
 from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
 
 from .conftest import FakeSai, MakeProxy, Reply, log_lines
@@ -450,3 +451,25 @@ async def test_logs_per_prompt(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Pa
     assert sorted(line["choice"] for line in finished) == [0, 1]
     assert {line["protocol"] for line in received} == {"completions"}
     assert all(line["outcome"] == "ok" for line in finished)
+
+
+async def test_client_disconnect_cancels_every_prompt(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("a", Reply(body=["tick "] * 200, chunk_delay=0.05))
+    sai.route("b", Reply(body=["tock "] * 200, chunk_delay=0.05))
+    sai.route("c", Reply(body="never", delay=30))
+    baseline_tasks = len(asyncio.all_tasks())
+    response = await proxy.post(URL, json={"prompt": ["a", "b", "c"], "stream": True})
+    async for line in response.content:
+        if b"tock" in line:
+            break
+    response.close()  # hang up mid-stream
+    state = proxy.app[STATE]  # type: ignore[index]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (sai.open_responses or sai.disconnects < 3):
+        await asyncio.sleep(0.05)
+    assert (sai.open_responses, sai.disconnects) == (0, 3)
+    while time.monotonic() < deadline and len(asyncio.all_tasks()) > baseline_tasks:
+        await asyncio.sleep(0.05)
+    assert len(asyncio.all_tasks()) <= baseline_tasks
+    assert (state.in_flight, state.open_streams) == (0, 0)
