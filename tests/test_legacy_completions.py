@@ -473,3 +473,19 @@ async def test_client_disconnect_cancels_every_prompt(make_proxy: MakeProxy, sai
         await asyncio.sleep(0.05)
     assert len(asyncio.all_tasks()) <= baseline_tasks
     assert (state.in_flight, state.open_streams) == (0, 0)
+
+
+async def test_keepalive_while_every_prompt_waits(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(PING_INTERVAL="0.2")
+    sai.route("a", Reply(body="late a", delay=0.9))
+    sai.route("b", Reply(body="later b", delay=1.1))
+    response = await proxy.post(URL, json={"prompt": ["a", "b"], "stream": True})
+    raw = await response.text()
+    blocks = [block for block in raw.split("\n\n") if block]
+    first_data = next(i for i, block in enumerate(blocks) if block.startswith("data:"))
+    assert first_data >= 3 and set(blocks[:first_data]) == {": ping"}
+    texts: dict[int, str] = {}
+    for frame in _frames(raw)[:-1]:
+        for choice in frame["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "late a", 1: "later b"}

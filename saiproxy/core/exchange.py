@@ -441,7 +441,9 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
         state.open_streams += 1
         try:
             try:
-                await _together(exchanges, lambda index, _: streams[index].run())
+                await _together(
+                    exchanges, lambda index, _: streams[index].run(keep_alive=index == 0)
+                )
             except _StreamEnded:
                 pass
             else:
@@ -515,10 +517,15 @@ class _Stream:
         self.started = False
         self.answer: Answer | None = None  # how it finished, once it has
 
-    async def run(self) -> None:
-        """Wait for SAI (keeping the client's connection alive), then relay or fail."""
+    async def run(self, *, keep_alive: bool = True) -> None:
+        """Wait for SAI (keeping the client's connection alive), then relay or fail.
+
+        Of several streams sharing a response only one need send keep-alives:
+        whichever way it stops waiting, the response has started (and the SSE
+        response pings by itself from then on) or the request has failed.
+        """
         exchange, renderer, response = self.exchange, self.renderer, self.response
-        interval = exchange.settings.ping_interval
+        interval = exchange.settings.ping_interval if keep_alive else None
         opening = asyncio.ensure_future(
             exchange.sai.open(exchange._known_call())
             if exchange.early is None
