@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -17,6 +18,7 @@ from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
 from .conftest import FakeSai, MakeProxy, Reply, log_lines
 
 URL = "/v1/completions"
+NODE_DIR = Path(__file__).resolve().parent / "node"
 
 
 def _base_url(proxy: object) -> str:
@@ -489,3 +491,47 @@ async def test_keepalive_while_every_prompt_waits(make_proxy: MakeProxy, sai: Fa
         for choice in frame["choices"]:
             texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
     assert texts == {0: "late a", 1: "later b"}
+
+
+# --- other real clients
+
+
+async def test_node_openai_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("a", Reply(body="A!", headers={"prompttokens": "1", "completiontokens": "1"}))
+    sai.route("b", Reply(body="B!", headers={"prompttokens": "2", "completiontokens": "1"}))
+    sai.route("s", Reply(body=["str", "eamed"], chunk_delay=0.02))
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(NODE_DIR / "legacy_completions.mjs"),
+        _base_url(proxy),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    result = json.loads(stdout)
+    assert result["texts"] == [[0, "aA!", "stop"], [1, "bB!", "stop"]]
+    assert result["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert (result["streamed"], result["finish"]) == ("streamed", "stop")
+    assert result["streamUsage"]["total_tokens"] > 0
+    assert result["model"] == "sai-model"
+    assert result["missing"] == {"status": 404, "code": "model_not_found"}
+
+
+async def test_langchain_openai_llm(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    from langchain_openai import OpenAI
+
+    proxy = await make_proxy()
+    sai.route("Tell me a joke", Reply(body=["Why did ", "the chicken..."], chunk_delay=0.02))
+    sai.route("Tell me a joke", Reply(body="Knock knock."))
+    async with httpx.AsyncClient() as http:  # LangChain would leave its own unclosed
+        llm = OpenAI(
+            base_url=_base_url(proxy),
+            api_key="unused",
+            model="gpt-3.5-turbo-instruct",
+            http_async_client=http,
+        )
+        pieces = [piece async for piece in llm.astream("Tell me a joke")]
+        assert "".join(pieces) == "Why did the chicken..."
+        assert await llm.ainvoke("Tell me a joke") == "Knock knock."
