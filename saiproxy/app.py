@@ -36,10 +36,11 @@ from .middlewares import (
 )
 from .openapi import openapi
 from .protocols.chat import chat_completions
+from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
 from .sai import SaiClient
 from .settings import Settings
-from .views import health, models, prometheus, readiness
+from .views import health, model, models, prometheus, readiness
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -139,7 +140,10 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app[ERROR_SHAPES] = ((), OpenAIErrors())
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_get(f"{prefix}/models", models)
+        # Model IDs may contain "/" (``org/model``).
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", model)
     return app
 
 

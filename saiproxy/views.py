@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
 from aiohttp import web
 
 from . import __version__
 from .core.exchange import json_response
+from .errors import ModelNotFound
 from .keys import METRICS, SETTINGS, STATE
 from .metrics import metrics_response
 
@@ -41,3 +43,31 @@ async def models(request: web.Request) -> web.Response:
     created = int(time.time())
     names = request.app[SETTINGS].models
     return json_response({"object": "list", "data": [model_object(n, created) for n in names]})
+
+
+ANTHROPIC_VERSION: Final = "anthropic-version"
+_SHOWN_NAME_CHARS: Final = 256
+
+
+async def model(request: web.Request) -> web.Response:
+    """Return one configured model, in Anthropic's shape when the caller speaks Anthropic's API.
+
+    Only configured names are found here, although completion requests map
+    unknown names to the default model: a client looking a model up wants to
+    know whether it exists.
+    """
+    name = request.match_info["model"]
+    anthropic = ANTHROPIC_VERSION in request.headers
+    if name not in request.app[SETTINGS].models:
+        message = f"The model {name[:_SHOWN_NAME_CHARS]!r} does not exist; see GET /v1/models"
+        if anthropic:
+            error = {"type": "not_found_error", "message": message}
+            return json_response({"type": "error", "error": error}, status=404)
+        raise ModelNotFound(message, param="model")
+    created = int(time.time())
+    if anthropic:
+        created_at = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return json_response(
+            {"type": "model", "id": name, "display_name": name, "created_at": created_at}
+        )
+    return json_response(model_object(name, created))

@@ -215,7 +215,7 @@ async def test_health_does_not_call_sai(make_proxy: MakeProxy, sai: FakeSai) -> 
 
 async def test_unknown_path_and_wrong_method_are_openai_errors(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
-    missing = await proxy.post("/v1/completions", json={})
+    missing = await proxy.post("/v1/engines/davinci/completions", json={})
     assert missing.status == 404
     assert (await missing.json())["error"]["type"] == "invalid_request_error"
     assert len(missing.headers["X-Request-ID"]) == 8

@@ -17,7 +17,8 @@ import itertools
 import logging
 import secrets
 import time
-from typing import Any, Final, Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Literal, TypeVar
 
 import orjson
 from aiohttp import web
@@ -38,13 +39,14 @@ from ..settings import ModelConfig, Settings
 from .answer import AnswerFilter, Rejected, check_json
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .prompt import estimate_tokens, header_tokens, sai_payload
-from .render import Renderer
+from .render import Choices, Renderer
 
 log = logging.getLogger("saiproxy.exchange")
 
 SSE_HEADERS: Final = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 ERROR_HEADER: Final = "X-Saiproxy-Error"
 Policy = Literal["raise", "in_band", "explain"]
+_T = TypeVar("_T")
 
 _SUFFIXES = itertools.count(secrets.randbits(40))
 
@@ -122,6 +124,7 @@ class Exchange:
         self.first_byte: float | None = None
         self.usage = Usage()
         self.tool_calls = 0
+        self.choice: int | None = None  # its index when one of several (respond_all)
 
     @property
     def sai(self) -> SaiClient:
@@ -150,21 +153,12 @@ class Exchange:
         if task is not None:
             state.answering.add(task)
         try:
-            credential: dict[str, Any] = {"credential": None}
-            try:
-                credential = self._prepare()
-            finally:
-                self._log_received(credential)
-            self._body = None  # parsed already; a long stream need not keep the raw JSON
+            self._begin()
             if self.conversation.stream:
                 return await self._stream(renderer)
             return await self._complete(renderer)
-        except asyncio.CancelledError:
-            self.outcome, self.status = "client_disconnected", 499
-            raise
-        except Exception as exc:
-            self.outcome = getattr(exc, "code", None) or type(exc).__name__
-            self.status = getattr(exc, "status", 500)
+        except BaseException as exc:
+            self._note(exc)
             raise
         finally:
             self.request[OUTCOME] = self.outcome
@@ -174,6 +168,23 @@ class Exchange:
             # The finish line and the latency figures are recorded once the answer
             # is on its way: here they would sit between SAI's answer and the client.
             asyncio.get_running_loop().call_soon(self._finish)
+
+    def _begin(self) -> None:
+        """Prepare the call and log the request as received, whatever happens."""
+        credential: dict[str, Any] = {"credential": None}
+        try:
+            credential = self._prepare()
+        finally:
+            self._log_received(credential)
+        self._body = None  # parsed already; a long stream need not keep the raw JSON
+
+    def _note(self, exc: BaseException) -> None:
+        """Note how an exception ended this exchange, for its finish line."""
+        if isinstance(exc, asyncio.CancelledError):
+            self.outcome, self.status = "client_disconnected", 499
+        elif isinstance(exc, Exception):
+            self.outcome = getattr(exc, "code", None) or type(exc).__name__
+            self.status = getattr(exc, "status", 500)
 
     def _prepare(self) -> dict[str, Any]:
         """Decide the early outcome, or the credential and the SAI call; return credential facts."""
@@ -226,17 +237,21 @@ class Exchange:
         return ShutdownCut()
 
     async def _complete(self, renderer: Renderer) -> web.Response:
+        answer = await self._settled()
+        headers = {ERROR_HEADER: answer.outcome} if answer.outcome != "ok" else None
+        return json_response(renderer.body(answer), headers=headers)
+
+    async def _settled(self) -> Answer:
+        """Return the answer, or its failure explained (``message`` mode); raise for a status."""
         try:
             try:
-                answer = await self._answer()
+                return await self._answer()
             except asyncio.CancelledError:
                 raise self._cut_short() from None
         except UpstreamError as error:
             if self.policy(error, prepared=False) == "raise":
                 raise
-            answer = self.explained(error, relayed=False)
-            return json_response(renderer.body(answer), headers={ERROR_HEADER: self.outcome})
-        return json_response(renderer.body(answer))
+            return self.explained(error, relayed=False)
 
     async def _answer(self) -> Answer:
         conversation = self.conversation
@@ -299,50 +314,25 @@ class Exchange:
     # --- streamed
 
     async def _stream(self, renderer: Renderer) -> web.StreamResponse:
-        request, settings = self.request, self.settings
-        state = request.app[STATE]
-        response = EventSourceResponse(
-            headers=SSE_HEADERS,
-            sep="\n",
-            allow_all_methods=True,
-            ping_interval=settings.ping_interval,
-        )
+        state = self.request.app[STATE]
+        response = _sse_response(self.settings)
         stream = _Stream(self, renderer, response)
-        opening = asyncio.ensure_future(
-            self.sai.open(self._known_call()) if self.early is None else _raise(self.early)
-        )
         state.open_streams += 1
         try:
-            if renderer.eager and self.early is None:
-                await stream.start(self.model)
-            # Until SAI answers 200 nothing need be sent, so a failure can still be a
-            # real HTTP status; if the first keep-alive falls due first, the stream starts.
-            while not opening.done():
-                await asyncio.wait({opening}, timeout=settings.ping_interval)
-                if not opening.done():
-                    await stream.prepare()
-                    await response.write(renderer.ping())
-            try:
-                upstream = opening.result()
-            except UpstreamError as error:
-                await stream.failed(error)
-            else:
-                await stream.relay(upstream)
+            with contextlib.suppress(_StreamEnded):
+                await stream.run()
             await response.write_eof()
             return response
         except asyncio.CancelledError:
             cut = self._cut_short()
-            await stream.failed(cut, relayed=stream.relayed)
+            with contextlib.suppress(_StreamEnded):
+                await stream.failed(cut, relayed=stream.relayed)
             await response.write_eof()
             return response
         finally:
             state.open_streams -= 1
             if response.prepared:
                 response.stop_streaming()
-            if not opening.done():
-                opening.cancel()
-                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                    await opening
 
     # --- shared
 
@@ -377,6 +367,9 @@ class Exchange:
             extra={"reason": rejected.reason, "detail": rejected.detail[:300]},
         )
 
+    def _choice_field(self) -> dict[str, int]:
+        return {"choice": self.choice} if self.choice is not None else {}
+
     def _log_received(self, credential: dict[str, Any]) -> None:
         """Log the request as received, with the credential decision."""
         conversation = self.conversation
@@ -396,6 +389,7 @@ class Exchange:
                 "unwrapped": conversation.unwrapped,
                 "tools": len(conversation.offered_tools),
                 **credential,
+                **self._choice_field(),
             },
         )
         if conversation.unwrapped:
@@ -453,8 +447,114 @@ class Exchange:
                 else None,
                 "model": self.model,
                 **(self.call.summary() if self.call is not None else {}),
+                **self._choice_field(),
             },
         )
+
+
+async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.StreamResponse:
+    """Answer one request from several conversations at once: one choice each, in one response.
+
+    Each exchange makes its own SAI call (concurrently), with its own credential
+    decision, log lines (same request ID, ``choice`` = its index) and error
+    policy; streamed, their frames interleave in one stream with one
+    terminator. A failure that must be a real HTTP status, or an in-band error
+    that ends the stream, stops the other choices.
+    """
+    first = exchanges[0]
+    request, state = first.request, first.request.app[STATE]
+    for index, exchange in enumerate(exchanges):
+        exchange.choice = index
+    state.in_flight += 1
+    # Shutdown waits for it within its budget (a cut past it closes the connection).
+    task = asyncio.current_task()
+    if task is not None:
+        state.answering.add(task)
+    try:
+        try:
+            for exchange in exchanges:
+                exchange._begin()
+        except BaseException as exc:
+            for exchange in exchanges:  # e.g. no credential: the request ends for every choice
+                exchange._note(exc)
+            raise
+        if not first.conversation.stream:
+            answers = await _together(exchanges, lambda _, exchange: exchange._settled())
+            failed = next((answer.outcome for answer in answers if answer.outcome != "ok"), None)
+            headers = {ERROR_HEADER: failed} if failed is not None else None
+            return json_response(choices.body(answers), headers=headers)
+        response = _sse_response(first.settings)
+        streams = [
+            _Stream(exchange, choices.choice(index), response)
+            for index, exchange in enumerate(exchanges)
+        ]
+        state.open_streams += 1
+        try:
+            try:
+                await _together(
+                    exchanges, lambda index, _: streams[index].run(keep_alive=index == 0)
+                )
+            except _StreamEnded:
+                pass
+            else:
+                await response.write(choices.finish([s.answer for s in streams if s.answer]))
+            await response.write_eof()
+            return response
+        finally:
+            state.open_streams -= 1
+            if response.prepared:
+                response.stop_streaming()
+    finally:
+        outcome = next((e.outcome for e in exchanges if e.outcome != "ok"), "ok")
+        request[OUTCOME] = outcome
+        state.in_flight -= 1
+        if task is not None:
+            state.answering.discard(task)
+        loop = asyncio.get_running_loop()
+        for exchange in exchanges:
+            loop.call_soon(exchange._finish)
+
+
+async def _together(
+    exchanges: Sequence[Exchange], work: Callable[[int, Exchange], Awaitable[_T]]
+) -> list[_T]:
+    """Run ``work`` for every exchange concurrently; the first failure cancels the rest.
+
+    Each exchange notes how it ended; those cancelled because another failed
+    are noted ``cancelled`` with the failure's status.
+    """
+
+    async def one(index: int, exchange: Exchange) -> _T:
+        try:
+            return await work(index, exchange)
+        except BaseException as exc:
+            exchange._note(exc)
+            raise
+
+    tasks = [asyncio.ensure_future(one(i, e)) for i, e in enumerate(exchanges)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failure = next(
+            (t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()),
+            None,
+        )
+        if failure is None:
+            return [task.result() for task in tasks]
+        pending = [task for task in tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for task, exchange in zip(tasks, exchanges, strict=True):
+            if task.cancelled():
+                exchange.outcome = "cancelled"
+                exchange.status = getattr(failure, "status", 500)
+        raise failure
+    finally:
+        # The client went away (or this task was cancelled): so do the SAI calls.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Stream:
@@ -468,6 +568,43 @@ class _Stream:
         self.response = response
         self.started = False
         self.relayed = False  # some of the answer went out
+        self.answer: Answer | None = None  # how it finished, once it has
+
+    async def run(self, *, keep_alive: bool = True) -> None:
+        """Wait for SAI (keeping the client's connection alive), then relay or fail.
+
+        Of several streams sharing a response only one need send keep-alives:
+        whichever way it stops waiting, the response has started (and the SSE
+        response pings by itself from then on) or the request has failed.
+        """
+        exchange, renderer, response = self.exchange, self.renderer, self.response
+        interval = exchange.settings.ping_interval if keep_alive else None
+        opening = asyncio.ensure_future(
+            exchange.sai.open(exchange._known_call())
+            if exchange.early is None
+            else _raise(exchange.early)
+        )
+        try:
+            if renderer.eager and exchange.early is None:
+                await self.start(exchange.model)
+            # Until SAI answers 200 nothing need be sent, so a failure can still be a
+            # real HTTP status; if the first keep-alive falls due first, the stream starts.
+            while not opening.done():
+                await asyncio.wait({opening}, timeout=interval)
+                if not opening.done():
+                    await self.prepare()
+                    await response.write(renderer.ping())
+            try:
+                upstream = opening.result()
+            except UpstreamError as error:
+                await self.failed(error)
+            else:
+                await self.relay(upstream)
+        finally:
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                    await opening
 
     async def prepare(self) -> None:
         """Send the status line and headers, if not yet sent."""
@@ -491,13 +628,14 @@ class _Stream:
             exchange.finish_reason = "error"
             await self.prepare()
             await response.write(renderer.failure(error))
-            return
+            raise _StreamEnded(error)
         if not response.prepared:
             response.headers[ERROR_HEADER] = exchange.outcome
         await self.start(exchange.model)
         answer = exchange.explained(error, relayed=relayed)
         await response.write(renderer.text(answer.text))
         answer.text = ""
+        self.answer = answer
         await response.write(renderer.finish(answer))
 
     async def relay(self, upstream: SaiStream) -> None:
@@ -541,15 +679,35 @@ class _Stream:
         exchange._count(upstream.headers, chars)
         if answer_filter is None:
             exchange.finish_reason = "stop"
-            await write(renderer.finish(Answer("", exchange.model, "stop", usage=exchange.usage)))
+            self.answer = Answer("", exchange.model, "stop", usage=exchange.usage)
+            await write(renderer.finish(self.answer))
             return
         held = answer_filter.close()
         if held:
             await write(renderer.text(held))
-        answer = exchange._answered(answer_filter, "")
+        self.answer = answer = exchange._answered(answer_filter, "")
         if answer.calls:
             await write(renderer.calls(answer.calls))
         await write(renderer.finish(answer))
+
+
+class _StreamEnded(Exception):
+    """A failure was reported in-band and the stream's terminator written: nothing may follow."""
+
+    status = 200  # the stream had started: the client got a 200 and the error frame
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.code = error.code
+
+
+def _sse_response(settings: Settings) -> EventSourceResponse:
+    return EventSourceResponse(
+        headers=SSE_HEADERS,
+        sep="\n",
+        allow_all_methods=True,
+        ping_interval=settings.ping_interval,
+    )
 
 
 async def _raise(error: UpstreamError) -> SaiStream:

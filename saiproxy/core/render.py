@@ -50,6 +50,25 @@ class Renderer(Protocol):
         """Return the frames reporting a failure after the stream started, and ending it."""
 
 
+class Choices(Protocol):
+    """Renders the answers of several conversations as one response: a choice each, in order.
+
+    Streamed, each choice's :class:`Renderer` writes its own frames (they
+    interleave as the answers come); its ``finish`` ends that choice only,
+    and ``finish`` here ends the stream once every choice has. A choice's
+    ``failure`` ends the whole stream: the other choices stop there.
+    """
+
+    def choice(self, index: int) -> Renderer:
+        """Return the renderer of the choice at ``index``."""
+
+    def body(self, answers: Sequence[Answer]) -> dict[str, Any]:
+        """Return the non-streamed response object, one choice per answer."""
+
+    def finish(self, answers: Sequence[Answer]) -> bytes:
+        """Return the frames that end the stream after the last choice: usage, terminator."""
+
+
 class ErrorShape(Protocol):
     """Renders a failure as a protocol's HTTP error response."""
 

@@ -1,0 +1,537 @@
+"""Legacy Completions (§8): ``POST /v1/completions`` with the openai SDK and raw clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from saiproxy.keys import STATE
+from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
+
+from .conftest import FakeSai, MakeProxy, Reply, log_lines
+
+URL = "/v1/completions"
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def _base_url(proxy: object) -> str:
+    return str(proxy.make_url("/v1"))  # type: ignore[attr-defined]
+
+
+def _sdk(proxy: object, **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused", **options)
+
+
+def _frames(raw: str) -> list[Any]:
+    """Return a stream's data frames, parsed, with ``[DONE]`` kept as the string."""
+    frames: list[Any] = []
+    for block in raw.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            frames.append(data if data == "[DONE]" else json.loads(data))
+    return frames
+
+
+async def _stream(proxy: Any, body: dict[str, Any]) -> tuple[Any, list[Any]]:
+    response = await proxy.post(URL, json={**body, "stream": True})
+    return response, _frames(await response.text())
+
+
+# --- non-streamed, through the SDK
+
+
+async def test_sdk_string_prompt(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.script(Reply(body=" blue.", headers={"prompttokens": "5", "completiontokens": "2"}))
+    async with _sdk(proxy) as client:
+        result = await client.completions.create(
+            model="sai-model", prompt="The sky is", max_tokens=8, temperature=0
+        )
+    assert result.object == "text_completion"
+    assert result.id.startswith("cmpl-")
+    assert result.model == "sai-model"
+    assert len(result.choices) == 1
+    choice = result.choices[0]
+    assert (choice.text, choice.index, choice.logprobs, choice.finish_reason) == (
+        " blue.",
+        0,
+        None,
+        "stop",
+    )
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (5, 2)
+    assert result.usage.total_tokens == 7
+    assert sai.received[0].json["inputs"] == {"system": "", "user": "The sky is"}
+
+
+async def test_unknown_model_maps_to_default(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    async with _sdk(proxy) as client:
+        result = await client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")
+    assert result.choices[0].text == "Hello from SAI"
+    assert sai.received[0].path == "/api/templates/tpl-42/execute"
+
+
+async def test_sdk_list_of_prompts_runs_concurrently(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("first", Reply(body="one", delay=0.6, headers={"prompttokens": "3"}))
+    sai.route("second", Reply(body="two", delay=0.6, headers={"prompttokens": "4"}))
+    sai.route("third", Reply(body="three", headers={"prompttokens": "5"}))
+    started = time.monotonic()
+    async with _sdk(proxy) as client:
+        result = await client.completions.create(
+            model="sai-model", prompt=["first", "second", "third"]
+        )
+    elapsed = time.monotonic() - started
+    assert [(c.index, c.text) for c in result.choices] == [(0, "one"), (1, "two"), (2, "three")]
+    assert all(c.finish_reason == "stop" for c in result.choices)
+    assert result.usage is not None
+    assert result.usage.prompt_tokens == 12  # summed across prompts
+    assert result.usage.completion_tokens == 1 + 1 + 2  # ceil(chars / 4) each
+    assert elapsed < 1.1, "the two slow prompts were answered one after the other"
+    assert len(sai.received) == 3
+    assert len({r.headers["X-Request-ID"] for r in sai.received}) == 1
+
+
+async def test_sdk_echo(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("Once upon", Reply(body=" a time"), Reply(body=" a time"))
+    sai.route("In the", Reply(body=" beginning"))
+    async with _sdk(proxy) as client:
+        one = await client.completions.create(model="sai-model", prompt="Once upon", echo=True)
+        several = await client.completions.create(
+            model="sai-model", prompt=["Once upon", "In the"], echo=True
+        )
+    assert one.choices[0].text == "Once upon a time"
+    assert [c.text for c in several.choices] == ["Once upon a time", "In the beginning"]
+
+
+async def test_sdk_suffix_is_fill_in_the_middle(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.script(Reply(body="    return a + b"))
+    async with _sdk(proxy) as client:
+        result = await client.completions.create(
+            model="sai-model",
+            prompt="def add(a, b):\n",
+            suffix="\n\nprint(add(1, 2))\n",
+            echo=True,
+        )
+    # The middle only, after the echoed prompt; the suffix is never echoed.
+    assert result.choices[0].text == "def add(a, b):\n    return a + b"
+    inputs = sai.received[0].json["inputs"]
+    assert inputs["system"] == FILL_INSTRUCTION
+    assert inputs["user"] == f"def add(a, b):\n{FILL_MARKER}\n\nprint(add(1, 2))\n"
+
+
+async def test_sdk_stop_is_enforced(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.script(Reply(body=["1. apples\n2. pe", "ars\n3. plums"]))
+    async with _sdk(proxy) as client:
+        result = await client.completions.create(model="sai-model", prompt="A list:", stop=["\n3."])
+    assert result.choices[0].text == "1. apples\n2. pears"
+    assert result.choices[0].finish_reason == "stop"
+
+
+# --- streamed
+
+
+async def test_sdk_stream_with_usage(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.script(Reply(body=["Bon", "jour", " 👋"], chunk_delay=0.05))
+    async with _sdk(proxy) as client:
+        stream = await client.completions.create(
+            model="sai-model",
+            prompt="Say hi",
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, finish, usage, ids = [], None, None, set()
+        async for chunk in stream:
+            ids.add(chunk.id)
+            assert chunk.object == "text_completion"
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+    assert "".join(pieces) == "Bonjour 👋"
+    assert finish == "stop"
+    assert usage is not None and usage.total_tokens > 0
+    assert len(ids) == 1 and ids.pop().startswith("cmpl-")
+
+
+async def test_stream_frames(proxy: Any, sai: FakeSai) -> None:
+    sai.script(
+        Reply(
+            body=["a", "b"],
+            chunk_delay=0.05,
+            headers={"prompttokens": "3", "completiontokens": "2"},
+        )
+    )
+    response, frames = await _stream(
+        proxy, {"prompt": "x", "echo": True, "stream_options": {"include_usage": True}}
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert frames[-1] == "[DONE]"
+    chunks = frames[:-1]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert {c["created"] for c in chunks} == {chunks[0]["created"]}
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["x", "a", "b", ""]
+    assert chunks[0]["choices"][0] == {
+        "text": "x",
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+async def test_stream_stop_spanning_pieces(proxy: Any, sai: FakeSai) -> None:
+    sai.script(Reply(body=["def f():\n    pass\n\nd", "ef g():"], chunk_delay=0.02))
+    _, frames = await _stream(proxy, {"prompt": "code", "stop": ["\ndef"]})
+    chunks = frames[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "def f():\n    pass\n"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_several_prompts_streamed_interleave(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route(
+        "slow", Reply(body=["s1 ", "s2 ", "s3"], chunk_delay=0.15, headers={"prompttokens": "2"})
+    )
+    sai.route(
+        "fast", Reply(body=["f1 ", "f2 ", "f3"], chunk_delay=0.05, headers={"prompttokens": "3"})
+    )
+    _, frames = await _stream(
+        proxy,
+        {"prompt": ["slow", "fast"], "echo": True, "stream_options": {"include_usage": True}},
+    )
+    assert frames.count("[DONE]") == 1 and frames[-1] == "[DONE]"
+    usage_chunk = frames[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["prompt_tokens"] == 5
+    chunks = frames[:-2]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    order = [c["choices"][0]["index"] for c in chunks]
+    # Interleaved: the fast prompt's chunks come while the slow one's are still arriving.
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)
+    assert order != sorted(order)
+    for index, prompt, text in ((0, "slow", "s1 s2 s3"), (1, "fast", "f1 f2 f3")):
+        own = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert own[0]["text"] == prompt  # echo: the choice's first chunk is its prompt
+        assert "".join(c["text"] for c in own[1:]) == text
+        assert [c["finish_reason"] for c in own] == [None] * (len(own) - 1) + ["stop"]
+
+
+async def test_sdk_streams_several_prompts(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("a", Reply(body=["A", "A"], chunk_delay=0.03))
+    sai.route("b", Reply(body=["B", "B"], chunk_delay=0.02))
+    texts: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    async with _sdk(proxy) as client:
+        stream = await client.completions.create(model="sai-model", prompt=["a", "b"], stream=True)
+        async for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+    assert texts == {0: "AA", 1: "BB"}
+    assert finishes == {0: "stop", 1: "stop"}
+
+
+async def test_continue_style_fill_in_the_middle(proxy: Any, sai: FakeSai) -> None:
+    # What an IDE autocomplete plugin (Continue's tab completion) sends for a FIM model.
+    sai.script(Reply(body=["total = ", "sum(values)", "\n\ndef other():"], chunk_delay=0.02))
+    body = {
+        "model": "sai-model",
+        "prompt": "def mean(values):\n    ",
+        "suffix": "\n    return total / len(values)\n",
+        "max_tokens": 256,
+        "temperature": 0.01,
+        "top_p": 1,
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+        "stop": ["\n\n", "\ndef ", "```"],
+        "stream": True,
+    }
+    response = await proxy.post(URL, json=body)
+    frames = _frames(await response.text())
+    assert response.status == 200
+    chunks = frames[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "total = sum(values)"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    inputs = sai.received[0].json["inputs"]
+    assert inputs["system"] == FILL_INSTRUCTION
+    assert inputs["user"] == (
+        f"def mean(values):\n    {FILL_MARKER}\n    return total / len(values)\n"
+    )
+
+
+# --- client errors: real 400s in OpenAI's shape, both modes
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": [[1, 2], [3]]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", 1]}, "prompt"),
+        ({"prompt": "a", "n": 2}, "n"),
+        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "suffix": 3}, "suffix"),
+        ({"prompt": "a", "stop": [1]}, "stop"),
+        ({"prompt": "a", "echo": "yes"}, "echo"),
+        ({"prompt": "a", "stream": True, "stream_options": 1}, "stream_options"),
+    ],
+)
+async def test_invalid_requests(proxy: Any, sai: FakeSai, body: dict[str, Any], param: str) -> None:
+    response = await proxy.post(URL, json=body)
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert sai.received == []
+
+
+async def test_token_prompt_message(proxy: Any) -> None:
+    response = await proxy.post("/completions", json={"prompt": [101, 102]})
+    assert response.status == 400
+    assert "token IDs" in (await response.json())["error"]["message"]
+
+
+async def test_sdk_logprobs_bad_request(proxy: Any) -> None:
+    async with _sdk(proxy, max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(model="sai-model", prompt="hi", logprobs=1)
+    assert "logprobs" in caught.value.message
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "logprobs"
+
+
+async def test_strict_models_unknown_model(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(STRICT_MODELS="true")
+    response = await proxy.post(URL, json={"model": "nope", "prompt": "hi"})
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "model_not_found"
+    assert sai.received == []
+
+
+# --- upstream errors: message mode (the default)
+
+
+async def test_message_mode_error_is_the_text(proxy: Any, sai: FakeSai) -> None:
+    sai.script(Reply(status=429))
+    async with _sdk(proxy, max_retries=0) as client:
+        raw = await client.completions.with_raw_response.create(model="sai-model", prompt="hi")
+    result = raw.parse()
+    assert raw.headers["X-Saiproxy-Error"] == "rate_limit_exceeded"
+    assert "usage limit" in result.choices[0].text
+    assert result.choices[0].finish_reason == "stop"
+    assert result.usage is not None and result.usage.total_tokens == 0
+
+
+async def test_message_mode_one_prompt_fails(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(MAX_RETRIES="0")
+    sai.route("ok", Reply(body="fine"))
+    sai.route("bad", Reply(status=500, body="boom"))
+    response = await proxy.post(URL, json={"prompt": ["ok", "bad"]})
+    assert response.status == 200
+    assert response.headers["X-Saiproxy-Error"] == "upstream_error"
+    choices = (await response.json())["choices"]
+    assert choices[0]["text"] == "fine"
+    assert "SAI could not answer" in choices[1]["text"]
+
+
+async def test_message_mode_stream_error_before_start(proxy: Any, sai: FakeSai) -> None:
+    sai.script(Reply(status=401))
+    response, frames = await _stream(proxy, {"prompt": "hi"})
+    assert response.status == 200
+    assert response.headers["X-Saiproxy-Error"] == "invalid_api_key"
+    assert "SAI rejected the SAI_KEY" in frames[0]["choices"][0]["text"]
+    assert frames[-2]["choices"][0]["finish_reason"] == "stop"
+    assert frames[-1] == "[DONE]"
+
+
+async def test_message_mode_context_too_long(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(MAX_CONTEXT_TOKENS="10")
+    response = await proxy.post(URL, json={"prompt": "x" * 100})
+    choice = (await response.json())["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert "too long" in choice["text"]
+    assert sai.received == []
+
+
+async def test_message_mode_stream_breaks_off(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(MAX_RETRIES="0")
+    sai.script(Reply(body=["partial ", "more"], chunk_delay=0.05, reset_after=1))
+    _, frames = await _stream(proxy, {"prompt": "hi"})
+    chunks = frames[:-1]
+    assert chunks[0]["choices"][0]["text"] == "partial "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert frames[-1] == "[DONE]"
+
+
+# --- upstream errors: http mode
+
+
+async def test_http_mode_sdk_sees_status(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(ERROR_MODE="http")
+    sai.script(Reply(status=429, headers={"Retry-After": "3"}))
+    async with _sdk(proxy, max_retries=0) as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.completions.create(model="sai-model", prompt="hi")
+    assert caught.value.code == "rate_limit_exceeded"
+    assert caught.value.response.headers["Retry-After"] == "3"
+
+
+async def test_http_mode_stream_status_before_start(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(ERROR_MODE="http")
+    sai.script(Reply(status=401))
+    async with _sdk(proxy, max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.completions.create(model="sai-model", prompt="hi", stream=True)
+
+
+async def test_http_mode_one_failing_prompt_fails_the_request(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    proxy = await make_proxy(ERROR_MODE="http")
+    sai.route("slow", Reply(body="late", delay=2))
+    sai.route("bad", Reply(status=401))
+    started = time.monotonic()
+    for stream in (False, True):
+        response = await proxy.post(URL, json={"prompt": ["slow", "bad"], "stream": stream})
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "invalid_api_key"
+        sai.route("slow", Reply(body="late", delay=2))
+        sai.route("bad", Reply(status=401))
+    # The slow prompt's call is cancelled, not waited for.
+    assert time.monotonic() - started < 2
+    for _ in range(50):
+        if sai.open_responses == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert sai.open_responses == 0
+
+
+async def test_http_mode_stream_breaks_off(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(ERROR_MODE="http", MAX_RETRIES="0")
+    sai.route("ok", Reply(body=["o", "k", "!"], chunk_delay=0.3))
+    sai.route("bad", Reply(body=["partial ", "more"], chunk_delay=0.05, reset_after=1))
+    _, frames = await _stream(proxy, {"prompt": ["ok", "bad"]})
+    assert frames[-1] == "[DONE]" and frames.count("[DONE]") == 1
+    assert frames[-2]["error"]["code"] == "upstream_error"
+    # Nothing follows the error: the other choice stopped there, unfinished.
+    finishes = [c["choices"][0]["finish_reason"] for c in frames[:-2]]
+    assert finishes == [None] * len(finishes)
+
+
+# --- logs: one received and one finished line per prompt, same request ID
+
+
+async def test_logs_per_prompt(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path) -> None:
+    proxy = await make_proxy()
+    response = await proxy.post(
+        URL, json={"prompt": ["a", "b"]}, headers={"X-Request-ID": "legacy-42"}
+    )
+    assert response.status == 200
+    await asyncio.sleep(0.3)  # the log listener writes in the background
+    lines = [json.loads(line) for line in log_lines(tmp_path)]
+    mine = [line for line in lines if line.get("request_id") == "legacy-42"]
+    received = [line for line in mine if line["message"].endswith("request received")]
+    finished = [line for line in mine if line["message"].endswith("response finished")]
+    assert sorted(line["choice"] for line in received) == [0, 1]
+    assert sorted(line["choice"] for line in finished) == [0, 1]
+    assert {line["protocol"] for line in received} == {"completions"}
+    assert all(line["outcome"] == "ok" for line in finished)
+
+
+async def test_client_disconnect_cancels_every_prompt(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("a", Reply(body=["tick "] * 200, chunk_delay=0.05))
+    sai.route("b", Reply(body=["tock "] * 200, chunk_delay=0.05))
+    sai.route("c", Reply(body="never", delay=30))
+    baseline_tasks = len(asyncio.all_tasks())
+    response = await proxy.post(URL, json={"prompt": ["a", "b", "c"], "stream": True})
+    async for line in response.content:
+        if b"tock" in line:
+            break
+    response.close()  # hang up mid-stream
+    state = proxy.app[STATE]  # type: ignore[index]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (sai.open_responses or sai.disconnects < 3):
+        await asyncio.sleep(0.05)
+    assert (sai.open_responses, sai.disconnects) == (0, 3)
+    while time.monotonic() < deadline and len(asyncio.all_tasks()) > baseline_tasks:
+        await asyncio.sleep(0.05)
+    assert len(asyncio.all_tasks()) <= baseline_tasks
+    assert (state.in_flight, state.open_streams) == (0, 0)
+
+
+async def test_keepalive_while_every_prompt_waits(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(PING_INTERVAL="0.2")
+    sai.route("a", Reply(body="late a", delay=0.9))
+    sai.route("b", Reply(body="later b", delay=1.1))
+    response = await proxy.post(URL, json={"prompt": ["a", "b"], "stream": True})
+    raw = await response.text()
+    blocks = [block for block in raw.split("\n\n") if block]
+    first_data = next(i for i, block in enumerate(blocks) if block.startswith("data:"))
+    assert first_data >= 3 and set(blocks[:first_data]) == {": ping"}
+    texts: dict[int, str] = {}
+    for frame in _frames(raw)[:-1]:
+        for choice in frame["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "late a", 1: "later b"}
+
+
+# --- other real clients
+
+
+async def test_node_openai_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.route("a", Reply(body="A!", headers={"prompttokens": "1", "completiontokens": "1"}))
+    sai.route("b", Reply(body="B!", headers={"prompttokens": "2", "completiontokens": "1"}))
+    sai.route("s", Reply(body=["str", "eamed"], chunk_delay=0.02))
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(NODE_DIR / "legacy_completions.mjs"),
+        _base_url(proxy),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    result = json.loads(stdout)
+    assert result["texts"] == [[0, "aA!", "stop"], [1, "bB!", "stop"]]
+    assert result["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert (result["streamed"], result["finish"]) == ("streamed", "stop")
+    assert result["streamUsage"]["total_tokens"] > 0
+    assert result["model"] == "sai-model"
+    assert result["missing"] == {"status": 404, "code": "model_not_found"}
+
+
+async def test_langchain_openai_llm(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    from langchain_openai import OpenAI
+
+    proxy = await make_proxy()
+    sai.route("Tell me a joke", Reply(body=["Why did ", "the chicken..."], chunk_delay=0.02))
+    sai.route("Tell me a joke", Reply(body="Knock knock."))
+    async with httpx.AsyncClient() as http:  # LangChain would leave its own unclosed
+        llm = OpenAI(
+            base_url=_base_url(proxy),
+            api_key="unused",
+            model="gpt-3.5-turbo-instruct",
+            http_async_client=http,
+        )
+        pieces = [piece async for piece in llm.astream("Tell me a joke")]
+        assert "".join(pieces) == "Why did the chicken..."
+        assert await llm.ainvoke("Tell me a joke") == "Knock knock."
