@@ -34,6 +34,7 @@ from .middlewares import (
 )
 from .protocols.chat import chat_completions
 from .protocols.openai import OpenAIErrors
+from .protocols.responses import responses
 from .sai import SaiClient
 from .settings import Settings
 from .views import health, models, prometheus, readiness
@@ -132,6 +133,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app[ERROR_SHAPES] = ((), OpenAIErrors())
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/responses", responses)
         app.router.add_get(f"{prefix}/models", models)
     return app
 
