@@ -323,16 +323,25 @@ class ResponsesRenderer:
     # --- the stream
 
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
+        return self._frame(kind.encode(), orjson.dumps(fields)[1:-1])
+
+    def _frame(self, kind: bytes, fields: bytes) -> bytes:
+        """Return one event: ``event: <type>`` and its JSON, fields spliced in as serialised."""
         sequence = self._sequence
         self._sequence += 1
-        data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
-        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        return b'event: %s\ndata: {"type":"%s","sequence_number":%d,%s}\n\n' % (
+            kind,
+            kind,
+            sequence,
+            fields,
+        )
 
     def head(self, model: str) -> bytes:
         self._model = model
-        response = self._response("in_progress", model, [])
-        return self._event("response.created", {"response": response}) + self._event(
-            "response.in_progress", {"response": response}
+        # One serialisation for both events: they carry the same Response.
+        response = b'"response":' + orjson.dumps(self._response("in_progress", model, []))
+        return self._frame(b"response.created", response) + self._frame(
+            b"response.in_progress", response
         )
 
     def ping(self) -> bytes:
@@ -377,19 +386,12 @@ class ResponsesRenderer:
         )
 
     def text(self, piece: str) -> bytes:
-        frames = self._open_message() if self._pieces is None else b""
-        assert self._pieces is not None
+        if self._pieces is None:
+            return self._open_message() + self.text(piece)
         self._pieces.append(piece)
         sequence = self._sequence
         self._sequence += 1
-        return (
-            frames
-            + self._delta_head
-            + str(sequence).encode()
-            + b',"delta":'
-            + orjson.dumps(piece)
-            + b"}\n\n"
-        )
+        return b'%s%d,"delta":%s}\n\n' % (self._delta_head, sequence, orjson.dumps(piece))
 
     def calls(self, calls: Sequence[ToolCall]) -> bytes:
         frames = [self._close_message()]
