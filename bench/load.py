@@ -12,7 +12,10 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
-Mode = Literal["json", "sse", "raw"]
+from bench import responses
+
+Mode = Literal["json", "sse", "raw", "responses"]  # responses: a Responses API stream
+STREAMS = ("sse", "responses")
 
 
 @dataclass(slots=True)
@@ -51,15 +54,19 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, mode: Mode)
         ) as response:
             status = response.status
             ttfb = first_content = None
-            if mode == "sse":
+            if mode in STREAMS:
+                chat = mode == "sse"
+                has_content = _has_content if chat else responses.has_content
                 finished = done = False
                 async for line in response.content:
                     now = time.perf_counter() - started
                     if ttfb is None:
                         ttfb = now
-                    if first_content is None and _has_content(line):
+                    if first_content is None and has_content(line):
                         first_content = now
-                    if b'"finish_reason":"stop"' in line:
+                    if not chat:
+                        finished = done = finished or responses.finished(line)
+                    elif b'"finish_reason":"stop"' in line:
                         finished = True
                     elif line.startswith(b"data: [DONE]"):
                         done = True
@@ -72,13 +79,13 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, mode: Mode)
             return Result(status, time.perf_counter() - started, ttfb, ttfb)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         # A stream that broke after its headers was cut; anything else failed.
-        cut = mode == "sse" and status == 200
+        cut = mode in STREAMS and status == 200
         return Result(
             0 if not cut else status,
             time.perf_counter() - started,
             error=None if cut else type(exc).__name__,
             cut=cut,
-            stream=mode == "sse",
+            stream=mode in STREAMS,
         )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import load
+from bench import load, responses
 from bench.fake_sai import free_port, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +60,7 @@ def scenarios(smoke: bool) -> list[Scenario]:
             Scenario("stream c=4", "sse", 4, requests=40, drip_chunks=4),
             Scenario("stream c=4, tools", "sse", 4, requests=40, drip_chunks=4, tools=True),
             Scenario("first chunk, drip", "sse", 1, requests=2, drip_chunks=4, drip_seconds=0.2),
+            Scenario("responses stream c=4", "responses", 4, requests=40, drip_chunks=4),
         ]
     seconds = 5.0
     return [
@@ -73,6 +74,9 @@ def scenarios(smoke: bool) -> list[Scenario]:
             "stream c=64, tools", "sse", 64, duration=seconds, drip_chunks=10, rounds=3,
             direct=False, tools=True,
         ),
+        # Judged against Chat's stream c=64, in turns with it (bench/responses.py).
+        Scenario("responses stream c=64", "responses", 64, duration=seconds, drip_chunks=10,
+                 rounds=3, direct=False),
         Scenario("stream c=256", "sse", 256, duration=seconds, drip_chunks=10),
         Scenario("first chunk, 2 s drip", "sse", 1, requests=5, drip_chunks=10, drip_seconds=2),
         Scenario("2,000 x 1 s calls, c=1,000", "json", 1000, requests=2000, delay=1.0),
@@ -202,10 +206,14 @@ async def _through(
         [sys.executable, *argv], env=env, cwd=ROOT, stdout=process_out, stderr=subprocess.STDOUT
     )
     try:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        if scenario.mode == "responses":
+            path, body = responses.PATH, responses.body(stream=True)
+        else:
+            path = "/v1/chat/completions"
+            body = load.chat_body(scenario.mode == "sse", tools=scenario.tools)
+        url = f"http://127.0.0.1:{port}{path}"
         await wait_ready(url, process)
         usage = Usage(process.pid)
-        body = load.chat_body(scenario.mode == "sse", tools=scenario.tools)
         results, elapsed = await load.run(url, body, mode=scenario.mode, **common)
         return {
             "scenario": scenario.name, "via": via, **load.summary(results, elapsed),
@@ -295,6 +303,12 @@ def check_targets(
                 f"{cost * 100:+.1f} % ({name})", cost <= 0.10,
             ))  # fmt: skip
             break
+    chat_stream = by.get(("stream c=64", "saiproxy"))
+    if chat_stream and (found_responses := by.get(("responses stream c=64", "saiproxy"))):
+        ratio = found_responses["rps"] / chat_stream["rps"]
+        checks.append(
+            ("Responses streaming RPS c=64 >= 0.90 x Chat's", f"{ratio:.2f} x", ratio >= 0.90)
+        )
     if found := pair("non-stream c=1"):
         cost = found[1]["p50_ms"] - found[0]["p50_ms"]
         figure = f"{cost:.2f} ms"

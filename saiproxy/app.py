@@ -38,6 +38,7 @@ from .openapi import openapi
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
+from .protocols.responses import responses
 from .sai import SaiClient
 from .settings import Settings
 from .views import health, model, models, prometheus, readiness
@@ -141,6 +142,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/completions", completions)
+        app.router.add_post(f"{prefix}/responses", responses)
         app.router.add_get(f"{prefix}/models", models)
         # Model IDs may contain "/" (``org/model``).
         app.router.add_get(f"{prefix}/models/{{model:.+}}", model)

@@ -1,0 +1,33 @@
+"""The Responses API under load: its request body and how its event stream is judged.
+
+A Responses stream is whole when it ends with ``response.completed`` (there is
+no ``[DONE]``); its content is the ``response.output_text.delta`` events.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import orjson
+
+PATH: Final = "/v1/responses"
+_DELTA: Final = b'data: {"type":"response.output_text.delta"'
+_COMPLETED: Final = b'data: {"type":"response.completed"'
+
+
+def body(stream: bool, text: str = "Say something about load testing.") -> bytes:
+    """Return a Responses body equivalent to the chat benchmark's."""
+    return orjson.dumps(
+        {"model": "sai-model", "stream": stream, "instructions": "You are a benchmark.",
+         "input": text}
+    )  # fmt: skip
+
+
+def has_content(line: bytes) -> bool:
+    """Return True for the event line of a piece of answer text."""
+    return line.startswith(_DELTA)
+
+
+def finished(line: bytes) -> bool:
+    """Return True for the event that ends a whole answer."""
+    return line.startswith(_COMPLETED) and b'"status":"completed"' in line

@@ -1,0 +1,451 @@
+"""OpenAI Responses: ``POST /v1/responses``, streamed or not, with function and custom tools.
+
+What Codex CLI, the OpenAI Agents SDK and the SDKs' ``client.responses`` speak.
+saiproxy stores nothing, so whatever needs a stored response or a hosted tool
+is refused with a 400 that names it. The stream opens at once
+(``response.created``, ``response.in_progress``) and then follows SAI: each
+output item gets its own increasing ``output_index``; the answer ends with
+``response.completed`` carrying the whole Response, or ``response.failed``
+with an error code Codex maps (``context_length_exceeded``,
+``rate_limit_exceeded`` with "try again in N s", ``server_error``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
+from ..core.exchange import Exchange, read_json
+from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
+from . import openai
+
+SYSTEM_ROLES: Final = frozenset({"system", "developer"})
+PING: Final = b": ping\n\n"
+# Items that carry no text SAI could use: the model's own hidden reasoning.
+SKIPPED_ITEMS: Final = frozenset({"reasoning"})
+# Present and not null, these need state saiproxy does not keep.
+STATEFUL_FIELDS: Final = {
+    "previous_response_id": "saiproxy stores no responses: send the whole conversation "
+    "in 'input' instead of 'previous_response_id'",
+    "conversation": "saiproxy stores no conversations: send the whole conversation in 'input'",
+    "prompt": "stored prompt templates are not supported: send 'instructions' and 'input'",
+}
+# Settings echoed in the Response object as the client sent them (or these defaults).
+ECHOED: Final[dict[str, Any]] = {
+    "max_output_tokens": None,
+    "max_tool_calls": None,
+    "prompt_cache_key": None,
+    "safety_identifier": None,
+    "service_tier": "default",
+    "temperature": 1.0,
+    "top_logprobs": 0,
+    "top_p": 1.0,
+    "truncation": "disabled",
+    "user": None,
+}
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """Answer an OpenAI Responses call from a SAI template execution."""
+    body = await read_json(request)
+    conversation, echo = parse(body)
+    exchange = Exchange(request, body, conversation, protocol="responses")
+    renderer = ResponsesRenderer(exchange.ids, exchange.created, echo)
+    return await exchange.respond(renderer)
+
+
+# --- the request
+
+
+def _text(value: Any, param: str) -> str:
+    """Return a tool output or message content: a string or an array of text parts."""
+    return openai.content_text(value, param)
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where}.{key} is required and must be a string", param=where)
+    return value
+
+
+def _with_call(turns: list[Turn], call: ToolCall) -> None:
+    """Attach a call to the assistant turn just before it, or open one."""
+    if turns and turns[-1].role == "assistant":
+        last = turns[-1]
+        turns[-1] = Turn("assistant", last.text, (*last.calls, call))
+    else:
+        turns.append(Turn("assistant", "", (call,)))
+
+
+def _turns(raw: Any) -> list[Turn]:
+    if isinstance(raw, str):
+        return [Turn("user", raw)]
+    if not isinstance(raw, list):
+        raise InvalidRequest("'input' must be a string or an array of input items", param="input")
+    turns: list[Turn] = []
+    for index, item in enumerate(raw):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise InvalidRequest(
+                    f"{where}.role must be user, assistant, system or developer",
+                    param=f"{where}.role",
+                )
+            text = _text(item.get("content"), f"{where}.content")
+            turns.append(Turn("system" if role in SYSTEM_ROLES else role, text))
+        elif kind == "function_call":
+            arguments = item.get("arguments")
+            if not isinstance(arguments, str):
+                arguments = orjson.dumps(arguments if arguments is not None else {}).decode()
+            call_id, name = _string(item, "call_id", where), _string(item, "name", where)
+            _with_call(turns, ToolCall(call_id, name, "function", arguments))
+        elif kind == "custom_tool_call":
+            call_id = _string(item, "call_id", where)
+            raw_input = item.get("input")
+            _with_call(
+                turns,
+                ToolCall(call_id, _string(item, "name", where), "custom",
+                         input=raw_input if isinstance(raw_input, str) else ""),
+            )  # fmt: skip
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            output = _text(item.get("output"), f"{where}.output")
+            turns.append(Turn("tool", output, call_id=_string(item, "call_id", where)))
+        elif kind in SKIPPED_ITEMS:
+            continue
+        else:
+            shown = kind[:40] if isinstance(kind, str) else kind
+            raise InvalidRequest(
+                f"{where} has type {shown!r}: saiproxy accepts messages, function and custom "
+                "tool calls and their outputs (it stores nothing and runs no hosted tools)",
+                param=where,
+            )
+    return turns
+
+
+def _object(body: dict[str, Any], name: str) -> dict[str, Any] | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise InvalidRequest(f"'{name}' must be an object", param=name)
+    return value
+
+
+def parse(body: Any) -> tuple[Conversation, dict[str, Any]]:
+    """Validate a Responses body; return the conversation and the settings the Response echoes."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    for name, why in STATEFUL_FIELDS.items():
+        if body.get(name) is not None:
+            raise InvalidRequest(f"'{name}' is not supported: {why}", param=name)
+    if body.get("background") is True:
+        raise InvalidRequest(
+            "'background' is not supported: saiproxy stores no responses to poll later",
+            param="background",
+        )
+    raw_input = body.get("input")
+    if raw_input is None or raw_input == [] or raw_input == "":
+        raise InvalidRequest("'input' is required: a string or an array of items", param="input")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequest("'instructions' must be a string", param="instructions")
+    turns = _turns(raw_input)
+    # Leading developer/system messages join the instructions as SAI's system
+    # text, as long as something follows them; later ones stay system turns.
+    system = [instructions] if instructions else []
+    leading = 0
+    while leading < len(turns) - 1 and turns[leading].role == "system":
+        leading += 1
+    system += [turn.text for turn in turns[:leading] if turn.text]
+    del turns[:leading]
+
+    text = _object(body, "text") or {}
+    tools = openai.tools(body.get("tools"), flat=True)
+    conversation = Conversation(
+        turns,
+        system="\n\n".join(system),
+        model=openai.model_name(body),
+        stream=openai.flag(body, "stream"),
+        tools=tools,
+        tool_choice=openai.tool_choice(body.get("tool_choice"), tools, flat=True),
+        parallel_tool_calls=openai.flag(body, "parallel_tool_calls", True),
+        output=openai.json_format(text.get("format"), "text.format", flat=True),
+    )
+    metadata = _object(body, "metadata") or {}
+    echo: dict[str, Any] = {
+        "instructions": instructions,
+        # The user's SAI key may ride in metadata (the auth chain's metadata handler);
+        # it is not echoed back.
+        "metadata": {k: v for k, v in metadata.items() if k != "user_api_key"},
+        "parallel_tool_calls": conversation.parallel_tool_calls,
+        "reasoning": _object(body, "reasoning") or {"effort": None, "summary": None},
+        "store": openai.flag(body, "store", True),
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **text},
+        "tool_choice": body.get("tool_choice") or "auto",
+        "tools": body.get("tools") or [],
+        **{name: body.get(name, default) for name, default in ECHOED.items()},
+    }
+    return conversation, echo
+
+
+# --- the answer
+
+
+def usage(usage_: Usage) -> dict[str, Any]:
+    """Return a Responses usage object, detail objects included."""
+    return {
+        "input_tokens": usage_.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": usage_.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage_.total_tokens,
+    }
+
+
+def _retry_seconds(retry_after: str | None) -> int | None:
+    """Return SAI's ``Retry-After`` (seconds or an HTTP date) in whole seconds."""
+    if not retry_after:
+        return None
+    try:
+        return max(0, math.ceil(float(retry_after)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(retry_after)
+    except (TypeError, ValueError):
+        return None
+    return max(0, math.ceil(when.timestamp() - time.time()))
+
+
+def error_object(error: UpstreamError) -> dict[str, Any]:
+    """Return a failed Response's ``error``, with a code Codex maps to its own handling.
+
+    Codex reads ``context_length_exceeded`` (stop, the conversation must shrink)
+    and ``rate_limit_exceeded`` (retry after the "try again in N s" of the
+    message); anything else is a server error it retries.
+    """
+    message = error.message
+    if isinstance(error, ContextTooLong):
+        code = "context_length_exceeded"
+    elif isinstance(error, UpstreamRateLimited):
+        code = "rate_limit_exceeded"
+        seconds = _retry_seconds(error.retry_after)
+        if seconds is not None:
+            message = f"{message} Please try again in {seconds}s."
+    else:
+        code = "server_error"
+    return {"code": code, "message": message, "type": error.type, "param": None}
+
+
+def _message(item_id: str, text: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
+    }
+
+
+def _call_item(call: ToolCall, *, done: bool) -> dict[str, Any]:
+    if call.kind == "custom":
+        return {"id": f"ctc_{call.id}", "type": "custom_tool_call", "call_id": f"call_{call.id}",
+                "name": call.name, "input": call.input if done else ""}  # fmt: skip
+    return {"id": f"fc_{call.id}", "type": "function_call", "call_id": f"call_{call.id}",
+            "name": call.name, "arguments": call.arguments if done else "",
+            "status": "completed" if done else "in_progress"}  # fmt: skip
+
+
+class ResponsesRenderer:
+    """Renders Response objects and their event streams; one per request.
+
+    The stream is a small state machine: the message item opens with the first
+    piece of prose and closes before the first call item or at the end; every
+    item gets the next ``output_index``, every event the next ``sequence_number``.
+    """
+
+    # Codex and the SDK helpers expect response.created at once, whatever SAI does.
+    eager = True
+
+    def __init__(self, ids: str, created: int, echo: dict[str, Any]) -> None:
+        self._id = f"resp_{ids}"
+        self._message_id = f"msg_{ids}"
+        self._created = created
+        self._echo = echo
+        self._model = ""
+        self._sequence = 0
+        self._output: list[dict[str, Any]] = []  # finished items, in output_index order
+        self._pieces: list[str] | None = None  # the open message's text, while it is open
+        self._delta_head = b""
+
+    # --- the Response object
+
+    def _response(
+        self, status: str, model: str, output: list[dict[str, Any]], **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "object": "response",
+            "created_at": self._created,
+            "status": status,
+            "background": False,
+            "completed_at": None,
+            "error": None,
+            "incomplete_details": None,
+            "model": model,
+            "output": output,
+            "previous_response_id": None,
+            "usage": None,
+            **self._echo,
+            **extra,
+        }
+
+    def body(self, answer: Answer) -> dict[str, Any]:
+        output: list[dict[str, Any]] = []
+        if answer.text or not answer.calls:
+            output.append(_message(self._message_id, answer.text, "completed"))
+        output += [_call_item(call, done=True) for call in answer.calls]
+        return self._response(
+            "completed", answer.model, output,
+            completed_at=int(time.time()), usage=usage(answer.usage),
+        )  # fmt: skip
+
+    # --- the stream
+
+    def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
+        return self._frame(kind.encode(), orjson.dumps(fields)[1:-1])
+
+    def _frame(self, kind: bytes, fields: bytes) -> bytes:
+        """Return one event: ``event: <type>`` and its JSON, fields spliced in as serialised."""
+        sequence = self._sequence
+        self._sequence += 1
+        return b'event: %s\ndata: {"type":"%s","sequence_number":%d,%s}\n\n' % (
+            kind,
+            kind,
+            sequence,
+            fields,
+        )
+
+    def head(self, model: str) -> bytes:
+        self._model = model
+        # One serialisation for both events: they carry the same Response.
+        response = b'"response":' + orjson.dumps(self._response("in_progress", model, []))
+        return self._frame(b"response.created", response) + self._frame(
+            b"response.in_progress", response
+        )
+
+    def ping(self) -> bytes:
+        return PING
+
+    def _open_message(self) -> bytes:
+        self._pieces = []
+        index = len(self._output)
+        located = {"item_id": self._message_id, "output_index": index}
+        frames = self._event(
+            "response.output_item.added",
+            {"output_index": index, "item": {**_message(self._message_id, "", "in_progress"),
+                                             "content": []}},
+        )  # fmt: skip
+        frames += self._event(
+            "response.content_part.added",
+            {**located, "content_index": 0,
+             "part": {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}},
+        )  # fmt: skip
+        # Every delta is the same object but for its sequence number and text: the
+        # constant part is serialised once per message, not once per piece.
+        self._delta_head = (
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            + orjson.dumps({**located, "content_index": 0, "logprobs": []})[1:-1]
+            + b',"sequence_number":'
+        )
+        return frames
+
+    def _close_message(self, status: str = "completed") -> bytes:
+        if self._pieces is None:
+            return b""
+        text = "".join(self._pieces)
+        self._pieces = None
+        index = len(self._output)
+        located = {"item_id": self._message_id, "output_index": index, "content_index": 0}
+        item = _message(self._message_id, text, status)
+        self._output.append(item)
+        return (
+            self._event("response.output_text.done", {**located, "text": text, "logprobs": []})
+            + self._event("response.content_part.done", {**located, "part": item["content"][0]})
+            + self._event("response.output_item.done", {"output_index": index, "item": item})
+        )
+
+    def text(self, piece: str) -> bytes:
+        if self._pieces is None:
+            return self._open_message() + self.text(piece)
+        self._pieces.append(piece)
+        sequence = self._sequence
+        self._sequence += 1
+        return b'%s%d,"delta":%s}\n\n' % (self._delta_head, sequence, orjson.dumps(piece))
+
+    def calls(self, calls: Sequence[ToolCall]) -> bytes:
+        frames = [self._close_message()]
+        for call in calls:
+            index = len(self._output)
+            item = _call_item(call, done=True)
+            located = {"item_id": item["id"], "output_index": index}
+            frames.append(
+                self._event(
+                    "response.output_item.added",
+                    {"output_index": index, "item": _call_item(call, done=False)},
+                )
+            )
+            if call.kind == "custom":
+                frames.append(
+                    self._event("response.custom_tool_call_input.delta",
+                                {**located, "delta": call.input})
+                )  # fmt: skip
+                frames.append(
+                    self._event("response.custom_tool_call_input.done",
+                                {**located, "input": call.input})
+                )  # fmt: skip
+            else:
+                frames.append(
+                    self._event("response.function_call_arguments.delta",
+                                {**located, "delta": call.arguments})
+                )  # fmt: skip
+                frames.append(
+                    self._event("response.function_call_arguments.done",
+                                {**located, "arguments": call.arguments})
+                )  # fmt: skip
+            self._output.append(item)
+            frames.append(
+                self._event("response.output_item.done", {"output_index": index, "item": item})
+            )
+        return b"".join(frames)
+
+    def finish(self, answer: Answer) -> bytes:
+        frames = b""
+        if self._pieces is None and not self._output:
+            frames = self._open_message()  # an empty answer is still one (empty) message
+        frames += self._close_message()
+        # A message-mode explanation ends as response.completed too, "length" included:
+        # Codex treats any other ending (response.incomplete) as a broken stream and
+        # retries it, so the user would never read the explanation.
+        response = self._response(
+            "completed", answer.model or self._model, self._output,
+            completed_at=int(time.time()), usage=usage(answer.usage),
+        )  # fmt: skip
+        return frames + self._event("response.completed", {"response": response})
+
+    def failure(self, error: UpstreamError) -> bytes:
+        frames = self._close_message("incomplete")
+        response = self._response(
+            "failed", self._model, self._output, error=error_object(error), usage=usage(Usage())
+        )
+        return frames + self._event("response.failed", {"response": response})
