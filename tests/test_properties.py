@@ -190,7 +190,7 @@ def _replace(value: Any, where: list[int], new: Any) -> Any:
 
 
 PROPERTY = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -219,5 +219,10 @@ def test_streaming_flags_with_any_value(live: Proxy, extra: dict[str, Any]) -> N
 
 def test_the_process_is_healthy_after_all_that(live: Proxy) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
-    connection.request("GET", "/health")
-    assert connection.getresponse().status == 200
+    try:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+    finally:
+        connection.close()
