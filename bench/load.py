@@ -29,6 +29,7 @@ class Result:
     error: str | None = None
     cut: bool = False  # a stream that did not end with finish "stop" and [DONE]
     stream: bool = False
+    frames: int = 0  # content frames received (streams)
 
     @property
     def ok(self) -> bool:
@@ -58,12 +59,15 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, mode: Mode)
                 chat = mode == "sse"
                 has_content = _has_content if chat else responses.has_content
                 finished = done = False
+                frames = 0
                 async for line in response.content:
                     now = time.perf_counter() - started
                     if ttfb is None:
                         ttfb = now
-                    if first_content is None and has_content(line):
-                        first_content = now
+                    if has_content(line):
+                        frames += 1
+                        if first_content is None:
+                            first_content = now
                     if not chat:
                         finished = done = finished or responses.finished(line)
                     elif b'"finish_reason":"stop"' in line:
@@ -72,7 +76,9 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, mode: Mode)
                         done = True
                 cut = status == 200 and not (finished and done)
                 latency = time.perf_counter() - started
-                return Result(status, latency, ttfb, first_content, cut=cut, stream=True)
+                return Result(
+                    status, latency, ttfb, first_content, cut=cut, stream=True, frames=frames
+                )
             async for _ in response.content.iter_any():
                 if ttfb is None:
                     ttfb = time.perf_counter() - started
