@@ -32,6 +32,7 @@ from .middlewares import (
     proxy_access_middleware,
     request_id_middleware,
 )
+from .protocols import anthropic
 from .protocols.chat import chat_completions
 from .protocols.openai import OpenAIErrors
 from .sai import SaiClient
@@ -129,10 +130,16 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app.router.add_get("/metrics", prometheus)
     # Each protocol's routes, and the error shape of the paths under them
     # (first matching prefix wins; OpenAI's shape everywhere else).
-    app[ERROR_SHAPES] = ((), OpenAIErrors())
+    anthropic_errors = anthropic.AnthropicErrors()
+    app[ERROR_SHAPES] = (
+        (("/v1/messages", anthropic_errors), ("/messages", anthropic_errors)),
+        OpenAIErrors(),
+    )
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", models)
+        app.router.add_post(f"{prefix}/messages", anthropic.messages)
+        app.router.add_post(f"{prefix}/messages/count_tokens", anthropic.count_tokens)
     return app
 
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 OPEN_PATHS: Final = frozenset({"/health", "/health/readiness", "/metrics"})
+API_KEY_HEADER: Final = "x-api-key"
 
 
 def new_request_id() -> str:
@@ -142,7 +143,11 @@ def metrics_middleware(*, metrics: Metrics) -> Middleware:
 
 
 def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
-    """Require ``Authorization: Bearer <one of keys>`` on every path but health checks."""
+    """Require one of ``keys`` on every path but health checks.
+
+    The key comes as ``Authorization: Bearer <key>`` (OpenAI clients, Claude
+    Code's ANTHROPIC_AUTH_TOKEN) or as ``x-api-key: <key>`` (Anthropic clients).
+    """
     allowed = [key.reveal().encode() for key in keys]
 
     @web.middleware
@@ -150,18 +155,22 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
         if request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        presented = token.strip().encode()
+        presented = [request.headers.get(API_KEY_HEADER, "").strip().encode()]
+        if scheme.lower() == "bearer":
+            presented.append(token.strip().encode())
         # Compare against every key, without stopping early, so timing tells nothing.
         matched = False
-        for key in allowed:
-            matched |= hmac.compare_digest(presented, key)
-        if scheme.lower() != "bearer" or not matched:
+        for candidate in presented:
+            for key in allowed:
+                matched |= hmac.compare_digest(candidate, key)
+        if not matched:
             log.info(
                 "proxy access refused",
-                extra={"reason": "no bearer token" if not presented else "unknown key"},
+                extra={"reason": "unknown key" if any(presented) else "no proxy key"},
             )
             raise ProxyAccessDenied(
-                "Invalid or missing proxy API key: send Authorization: Bearer <key>"
+                "Invalid or missing proxy API key: send Authorization: Bearer <key> "
+                "or x-api-key: <key>"
             )
         return await handler(request)
 
