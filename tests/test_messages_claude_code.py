@@ -216,7 +216,7 @@ async def test_claude_code_without_the_proxy_key(make_proxy: MakeProxy) -> None:
 async def test_claude_code_context_too_long_in_http_mode(
     make_proxy: MakeProxy, sai: FakeSai
 ) -> None:
-    # Claude Code compacts the conversation on Anthropic's "prompt is too long" 400.
+    # Anthropic's wording for it: "prompt is too long", a 400 invalid_request_error.
     proxy = await make_proxy(ERROR_MODE="http", MAX_CONTEXT_TOKENS="50")
     response = await proxy.post(
         "/v1/messages?beta=true", json=claude_code_body(), headers=headers()

@@ -506,7 +506,7 @@ def error_body(error: ProxyError) -> tuple[int, dict[str, Any]]:
             kind = "invalid_request_error"
     message = error.message
     if isinstance(error, ContextTooLong):
-        # Anthropic's own wording for it, which Claude Code recognises and compacts on.
+        # Anthropic's own wording for it, so clients that look for it recognise it.
         message = f"prompt is too long: {message}"
     return status, {"type": "error", "error": {"type": kind, "message": message}}
 
