@@ -9,8 +9,8 @@ import pytest
 from aiohttp import ClientResponse
 
 from saiproxy.core.prompt import estimate_tokens, sai_payload
-from saiproxy.errors import InvalidRequest
-from saiproxy.protocols.anthropic import parse
+from saiproxy.errors import InvalidRequest, ProxyError
+from saiproxy.protocols.anthropic import error_body, parse
 
 from .conftest import FakeSai, MakeProxy, Reply
 
@@ -529,3 +529,28 @@ async def test_users_own_key_in_the_user_api_key_header(proxy: Any, sai: FakeSai
     )
     assert response.status == 200
     assert sai.received[0].auth == ("X-Api-Key", "users-own-key-123")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (400, (400, "invalid_request_error")),
+        (401, (401, "authentication_error")),
+        (403, (403, "permission_error")),
+        (404, (404, "not_found_error")),
+        (405, (405, "invalid_request_error")),
+        (413, (413, "request_too_large")),
+        (429, (429, "rate_limit_error")),
+        (500, (500, "api_error")),
+        (502, (500, "api_error")),
+        (503, (529, "overloaded_error")),
+        (504, (504, "timeout_error")),
+        (507, (500, "api_error")),
+    ],
+)
+def test_statuses_map_onto_anthropics(status: int, expected: tuple[int, str]) -> None:
+    error = ProxyError("something")
+    error.status = status
+    mapped, data = error_body(error)
+    assert (mapped, data["error"]["type"]) == expected
+    assert data == {"type": "error", "error": {"type": expected[1], "message": "something"}}
