@@ -8,7 +8,10 @@ saiproxy serve both protocols; the two loads run in turns (the order flips
 every round) with the same client loop, and the median round of each counts.
 The target: Messages streaming within 10 % of Chat Completions streaming's RPS.
 The proxy's CPU time per stream is shown too: on a shared machine it is the
-steadier figure of the two.
+steadier figure of the two. Messages streams send ``message_start`` before SAI
+answers (Anthropic's clients expect it at once), Chat streams their first
+chunk only once SAI answered: against this fake SAI, which answers within a
+millisecond, that early write is most of the difference between the two.
 """
 
 from __future__ import annotations
@@ -34,33 +37,37 @@ TARGET: Final = 0.90
 PROMPT: Final = "Say something about load testing."
 SYSTEM: Final = "You are a benchmark."
 
-# Per protocol: path, body, and the line that shows a stream ended cleanly.
+# Per protocol: path, body, and the last frame of a stream that ended cleanly.
 PROTOCOLS: Final = {
     "chat": (
         "/v1/chat/completions",
         orjson.dumps({"model": "sai-model", "stream": True, "messages": [
             {"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]}),
-        b"data: [DONE]",
+        b"data: [DONE]\n\n",
     ),
     "messages": (
         "/v1/messages",
         orjson.dumps({"model": "sai-model", "stream": True, "max_tokens": 1024,
                       "system": SYSTEM, "messages": [{"role": "user", "content": PROMPT}]}),
-        b"event: message_stop",
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
     ),
 }  # fmt: skip
 
 
 async def one(session: aiohttp.ClientSession, url: str, body: bytes, end: bytes) -> bool:
-    """Stream one answer to its end; return whether it ended cleanly."""
+    """Stream one answer to its end; return whether it ended cleanly.
+
+    The body is read in chunks, not lines: the client shares the machine with
+    the proxy, and parsing more SSE lines for one protocol would tilt the scales.
+    """
     try:
         async with session.post(
             url, data=body, headers={"Content-Type": "application/json"}
         ) as response:
-            ended = False
-            async for line in response.content:
-                ended = ended or line.startswith(end)
-            return response.status == 200 and ended
+            tail = b""
+            async for chunk in response.content.iter_any():
+                tail = (tail + chunk)[-128:]
+            return response.status == 200 and end in tail
     except (TimeoutError, aiohttp.ClientError, OSError):
         return False
 
