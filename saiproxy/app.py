@@ -35,6 +35,7 @@ from .middlewares import (
     request_id_middleware,
 )
 from .openapi import openapi
+from .protocols import anthropic
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
@@ -138,7 +139,11 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app.router.add_get("/openapi.json", openapi)
     # Each protocol's routes, and the error shape of the paths under them
     # (first matching prefix wins; OpenAI's shape everywhere else).
-    app[ERROR_SHAPES] = ((), OpenAIErrors())
+    anthropic_errors = anthropic.AnthropicErrors()
+    app[ERROR_SHAPES] = (
+        (("/v1/messages", anthropic_errors), ("/messages", anthropic_errors)),
+        OpenAIErrors(),
+    )
     for prefix in ("", "/v1"):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/completions", completions)
@@ -146,6 +151,8 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         app.router.add_get(f"{prefix}/models", models)
         # Model IDs may contain "/" (``org/model``).
         app.router.add_get(f"{prefix}/models/{{model:.+}}", model)
+        app.router.add_post(f"{prefix}/messages", anthropic.messages)
+        app.router.add_post(f"{prefix}/messages/count_tokens", anthropic.count_tokens)
     return app
 
 

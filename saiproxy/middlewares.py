@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# The landing page and the API description show no secret: people need them before a key.
 OPEN_PATHS: Final = frozenset({"/health", "/health/readiness", "/metrics", "/", "/openapi.json"})
+API_KEY_HEADER: Final = "x-api-key"
 
 
 def new_request_id() -> str:
@@ -144,7 +144,11 @@ def metrics_middleware(*, metrics: Metrics) -> Middleware:
 
 
 def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
-    """Require ``Authorization: Bearer <one of keys>`` on every path but health checks."""
+    """Require one of ``keys`` on every path but health checks.
+
+    The key comes as ``Authorization: Bearer <key>`` (OpenAI clients, Claude
+    Code's ANTHROPIC_AUTH_TOKEN) or as ``x-api-key: <key>`` (Anthropic clients).
+    """
     allowed = [key.reveal().encode() for key in keys]
 
     @web.middleware
@@ -154,18 +158,24 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
         scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
         # aiohttp keeps undecodable header bytes as surrogates: encode them back
         # rather than fail, so a stray byte is a refusal (401), not a 500.
-        presented = token.strip().encode("utf-8", "surrogateescape")
+        presented = [
+            request.headers.get(API_KEY_HEADER, "").strip().encode("utf-8", "surrogateescape")
+        ]
+        if scheme.lower() == "bearer":
+            presented.append(token.strip().encode("utf-8", "surrogateescape"))
         # Compare against every key, without stopping early, so timing tells nothing.
         matched = False
-        for key in allowed:
-            matched |= hmac.compare_digest(presented, key)
-        if scheme.lower() != "bearer" or not matched:
+        for candidate in presented:
+            for key in allowed:
+                matched |= hmac.compare_digest(candidate, key)
+        if not matched:
             log.info(
                 "proxy access refused",
-                extra={"reason": "no bearer token" if not presented else "unknown key"},
+                extra={"reason": "unknown key" if any(presented) else "no proxy key"},
             )
             raise ProxyAccessDenied(
-                "Invalid or missing proxy API key: send Authorization: Bearer <key>"
+                "Invalid or missing proxy API key: send Authorization: Bearer <key> "
+                "or x-api-key: <key>"
             )
         return await handler(request)
 

@@ -142,7 +142,7 @@ def tool(spec: Any, param: str, *, flat: bool) -> Tool:
             "custom",
             format=_schema(custom.get("format"), f"{param}.format"),
         )
-    shown = kind[:40] if isinstance(kind, str) else kind
+    shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
     raise InvalidRequest(
         f"{param} has type {shown!r}: saiproxy emulates function and custom tools only",
         param=param,

@@ -122,10 +122,10 @@ def _turns(raw: Any) -> list[Turn]:
         elif kind in ("function_call_output", "custom_tool_call_output"):
             output = _text(item.get("output"), f"{where}.output")
             turns.append(Turn("tool", output, call_id=_string(item, "call_id", where)))
-        elif kind in SKIPPED_ITEMS:
+        elif isinstance(kind, str) and kind in SKIPPED_ITEMS:
             continue
         else:
-            shown = kind[:40] if isinstance(kind, str) else kind
+            shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
             raise InvalidRequest(
                 f"{where} has type {shown!r}: saiproxy accepts messages, function and custom "
                 "tool calls and their outputs (it stores nothing and runs no hosted tools)",

@@ -1,0 +1,525 @@
+"""Anthropic Messages: ``POST /v1/messages`` (streamed or not, with tools) and ``count_tokens``.
+
+What Claude Code and the Anthropic SDKs send is parsed into the neutral
+conversation: ``system`` (a string or text blocks), messages of ``text``,
+``tool_use`` and ``tool_result`` blocks (``thinking`` skipped, images and
+documents refused), client tools and ``tool_choice``. The answer comes back as
+a Message object, or as Anthropic's named SSE events; errors in Anthropic's
+``{"type": "error", "error": {...}}`` shape with its statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from ..core.conversation import Answer, Conversation, Finish, Tool, ToolCall, ToolChoice, Turn
+from ..core.exchange import Exchange, json_response, read_json
+from ..core.prompt import estimate_tokens, sai_payload
+from ..errors import ContextTooLong, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from ..keys import SETTINGS
+from . import openai
+
+SKIPPED_BLOCKS: Final = frozenset({"thinking", "redacted_thinking"})
+MEDIA_BLOCKS: Final = frozenset({"image", "document"})
+CLIENT_TOOL_TYPES: Final = (None, "custom")
+
+STOP_REASONS: Final[dict[Finish, str]] = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "stop_sequence": "stop_sequence",
+}
+
+# Anthropic's error type for each status it uses (its API reference, and the
+# types the official SDK declares). Statuses it does not use are mapped onto
+# the nearest one it does: SAI failing is Anthropic's 500 ``api_error``, a
+# service that cannot take the request now is its 529 ``overloaded_error``.
+ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+STATUS_MAP: Final = {502: 500, 503: 529}
+
+PING: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
+MESSAGE_STOP: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+# --- handlers
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Answer an Anthropic Messages request from a SAI template execution."""
+    body = await read_json(request)
+    conversation = parse(body)
+    exchange = Exchange(request, body, conversation, protocol="messages")
+    # message_start carries the input estimate; the exchange has it once prepared.
+    renderer = MessagesRenderer(f"msg_{exchange.ids}", lambda: estimate_tokens(exchange.chars))
+    return await exchange.respond(renderer)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """Return ``{"input_tokens": n}``: the estimate the early context check makes."""
+    body = await read_json(request)
+    conversation = parse(body, counting=True)
+    if request.app[SETTINGS].model_for(conversation.model) is None:
+        raise ModelNotFound(
+            f"The model {conversation.model!r} does not exist; see GET /v1/models",
+            param="model",
+        )
+    _, chars = sai_payload(conversation, 0)
+    return json_response({"input_tokens": estimate_tokens(chars)})
+
+
+# --- the request
+
+
+def parse(body: Any, *, counting: bool = False) -> Conversation:
+    """Validate a Messages body (or a count_tokens body) and return its conversation."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    if not counting:
+        _max_tokens(body.get("max_tokens"))
+    raw_messages = body.get("messages")
+    if raw_messages is None:
+        raise InvalidRequest("'messages' is required", param="messages")
+    if not isinstance(raw_messages, list):
+        raise InvalidRequest("'messages' must be an array of message objects", param="messages")
+    if not raw_messages:
+        raise InvalidRequest("'messages' must contain at least one message", param="messages")
+    turns = [turn for index, raw in enumerate(raw_messages) for turn in _message(raw, index)]
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidRequest("'metadata' must be an object", param="metadata")
+    tools = _tools(body.get("tools"))
+    choice, parallel = _tool_choice(body.get("tool_choice"), tools)
+    return Conversation(
+        turns,
+        system=_system(body.get("system")),
+        model=openai.model_name(body),
+        stream=False if counting else openai.flag(body, "stream"),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        stop=_stop_sequences(body.get("stop_sequences")),
+    )
+
+
+def _max_tokens(value: Any) -> None:
+    # SAI's template decides the length, but Anthropic requires the field, and
+    # clients that forget it should learn here rather than from Anthropic later.
+    if value is None:
+        raise InvalidRequest("'max_tokens' is required", param="max_tokens")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest("'max_tokens' must be a positive integer", param="max_tokens")
+
+
+def _kind(block: Any, where: str) -> str:
+    if not isinstance(block, dict):
+        raise InvalidRequest(f"{where} must be a content block object", param=where)
+    kind = block.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequest(f"{where}.type must be a string", param=where)
+    if kind in MEDIA_BLOCKS:
+        raise InvalidRequest(
+            f"SAI templates accept text only: {where} is {'an' if kind[0] in 'aeiou' else 'a'} "
+            f"{kind} block",
+            param=where,
+        )
+    return kind
+
+
+def _unsupported(kind: str, where: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{where} has type {kind[:40]!r}, which saiproxy does not support here", param=where
+    )
+
+
+def _text(block: dict[str, Any], where: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{where}.text must be a string", param=where)
+    return text
+
+
+def _system(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise InvalidRequest("'system' must be a string or an array of text blocks", param="system")
+    texts: list[str] = []
+    for index, block in enumerate(value):
+        where = f"system[{index}]"
+        if _kind(block, where) != "text":
+            raise InvalidRequest(f"{where} must be a text block", param=where)
+        texts.append(_text(block, where))
+    return "\n".join(texts)
+
+
+def _message(raw: Any, index: int) -> list[Turn]:
+    """Return the turns of one message: a user message may carry tool results and text."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where} must be an object", param=where)
+    role = raw.get("role")
+    if role not in ("user", "assistant"):
+        raise InvalidRequest(f"{where}.role must be user or assistant", param=f"{where}.role")
+    content = raw.get("content")
+    if isinstance(content, str):
+        return [Turn(role, content)]
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            f"{where}.content must be a string or an array of content blocks",
+            param=f"{where}.content",
+        )
+    if role == "assistant":
+        return [_assistant(content, where)]
+    return _user(content, where)
+
+
+def _user(content: list[Any], where: str) -> list[Turn]:
+    turns: list[Turn] = []
+    texts: list[str] = []
+    for index, block in enumerate(content):
+        at = f"{where}.content[{index}]"
+        kind = _kind(block, at)
+        if kind == "text":
+            texts.append(_text(block, at))
+        elif kind == "tool_result":
+            # Results answer the previous turn's calls; text that came before them
+            # (rare) stays before them.
+            if texts:
+                turns.append(Turn("user", "\n".join(texts)))
+                texts = []
+            turns.append(_tool_result(block, at))
+        elif kind not in SKIPPED_BLOCKS:
+            raise _unsupported(kind, at)
+    if texts or not turns:
+        turns.append(Turn("user", "\n".join(texts)))
+    return turns
+
+
+def _assistant(content: list[Any], where: str) -> Turn:
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for index, block in enumerate(content):
+        at = f"{where}.content[{index}]"
+        kind = _kind(block, at)
+        if kind == "text":
+            texts.append(_text(block, at))
+        elif kind == "tool_use":
+            calls.append(_tool_use(block, at))
+        elif kind not in SKIPPED_BLOCKS:
+            raise _unsupported(kind, at)
+    return Turn("assistant", "\n".join(texts), tuple(calls))
+
+
+def _tool_use(block: dict[str, Any], where: str) -> ToolCall:
+    call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        raise InvalidRequest(f"{where} needs a string id and name", param=where)
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(f"{where}.input must be an object", param=where)
+    return ToolCall(call_id, name, "function", orjson.dumps(arguments).decode())
+
+
+def _tool_result(block: dict[str, Any], where: str) -> Turn:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str):
+        raise InvalidRequest(f"{where}.tool_use_id must be a string", param=where)
+    content = block.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            at = f"{where}.content[{index}]"
+            kind = _kind(part, at)
+            if kind != "text":
+                raise _unsupported(kind, at)
+            texts.append(_text(part, at))
+        text = "\n".join(texts)
+    else:
+        raise InvalidRequest(
+            f"{where}.content must be a string or an array of text blocks", param=where
+        )
+    is_error = block.get("is_error")
+    if is_error is not None and not isinstance(is_error, bool):
+        raise InvalidRequest(f"{where}.is_error must be a boolean", param=where)
+    if is_error:
+        # SAI's convention has no error flag: the model reads it in the result.
+        text = f"The tool reported an error:\n{text}"
+    return Turn("tool", text, call_id=call_id)
+
+
+def _tools(value: Any) -> tuple[Tool, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest("'tools' must be an array of tools", param="tools")
+    tools: list[Tool] = []
+    for index, spec in enumerate(value):
+        where = f"tools[{index}]"
+        if not isinstance(spec, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        kind = spec.get("type")
+        if kind not in CLIENT_TOOL_TYPES:
+            shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+            raise InvalidRequest(
+                f"{where} has type {shown!r}: saiproxy emulates client tools "
+                "(name, description, input_schema) only",
+                param=where,
+            )
+        name = spec.get("name")
+        description = spec.get("description")
+        schema = spec.get("input_schema")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"{where}.name is required and must be a string", param=where)
+        if description is not None and not isinstance(description, str):
+            raise InvalidRequest(f"{where}.description must be a string", param=where)
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"{where}.input_schema must be a JSON schema object", param=where)
+        tools.append(Tool(name, description or "", "function", parameters=schema))
+    return tuple(tools)
+
+
+def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> tuple[ToolChoice, bool]:
+    """Return the tool choice and whether parallel calls are allowed."""
+    if value is None:
+        return ToolChoice(), True
+    if not isinstance(value, dict):
+        raise InvalidRequest("'tool_choice' must be an object", param="tool_choice")
+    disable_parallel = value.get("disable_parallel_tool_use")
+    if disable_parallel is not None and not isinstance(disable_parallel, bool):
+        raise InvalidRequest(
+            "'tool_choice.disable_parallel_tool_use' must be a boolean", param="tool_choice"
+        )
+    parallel = not disable_parallel
+    kind = value.get("type")
+    if kind == "auto":
+        return ToolChoice("auto"), parallel
+    if kind == "none":
+        return ToolChoice("none"), parallel
+    if kind == "any":
+        if not tools:
+            raise InvalidRequest("'tool_choice' any needs 'tools'", param="tool_choice")
+        return ToolChoice("required"), parallel
+    if kind == "tool":
+        name = value.get("name")
+        if not isinstance(name, str) or name not in {tool.name for tool in tools}:
+            raise InvalidRequest(
+                "'tool_choice' names a tool that is not in 'tools'", param="tool_choice"
+            )
+        return ToolChoice("named", name), parallel
+    raise InvalidRequest("'tool_choice.type' must be auto, any, tool or none", param="tool_choice")
+
+
+def _stop_sequences(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidRequest("'stop_sequences' must be an array of strings", param="stop_sequences")
+    return tuple(item for item in value if item)
+
+
+# --- the answer
+
+
+def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """Return a Usage object with every field the SDK types declare (no cache, no server tools)."""
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
+        "output_tokens_details": {"thinking_tokens": 0},
+        "service_tier": "standard",
+        "speed": "standard",
+        "inference_geo": None,
+    }
+
+
+def _delta_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    # message_delta counts are totals: the SDKs overwrite the message_start ones.
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
+        "output_tokens_details": {"thinking_tokens": 0},
+    }
+
+
+def _tool_use_block(call: ToolCall, arguments: Any) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": f"toolu_{call.id}",
+        "name": call.name,
+        "input": arguments,
+        "caller": {"type": "direct"},
+    }
+
+
+def _message_object(message_id: str, model: str) -> dict[str, Any]:
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "stop_details": None,
+        "container": None,
+        "diagnostics": None,
+    }
+
+
+def _event(name: bytes, data: dict[str, Any]) -> bytes:
+    return b"event: " + name + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class MessagesRenderer:
+    """Renders Message objects, and Anthropic's SSE events with their block indexes."""
+
+    eager = True  # Anthropic's clients get message_start at once, then pings while SAI works
+
+    def __init__(self, message_id: str, input_tokens: Callable[[], int]) -> None:
+        self._id = message_id
+        self._input_tokens = input_tokens
+        self._next_index = 0  # the index the next content block gets
+        self._text_prefix: bytes | None = None  # set while a text block is open
+
+    def body(self, answer: Answer) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if answer.text:  # Anthropic refuses empty text blocks when a client sends them back
+            content.append({"type": "text", "text": answer.text, "citations": None})
+        content.extend(_tool_use_block(call, orjson.loads(call.arguments)) for call in answer.calls)
+        message = _message_object(self._id, answer.model)
+        message.update(
+            content=content,
+            stop_reason=STOP_REASONS[answer.finish],
+            stop_sequence=answer.stop_sequence,
+            usage=usage(answer.usage.prompt_tokens, answer.usage.completion_tokens),
+        )
+        return message
+
+    def head(self, model: str) -> bytes:
+        message = _message_object(self._id, model)
+        message["usage"] = usage(self._input_tokens(), 0)
+        return _event(b"message_start", {"type": "message_start", "message": message})
+
+    def ping(self) -> bytes:
+        return PING
+
+    def _close_text(self) -> bytes:
+        if self._text_prefix is None:
+            return b""
+        self._text_prefix = None
+        index = self._next_index
+        self._next_index += 1
+        return _event(b"content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def text(self, piece: str) -> bytes:
+        if not piece:
+            return b""
+        opening = b""
+        if self._text_prefix is None:
+            index = self._next_index
+            opening = _event(
+                b"content_block_start",
+                {"type": "content_block_start", "index": index,
+                 "content_block": {"type": "text", "text": "", "citations": None}},
+            )  # fmt: skip
+            # Every delta of the block differs only in its text: the rest is built once.
+            self._text_prefix = (
+                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                + str(index).encode()
+                + b',"delta":{"type":"text_delta","text":'
+            )
+        return opening + self._text_prefix + orjson.dumps(piece) + b"}}\n\n"
+
+    def calls(self, calls: Sequence[ToolCall]) -> bytes:
+        frames = [self._close_text()]
+        for call in calls:
+            index = self._next_index
+            self._next_index += 1
+            frames += [
+                _event(b"content_block_start",
+                       {"type": "content_block_start", "index": index,
+                        "content_block": _tool_use_block(call, {})}),
+                _event(b"content_block_delta",
+                       {"type": "content_block_delta", "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+                _event(b"content_block_stop", {"type": "content_block_stop", "index": index}),
+            ]  # fmt: skip
+        return b"".join(frames)
+
+    def finish(self, answer: Answer) -> bytes:
+        delta = {
+            "type": "message_delta",
+            "delta": {
+                "stop_reason": STOP_REASONS[answer.finish],
+                "stop_sequence": answer.stop_sequence,
+                "stop_details": None,
+                "container": None,
+            },
+            "usage": _delta_usage(answer.usage.prompt_tokens, answer.usage.completion_tokens),
+        }
+        return self._close_text() + _event(b"message_delta", delta) + MESSAGE_STOP
+
+    def failure(self, error: UpstreamError) -> bytes:
+        # As Anthropic does mid-stream: one error event, and the stream ends there.
+        return _event(b"error", error_body(error)[1])
+
+
+# --- errors
+
+
+def error_body(error: ProxyError) -> tuple[int, dict[str, Any]]:
+    """Return Anthropic's status and error object for ``error``."""
+    status = STATUS_MAP.get(error.status, error.status)
+    kind = ERROR_TYPES.get(status)
+    if kind is None:
+        if status >= 500:
+            status, kind = 500, "api_error"
+        else:
+            # Anthropic's reference: other 4xx statuses are invalid_request_error too.
+            kind = "invalid_request_error"
+    message = error.message
+    if isinstance(error, ContextTooLong):
+        # Anthropic's own wording for it, so clients that look for it recognise it.
+        message = f"prompt is too long: {message}"
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+class AnthropicErrors:
+    """Anthropic's error shape: ``{"type": "error", "error": {"type", "message"}}``."""
+
+    def response(self, error: ProxyError) -> web.Response:
+        """Return the error as Anthropic's status and error object."""
+        status, body = error_body(error)
+        return web.Response(
+            status=status,
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers=error.headers(),
+        )
