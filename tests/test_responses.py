@@ -251,8 +251,9 @@ async def test_http_mode_rate_limit_after_start_is_response_failed(
     make_proxy: MakeProxy, sai: FakeSai
 ) -> None:
     proxy = await make_proxy(ERROR_MODE="http", SAI_COOKIE=None)
+    # SAI answers after the stream opened (EAGER_GRACE): the failure is in-band.
     sai.script(Reply(status=429, body="Test template usage limit exceeded",
-                     headers={"Retry-After": "7"}))  # fmt: skip
+                     headers={"Retry-After": "7"}, delay=0.2))  # fmt: skip
     status, stream, _ = await post(proxy, {"input": "hi", "stream": True})
     assert status == 200
     assert [e["type"] for e in stream] == [
@@ -266,7 +267,7 @@ async def test_http_mode_rate_limit_after_start_is_response_failed(
 
 async def test_http_mode_context_too_long_mid_stream(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy(ERROR_MODE="http")
-    sai.script(Reply(status=500, body="Error: prompt is too long: 250000 tokens"))
+    sai.script(Reply(status=500, body="Error: prompt is too long: 250000 tokens", delay=0.2))
     _, stream, _ = await post(proxy, {"input": "hi", "stream": True})
     assert stream[-1]["type"] == "response.failed"
     assert stream[-1]["response"]["error"]["code"] == "context_length_exceeded"
@@ -332,3 +333,14 @@ async def test_both_paths_answer(proxy: Any, sai: FakeSai) -> None:
         response = await proxy.post(path, json={"input": "hi"})
         assert response.status == 200
         assert (await response.json())["output"][0]["content"][0]["text"] == "Hello from SAI"
+
+
+async def test_http_mode_a_quick_failure_is_a_real_status(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    # SAI fails within the grace before response.created: nothing was sent yet.
+    proxy = await make_proxy(ERROR_MODE="http", SAI_COOKIE=None)
+    sai.script(Reply(status=429, body="Test template usage limit exceeded"))
+    response = await proxy.post("/v1/responses", json={"input": "hi", "stream": True})
+    assert response.status == 429
+    assert (await response.json())["error"]["code"] == "rate_limit_exceeded"

@@ -281,14 +281,14 @@ async def test_later_turn_with_history_is_only_a_call(make_proxy: MakeProxy, sai
 async def test_rate_limit_gives_codex_its_retry_delay(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy(ERROR_MODE="http", SAI_COOKIE=None)
     sai.script(Reply(status=429, body="Test template usage limit exceeded",
-                     headers={"Retry-After": "12"}))  # fmt: skip
+                     headers={"Retry-After": "12"}, delay=0.2))  # fmt: skip
     turn = await run_turn(proxy, codex_request(message("user", "hi")))
     assert turn.created and turn.error == ("retryable", 12.0)
 
 
 async def test_context_too_long_stops_codex(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy(ERROR_MODE="http")
-    sai.script(Reply(status=500, body="openaicompatible: prompt is too long"))
+    sai.script(Reply(status=500, body="openaicompatible: prompt is too long", delay=0.2))
     turn = await run_turn(proxy, codex_request(message("user", "hi")))
     assert turn.error == ("context_window_exceeded", None)
 

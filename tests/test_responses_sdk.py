@@ -187,7 +187,7 @@ async def test_failure_after_start_reaches_the_stream_helper(
     make_proxy: MakeProxy, sai: FakeSai
 ) -> None:
     proxy = await make_proxy(ERROR_MODE="http")
-    sai.script(Reply(status=500, body="prompt is too long"))
+    sai.script(Reply(status=500, body="prompt is too long", delay=0.2))
     client = _client(proxy)
     async with client, client.responses.stream(model="sai-model", input="hi") as events:
         last = [event async for event in events][-1]

@@ -45,6 +45,7 @@ log = logging.getLogger("saiproxy.exchange")
 
 SSE_HEADERS: Final = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 ERROR_HEADER: Final = "X-Saiproxy-Error"
+EAGER_GRACE: Final = 0.05  # seconds an eager stream waits for SAI before it opens anyway
 Policy = Literal["raise", "in_band", "explain"]
 _T = TypeVar("_T")
 
@@ -586,7 +587,13 @@ class _Stream:
         )
         try:
             if renderer.eager and exchange.early is None:
-                await self.start(exchange.model)
+                # These clients expect the opening event at once. A SAI that
+                # answers within the grace opens the stream itself, with its
+                # model name and no write of its own (a fast failure is then
+                # still a real status in http mode).
+                await asyncio.wait({opening}, timeout=EAGER_GRACE)
+                if not opening.done():
+                    await self.start(exchange.model)
             # Until SAI answers 200 nothing need be sent, so a failure can still be a
             # real HTTP status; if the first keep-alive falls due first, the stream starts.
             while not opening.done():
