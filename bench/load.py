@@ -36,13 +36,19 @@ class Result:
         return self.status == 200 and self.error is None and not self.cut
 
 
-def _has_content(line: bytes) -> bool:
-    """Return True for a chunk frame that carries answer text (not the role chunk)."""
-    return (
-        line.startswith(b'data: {"id"')
-        and b'"delta":{"content":"' in line
-        and b'"content":""' not in line
-    )
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """How a protocol's stream shows a piece of answer text, and a clean end."""
+
+    content: bytes  # in every frame that carries answer text (not the opening frames)
+    ends: tuple[bytes, ...]  # every one of these appears in a stream that ended cleanly
+
+
+MARKS: dict[str, Marks] = {
+    "sse": Marks(b'"delta":{"content":"', (b'"finish_reason":"stop"', b"data: [DONE]")),
+    "responses": Marks(responses.DELTA, (responses.COMPLETED,)),
+}
+_OVERLAP = 64  # bytes kept from the previous read: a mark may straddle two reads
 
 
 async def one(session: aiohttp.ClientSession, url: str, body: bytes, mode: Mode) -> Result:
@@ -56,25 +62,25 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, mode: Mode)
             status = response.status
             ttfb = first_content = None
             if mode in STREAMS:
-                chat = mode == "sse"
-                has_content = _has_content if chat else responses.has_content
-                finished = done = False
+                # Read as the bytes come, the same loop for every protocol: the
+                # client's cost must not depend on how many lines a frame has.
+                marks = MARKS[mode]
+                ended: set[bytes] = set()
                 frames = 0
-                async for line in response.content:
+                tail = b""
+                async for chunk in response.content.iter_any():
                     now = time.perf_counter() - started
                     if ttfb is None:
                         ttfb = now
-                    if has_content(line):
-                        frames += 1
+                    seen = tail + chunk
+                    found = seen.count(marks.content) - tail.count(marks.content)
+                    if found:
+                        frames += found
                         if first_content is None:
                             first_content = now
-                    if not chat:
-                        finished = done = finished or responses.finished(line)
-                    elif b'"finish_reason":"stop"' in line:
-                        finished = True
-                    elif line.startswith(b"data: [DONE]"):
-                        done = True
-                cut = status == 200 and not (finished and done)
+                    ended.update(end for end in marks.ends if end in seen)
+                    tail = seen[-_OVERLAP:]
+                cut = status == 200 and len(ended) < len(marks.ends)
                 latency = time.perf_counter() - started
                 return Result(
                     status, latency, ttfb, first_content, cut=cut, stream=True, frames=frames

@@ -11,8 +11,8 @@ from typing import Final
 import orjson
 
 PATH: Final = "/v1/responses"
-_DELTA: Final = b'data: {"type":"response.output_text.delta"'
-_COMPLETED: Final = b'data: {"type":"response.completed"'
+DELTA: Final = b'data: {"type":"response.output_text.delta"'
+COMPLETED: Final = b'data: {"type":"response.completed"'
 
 
 def body(stream: bool, text: str = "Say something about load testing.") -> bytes:
@@ -21,13 +21,3 @@ def body(stream: bool, text: str = "Say something about load testing.") -> bytes
         {"model": "sai-model", "stream": stream, "instructions": "You are a benchmark.",
          "input": text}
     )  # fmt: skip
-
-
-def has_content(line: bytes) -> bool:
-    """Return True for the event line of a piece of answer text."""
-    return line.startswith(_DELTA)
-
-
-def finished(line: bytes) -> bool:
-    """Return True for the event that ends a whole answer."""
-    return line.startswith(_COMPLETED) and b'"status":"completed"' in line
