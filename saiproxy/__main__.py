@@ -11,7 +11,7 @@ from collections.abc import Callable
 from . import __version__, trace, workers
 from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
 from .server import ListenError, serve
-from .settings import SettingsError, load_settings
+from .settings import SettingsError, load_settings, setting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,9 +50,9 @@ async def _run(demo: bool) -> int:
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """Return uvloop's loop factory when installed (EVENT_LOOP=auto|uvloop), else None."""
-    choice = os.environ.get("EVENT_LOOP", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "asyncio", "uvloop"):
-        raise SettingsError("EVENT_LOOP", f"must be one of auto, asyncio, uvloop, got {choice!r}")
+    # Read alone: the loop runs before the settings load (the demo upstream
+    # they may point at starts on it).
+    choice = setting("event_loop")
     if choice == "asyncio":
         return None
     try:

@@ -331,7 +331,7 @@ class SaiClient:
                 "SAI rejected the credential; not falling back",
                 extra={"credential": credential.label, "source": credential.source},
             )
-            return UpstreamAuthRejected(credential.label)
+            return UpstreamAuthRejected(credential.label, credential.fix_when_rejected)
         if status == 429:
             fallback = self._chain.after_rate_limit(call.tried)
             if fallback is None:

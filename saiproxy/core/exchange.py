@@ -25,7 +25,7 @@ from aiohttp_sse import EventSourceResponse
 
 from ..errors import BodyTooLarge, ContextTooLong, InvalidRequest, ModelNotFound, UpstreamError
 from ..keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
-from ..logs import event
+from ..logs import RESPONSE_FINISHED, event
 from ..sai import SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
 from .answer import AnswerFilter, Rejected, check_json
@@ -390,7 +390,7 @@ class Exchange:
         usage = self.usage
         event(
             log,
-            "response finished",
+            RESPONSE_FINISHED,
             {
                 "path": self.request.path,
                 "status": self.status,
