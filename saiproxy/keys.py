@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from .auth import AuthChain
@@ -25,7 +24,6 @@ class ServingState:
 
 SETTINGS = web.AppKey("settings", Settings)
 AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
 METRICS = web.AppKey("metrics", Metrics)

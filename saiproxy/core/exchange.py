@@ -35,7 +35,7 @@ from .render import Renderer
 
 log = logging.getLogger("saiproxy.exchange")
 
-SSE_HEADERS: Final = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+SSE_HEADERS: Final[dict[str, str]] = {}  # aiohttp-sse sets no-cache and X-Accel-Buffering
 ERROR_HEADER: Final = "X-Saiproxy-Error"
 Policy = Literal["raise", "in_band", "explain"]
 
