@@ -9,7 +9,7 @@
     │   ├── ProxyAccessDenied       401 authentication_error / invalid_api_key
     │   ├── NoCredential            401: the auth chain found no SAI credential
     │   └── ModelNotFound           404 model_not_found (STRICT_MODELS)
-    └── UpstreamError               SAI's answer, mapped by ERROR_MODE (§3)
+    └── UpstreamError               SAI's answer, mapped by ERROR_MODE (docs/sai.md)
         ├── UpstreamAuthRejected    SAI said 401 for a credential
         ├── UpstreamRateLimited     SAI said 429 and no fallback is left
         ├── ContextTooLong          SAI's "prompt is too long", or the early estimate

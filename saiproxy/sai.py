@@ -1,4 +1,4 @@
-"""The SAI client: one template execution, with retries and credential fallback (§1, §3).
+"""The SAI client: one template execution, with retries and credential fallback (docs/sai.md).
 
 :meth:`SaiClient.open` returns once SAI has answered 200, leaving the body to
 be read piece by piece; every earlier failure is retried, falls back or

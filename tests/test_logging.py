@@ -1,4 +1,4 @@
-"""Logs (§6): every line of a request carries its ID, and no secret is ever written."""
+"""Logs (docs/operations.md): every line of a request carries its ID, no secret is written."""
 
 from __future__ import annotations
 

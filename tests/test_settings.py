@@ -1,4 +1,4 @@
-"""Settings (§5): environment over file, Docker secrets, startup validation with exit 2."""
+"""Settings (docs/configuration.md): environment over file, secrets, validation with exit 2."""
 
 from __future__ import annotations
 
@@ -178,9 +178,13 @@ def test_env_example_and_readme_document_every_variable() -> None:
     documented = (ROOT / "config" / ".env.example").read_text()
     readme = (ROOT / "README.md").read_text()
     names = {option.env for option in OPTIONS.values()} | {"SAIPROXY_CONFIG"}
+    reference = (ROOT / "docs" / "configuration.md").read_text()
     for name in sorted(names):
         assert f"\n{name}=" in documented, name
         assert f"`{name}`" in readme, name
+    for option in OPTIONS.values():
+        row = f"| `{option.env}` | `[{option.section}]` `{option.toml_key}` |"
+        assert row in reference, option.env
 
 
 def test_env_example_loads(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Streaming (§2): exact SSE frames, real pass-through, keep-alive, disconnects, faults."""
+"""Streaming (docs/architecture.md): SSE frames, pass-through, keep-alive, disconnects, faults."""
 
 from __future__ import annotations
 
