@@ -1,4 +1,4 @@
-"""A fake SAI built for load: fixed answer length, optional delay and drip.
+"""The fake SAI for load: saiproxy's fake with a fixed answer, optional delay and drip.
 
 Run it as ``python -m bench.fake_sai --port 9000 --chars 200 --drip-chunks 10
 --drip-seconds 2``. It answers every template execution with ``chars``
@@ -9,20 +9,22 @@ over ``drip-seconds`` (one piece when 0).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import resource
 import socket
 import sys
 
 from aiohttp import web
 
+from saiproxy.fake_sai import FakeSai, Reply
+
 
 def make_app(chars: int, delay: float, drip_chunks: int, drip_seconds: float) -> web.Application:
-    """Return the fake SAI application."""
+    """Return the fake SAI application: saiproxy's fake with one fixed reply, nothing recorded."""
     answer = ("lorem ipsum dolor sit amet " * (chars // 27 + 1))[:chars].encode()
     pieces = max(1, drip_chunks)
     size = -(-len(answer) // pieces)
-    chunks = [answer[i : i + size] for i in range(0, len(answer), size)] or [b""]
+    chunks: list[str | bytes] = [answer[i : i + size] for i in range(0, len(answer), size)]
+    chunks = chunks or [b""]
     gap = drip_seconds / len(chunks) if drip_seconds > 0 else 0.0
     headers = {
         "Content-Type": "text/plain; charset=utf-8",
@@ -30,26 +32,9 @@ def make_app(chars: int, delay: float, drip_chunks: int, drip_seconds: float) ->
         "completiontokens": str(max(1, chars // 4)),
         "model": "sai-bench",
     }
-
-    async def execute(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        if delay:
-            await asyncio.sleep(delay)
-        if len(chunks) == 1 and not gap:
-            return web.Response(body=chunks[0], headers=headers)
-        response = web.StreamResponse(headers=headers)
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for chunk in chunks:
-            if gap:
-                await asyncio.sleep(gap)
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/api/templates/{template}/execute", execute)
-    return app
+    # Each piece follows a gap, the first one included.
+    reply = Reply(body=chunks, headers=headers, delay=delay + gap, chunk_delay=gap)
+    return FakeSai(default=reply, record=False).app
 
 
 def free_port() -> int:

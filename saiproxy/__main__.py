@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable
 
 from . import __version__, check, trace, workers
-from .demo import DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
+from .demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
 from .server import ListenError, serve
-from .settings import SettingsError, load_settings
+from .settings import SettingsError, load_settings, setting
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,11 +34,17 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(demo: bool) -> int:
     env = dict(os.environ)
-    demo_runner = None
+    demo_sai = None
     if demo:
-        demo_runner, url = await start_demo_upstream()
-        env.update(SAI_URL=url, SAI_KEY=DEMO_KEY, SAI_TEMPLATE_ID=DEMO_TEMPLATE)
-        print(f"saiproxy demo: fake SAI at {url}", file=sys.stderr)
+        demo_sai, url = await start_demo_upstream()
+        env.update(
+            SAI_URL=url, SAI_KEY=DEMO_KEY, SAI_COOKIE=DEMO_COOKIE, SAI_TEMPLATE_ID=DEMO_TEMPLATE
+        )
+        print(
+            f"saiproxy demo: fake SAI at {url}; a message starting with demo:429, "
+            "demo:timeout, demo:tool ... scripts an outcome (docs/demo.md)",
+            file=sys.stderr,
+        )
     try:
         settings = load_settings(env)
         if settings.workers > 1 and not workers.is_worker():
@@ -47,15 +53,15 @@ async def _run(demo: bool) -> int:
         await serve(settings)
         return 0
     finally:
-        if demo_runner is not None:
-            await demo_runner.cleanup()
+        if demo_sai is not None:
+            await demo_sai.stop()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """Return uvloop's loop factory when installed (EVENT_LOOP=auto|uvloop), else None."""
-    choice = os.environ.get("EVENT_LOOP", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "asyncio", "uvloop"):
-        raise SettingsError("EVENT_LOOP", f"must be one of auto, asyncio, uvloop, got {choice!r}")
+    # Read alone: the loop runs before the settings load (the demo upstream
+    # they may point at starts on it).
+    choice = setting("event_loop")
     if choice == "asyncio":
         return None
     try:

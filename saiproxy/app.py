@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +19,6 @@ from .keys import (
     OUTCOME,
     REQUEST_ID,
     SAI,
-    SESSION,
     SETTINGS,
     STATE,
     ServingState,
@@ -72,7 +72,10 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
-def _logging_ctx(log_setup: LogSetup) -> object:
+def _logging_ctx(
+    log_setup: LogSetup,
+) -> Callable[[web.Application], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         log_setup.start()
         yield
@@ -95,7 +98,6 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
-        app[SESSION] = session
         app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN], app[METRICS])
         yield
 
@@ -128,7 +130,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app[AUTH_CHAIN] = AuthChain.from_settings(settings)
     app.on_response_prepare.append(add_request_id_header)
     if log_setup is not None:
-        app.cleanup_ctx.append(_logging_ctx(log_setup))  # type: ignore[arg-type]
+        app.cleanup_ctx.append(_logging_ctx(log_setup))
     app.cleanup_ctx.append(_upstream_ctx)
 
     app.router.add_get("/health", health)

@@ -1,4 +1,4 @@
-"""The credential chain: which SAI credential a request uses (§4).
+"""The credential chain: which SAI credential a request uses (see docs/auth.md).
 
 Each handler looks in one place and either returns a :class:`Credential` or
 passes. The chain tries them in ``AUTH_CHAIN`` order. After SAI answers, the
@@ -20,7 +20,7 @@ from typing import Any, Final, Literal, Protocol
 from aiohttp import hdrs, web
 
 from .errors import InvalidRequest, NoCredential
-from .settings import Secret, Settings
+from .settings import AuthHandlerName, Secret, Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,31 @@ USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")
 _UNSENDABLE: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 Kind = Literal["key", "cookie"]
+
+# The name users and operators know each credential by, and what to do when
+# SAI rejects it, by (supplied by the user, kind).
+_LABELS: Final[dict[tuple[bool, Kind], tuple[str, str]]] = {
+    (True, "key"): (
+        "user key",
+        "Check the SAI API key configured in your client (user_api_key); "
+        "remove it to use the shared key.",
+    ),
+    (True, "cookie"): (
+        "user cookie",
+        "Your SAI session cookie has expired: sign in to SAI again and "
+        "configure the fresh cookie in your client.",
+    ),
+    (False, "key"): (
+        "SAI_KEY",
+        "The proxy's shared SAI_KEY was rejected: ask the saiproxy operators "
+        "to renew it, or configure your own SAI key (user_api_key).",
+    ),
+    (False, "cookie"): (
+        "SAI_COOKIE",
+        "The proxy's shared SAI_COOKIE has expired: ask the saiproxy "
+        "operators to refresh it, or configure your own SAI key (user_api_key).",
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +70,12 @@ class Credential:
     @property
     def label(self) -> str:
         """Return the name users and operators know it by."""
-        if self.user:
-            return "user key" if self.kind == "key" else "user cookie"
-        return "SAI_KEY" if self.kind == "key" else "SAI_COOKIE"
+        return _LABELS[self.user, self.kind][0]
+
+    @property
+    def fix_when_rejected(self) -> str:
+        """Return what to do when SAI rejects this credential (401)."""
+        return _LABELS[self.user, self.kind][1]
 
     def headers(self) -> dict[str, str]:
         """Return SAI's auth header: exactly one of X-Api-Key or Cookie."""
@@ -68,16 +96,12 @@ class Credential:
 class AuthHandler(Protocol):
     """Finds a credential in one place, or passes with None."""
 
-    name: str
-
     def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
         """Return the credential this handler finds for the request."""
 
 
 class _UserValue:
     """Shared rules for values a user supplies: trim, reject empties and placeholders."""
-
-    name = "user"
 
     def __init__(self, placeholders: Sequence[str]) -> None:
         self._placeholders = frozenset(p.lower() for p in placeholders)
@@ -111,8 +135,6 @@ class _UserValue:
 class MetadataHandler(_UserValue):
     """``litellm_params.metadata.user_api_key``, then ``metadata.user_api_key`` in the body."""
 
-    name = "metadata"
-
     def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
         params = body.get("litellm_params")
         if isinstance(params, dict):
@@ -132,8 +154,6 @@ class MetadataHandler(_UserValue):
 class HeaderHandler(_UserValue):
     """The ``user_api_key`` or ``user-api-key`` request header."""
 
-    name = "header"
-
     def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
         for header in USER_KEY_HEADERS:
             found = self._accept(request.headers.get(header), f"header {header}")
@@ -145,8 +165,6 @@ class HeaderHandler(_UserValue):
 class BearerHandler(_UserValue):
     """``Authorization: Bearer <key>`` as the user's own SAI key (opt-in)."""
 
-    name = "bearer"
-
     def find(self, request: web.Request, body: Mapping[str, Any]) -> Credential | None:
         scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
         if scheme.lower() != "bearer":
@@ -157,10 +175,9 @@ class BearerHandler(_UserValue):
 class SystemHandler:
     """A shared credential from the settings: SAI_KEY or SAI_COOKIE."""
 
-    def __init__(self, name: str, kind: Kind, secret: Secret | None) -> None:
-        self.name = name
+    def __init__(self, kind: Kind, secret: Secret | None) -> None:
         self._credential = (
-            Credential(kind, "SAI_KEY" if kind == "key" else "SAI_COOKIE", secret, user=False)
+            Credential(kind, _LABELS[False, kind][0], secret, user=False)
             if secret is not None
             else None
         )
@@ -184,15 +201,15 @@ class AuthChain:
     @classmethod
     def from_settings(cls, settings: Settings) -> AuthChain:
         """Build the chain named by AUTH_CHAIN."""
-        cookie = SystemHandler("system_cookie", "cookie", settings.sai_cookie)
-        factories: dict[str, AuthHandler] = {
-            "metadata": MetadataHandler(settings.placeholders),
-            "header": HeaderHandler(settings.placeholders),
-            "bearer": BearerHandler(settings.placeholders),
-            "system_key": SystemHandler("system_key", "key", settings.sai_key),
-            "system_cookie": cookie,
+        cookie = SystemHandler("cookie", settings.sai_cookie)
+        handlers: dict[AuthHandlerName, AuthHandler] = {
+            AuthHandlerName.METADATA: MetadataHandler(settings.placeholders),
+            AuthHandlerName.HEADER: HeaderHandler(settings.placeholders),
+            AuthHandlerName.BEARER: BearerHandler(settings.placeholders),
+            AuthHandlerName.SYSTEM_KEY: SystemHandler("key", settings.sai_key),
+            AuthHandlerName.SYSTEM_COOKIE: cookie,
         }
-        return cls([factories[name] for name in settings.auth_chain], cookie.credential)
+        return cls([handlers[name] for name in settings.auth_chain], cookie.credential)
 
     def select(self, request: web.Request, body: Mapping[str, Any]) -> Credential:
         """Return the first credential a handler finds; raise NoCredential if none does."""

@@ -64,14 +64,14 @@ class Probe:
 def system_credentials(settings: Settings) -> list[Credential]:
     """Return the configured system credentials, SAI_KEY first, as the auth chain builds them."""
     handlers = (
-        SystemHandler("system_key", "key", settings.sai_key),
-        SystemHandler("system_cookie", "cookie", settings.sai_cookie),
+        SystemHandler("key", settings.sai_key),
+        SystemHandler("cookie", settings.sai_cookie),
     )
     return [handler.credential for handler in handlers if handler.credential is not None]
 
 
 def probe_payload() -> bytes:
-    """Return the smallest template execution SAI accepts (SPEC §1)."""
+    """Return the smallest template execution SAI accepts (see docs/sai.md)."""
     message_id = int(time.time() * 1000)
     return orjson.dumps(
         {

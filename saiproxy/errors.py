@@ -9,7 +9,7 @@
     │   ├── ProxyAccessDenied       401 authentication_error / invalid_api_key
     │   ├── NoCredential            401: the auth chain found no SAI credential
     │   └── ModelNotFound           404 model_not_found (STRICT_MODELS)
-    └── UpstreamError               SAI's answer, mapped by ERROR_MODE (§3)
+    └── UpstreamError               SAI's answer, mapped by ERROR_MODE (docs/sai.md)
         ├── UpstreamAuthRejected    SAI said 401 for a credential
         ├── UpstreamRateLimited     SAI said 429 and no fallback is left
         ├── ContextTooLong          SAI's "prompt is too long", or the early estimate
@@ -134,19 +134,7 @@ class UpstreamAuthRejected(UpstreamError):
     type = "authentication_error"
     code = "invalid_api_key"
 
-    _FIXES: ClassVar[dict[str, str]] = {
-        "user key": "Check the SAI API key configured in your client (user_api_key); "
-        "remove it to use the shared key.",
-        "user cookie": "Your SAI session cookie has expired: sign in to SAI again and "
-        "configure the fresh cookie in your client.",
-        "SAI_KEY": "The proxy's shared SAI_KEY was rejected: ask the saiproxy operators "
-        "to renew it, or configure your own SAI key (user_api_key).",
-        "SAI_COOKIE": "The proxy's shared SAI_COOKIE has expired: ask the saiproxy "
-        "operators to refresh it, or configure your own SAI key (user_api_key).",
-    }
-
-    def __init__(self, label: str) -> None:
-        fix = self._FIXES.get(label, "Check the configured SAI credential.")
+    def __init__(self, label: str, fix: str) -> None:
         super().__init__(f"SAI rejected the {label} (HTTP 401). {fix}")
         self.label = label
 

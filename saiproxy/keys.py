@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from .auth import AuthChain
@@ -37,7 +36,6 @@ class ServingState:
 
 SETTINGS = web.AppKey("settings", Settings)
 AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
 METRICS = web.AppKey("metrics", Metrics)

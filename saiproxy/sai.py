@@ -1,4 +1,4 @@
-"""The SAI client: one template execution, with retries and credential fallback (§1, §3).
+"""The SAI client: one template execution, with retries and credential fallback (docs/sai.md).
 
 :meth:`SaiClient.open` returns once SAI has answered 200, leaving the body to
 be read piece by piece; every earlier failure is retried, falls back or
@@ -331,7 +331,7 @@ class SaiClient:
                 "SAI rejected the credential; not falling back",
                 extra={"credential": credential.label, "source": credential.source},
             )
-            return UpstreamAuthRejected(credential.label)
+            return UpstreamAuthRejected(credential.label, credential.fix_when_rejected)
         if status == 429:
             fallback = self._chain.after_rate_limit(call.tried)
             if fallback is None:

@@ -1,4 +1,4 @@
-"""Run the application: listen, and drain gracefully on SIGTERM (§7)."""
+"""Run the application: listen, and drain gracefully on SIGTERM (docs/operations.md)."""
 
 from __future__ import annotations
 

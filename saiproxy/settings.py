@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -18,8 +19,24 @@ from yarl import URL
 
 SECRETS_DIR: Final = "/run/secrets"
 DEFAULT_CONFIG_PATH: Final = "config/saiproxy.toml"
-KNOWN_AUTH_HANDLERS: Final = ("metadata", "header", "bearer", "system_key", "system_cookie")
-DEFAULT_AUTH_CHAIN: Final = ("metadata", "header", "system_key", "system_cookie")
+
+
+class AuthHandlerName(StrEnum):
+    """The handlers AUTH_CHAIN may name (saiproxy/auth.py builds one for each)."""
+
+    METADATA = "metadata"
+    HEADER = "header"
+    BEARER = "bearer"
+    SYSTEM_KEY = "system_key"
+    SYSTEM_COOKIE = "system_cookie"
+
+
+DEFAULT_AUTH_CHAIN: Final = (
+    AuthHandlerName.METADATA,
+    AuthHandlerName.HEADER,
+    AuthHandlerName.SYSTEM_KEY,
+    AuthHandlerName.SYSTEM_COOKIE,
+)
 
 ErrorMode = Literal["message", "http"]
 LogFormat = Literal["json", "text"]
@@ -68,72 +85,6 @@ class ModelConfig:
     name: str
     template_id: str
     model_override: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Every runtime setting of saiproxy, validated."""
-
-    sai_url: URL
-    models: Mapping[str, ModelConfig]
-    default_model: str
-    sai_key: Secret | None = None
-    sai_cookie: Secret | None = None
-    host: str = "0.0.0.0"
-    port: int = 4000
-    request_timeout: float = 600.0
-    connect_timeout: float = 10.0
-    max_retries: int = 3
-    retry_backoff: float = 0.5
-    upstream_connections: int = 0
-    max_context_tokens: int = 128_000
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_answer_bytes: int = 32 * 1024 * 1024
-    keepalive_timeout: float = 75.0
-    body_read_timeout: float = 30.0
-    error_mode: ErrorMode = "message"
-    strict_models: bool = False
-    auth_chain: tuple[str, ...] = DEFAULT_AUTH_CHAIN
-    placeholders: tuple[str, ...] = ("raspberry",)
-    proxy_api_keys: tuple[Secret, ...] = ()
-    verbose_logging: bool = False
-    log_level: str = "info"
-    log_dir: str = "logs"
-    log_file: bool = True
-    log_format: LogFormat = "json"
-    log_max_bytes: int = 5 * 1024 * 1024
-    log_backups: int = 3
-    shutdown_delay: float = 2.0
-    shutdown_timeout: float = 30.0
-    ping_interval: float = 15.0
-    tool_repair_retries: int = 1
-    workers: int = 1
-
-    def model_for(self, name: str | None) -> ModelConfig | None:
-        """Return the model serving ``name``: unknown names map to the default unless strict."""
-        if name is None or name == "":
-            return self.models[self.default_model]
-        found = self.models.get(name)
-        if found is None and not self.strict_models:
-            return self.models[self.default_model]
-        return found
-
-    def secrets(self) -> tuple[Secret, ...]:
-        """Return every configured secret, for log masking."""
-        values = [self.sai_key, self.sai_cookie, *self.proxy_api_keys]
-        if self.sai_url.password:
-            values.append(Secret(self.sai_url.password))
-        return tuple(value for value in values if value is not None)
-
-    @property
-    def loggable_sai_url(self) -> str:
-        """Return SAI_URL without its user info: a password in it must never be logged."""
-        return redact_url(self.sai_url)
-
-
-def redact_url(url: URL) -> str:
-    """Return ``url`` as text without user name and password."""
-    return str(url.with_user(None)) if url.user or url.password else str(url)
 
 
 # --- parsers: each takes the raw text and returns the typed value or raises ValueError
@@ -197,6 +148,25 @@ def _names(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _lower_names(raw: str) -> tuple[str, ...]:
+    return tuple(name.lower() for name in _names(raw))
+
+
+def _secrets(raw: str) -> tuple[Secret, ...]:
+    return tuple(Secret(value) for value in _names(raw))
+
+
+def _auth_chain(raw: str) -> tuple[AuthHandlerName, ...]:
+    names = _names(raw)
+    if not names:
+        raise ValueError("must name at least one handler")
+    known = ", ".join(AuthHandlerName)
+    for name in names:
+        if name not in AuthHandlerName.__members__.values():
+            raise ValueError(f"unknown handler {name!r}; known: {known}")
+    return tuple(AuthHandlerName(name) for name in names)
+
+
 def _url(raw: str) -> URL:
     url = URL(raw.strip().rstrip("/"))
     if url.scheme not in ("http", "https") or not url.host:
@@ -209,47 +179,149 @@ def _str(raw: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Option:
+class Option:
+    """Where a setting comes from: its environment name (the TOML key is its lower case),
+    its TOML table, and the parser of its raw text."""
+
     env: str
     section: str
     parse: Callable[[str], Any]
-    attr: str
     secret: bool = False
 
+    @property
+    def toml_key(self) -> str:
+        """Return the setting's key in its TOML table."""
+        return self.env.lower()
 
-_OPTIONS: Final = (
-    _Option("HOST", "server", _str, "host"),
-    _Option("PORT", "server", _port, "port"),
-    _Option("WORKERS", "server", _positive_int, "workers"),
-    _Option("MAX_BODY_BYTES", "server", _positive_int, "max_body_bytes"),
-    _Option("KEEPALIVE_TIMEOUT", "server", _positive_float, "keepalive_timeout"),
-    _Option("BODY_READ_TIMEOUT", "server", _positive_float, "body_read_timeout"),
-    _Option("STRICT_MODELS", "server", _bool, "strict_models"),
-    _Option("ERROR_MODE", "server", _choice("message", "http"), "error_mode"),
-    _Option("MAX_CONTEXT_TOKENS", "server", _positive_int, "max_context_tokens"),
-    _Option("PING_INTERVAL", "server", _positive_float, "ping_interval"),
-    _Option("TOOL_REPAIR_RETRIES", "upstream", _non_negative_int, "tool_repair_retries"),
-    _Option("SHUTDOWN_DELAY", "server", _non_negative_float, "shutdown_delay"),
-    _Option("SHUTDOWN_TIMEOUT", "server", _non_negative_float, "shutdown_timeout"),
-    _Option("SAI_URL", "upstream", _url, "sai_url"),
-    _Option("REQUEST_TIMEOUT", "upstream", _positive_float, "request_timeout"),
-    _Option("CONNECT_TIMEOUT", "upstream", _positive_float, "connect_timeout"),
-    _Option("MAX_RETRIES", "upstream", _non_negative_int, "max_retries"),
-    _Option("RETRY_BACKOFF", "upstream", _non_negative_float, "retry_backoff"),
-    _Option("UPSTREAM_CONNECTIONS", "upstream", _non_negative_int, "upstream_connections"),
-    _Option("MAX_ANSWER_BYTES", "upstream", _positive_int, "max_answer_bytes"),
-    _Option("SAI_KEY", "upstream", Secret, "sai_key", secret=True),
-    _Option("SAI_COOKIE", "upstream", Secret, "sai_cookie", secret=True),
-    _Option("AUTH_CHAIN", "auth", _names, "auth_chain"),
-    _Option("USER_KEY_PLACEHOLDERS", "auth", _names, "placeholders"),
-    _Option("VERBOSE_LOGGING", "logging", _bool, "verbose_logging"),
-    _Option("LOG_LEVEL", "logging", _choice("debug", "info", "warning", "error"), "log_level"),
-    _Option("LOG_DIR", "logging", _str, "log_dir"),
-    _Option("LOG_FILE", "logging", _bool, "log_file"),
-    _Option("LOG_FORMAT", "logging", _choice("json", "text"), "log_format"),
-    _Option("LOG_MAX_BYTES", "logging", _positive_int, "log_max_bytes"),
-    _Option("LOG_BACKUPS", "logging", _non_negative_int, "log_backups"),
-)
+
+def _opt(env: str, section: str, parse: Callable[[str], Any], *, secret: bool = False) -> Any:
+    return {"option": Option(env, section, parse, secret)}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every runtime setting of saiproxy, validated; each field names its source."""
+
+    sai_url: URL = field(metadata=_opt("SAI_URL", "upstream", _url))
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)  # [models.NAME] tables
+    default_model: str = "sai-model"  # top-level default_model in the TOML file
+    sai_template_id: str | None = field(
+        default=None, metadata=_opt("SAI_TEMPLATE_ID", "upstream", _str)
+    )
+    sai_key: Secret | None = field(
+        default=None, metadata=_opt("SAI_KEY", "upstream", Secret, secret=True)
+    )
+    sai_cookie: Secret | None = field(
+        default=None, metadata=_opt("SAI_COOKIE", "upstream", Secret, secret=True)
+    )
+    host: str = field(default="0.0.0.0", metadata=_opt("HOST", "server", _str))
+    port: int = field(default=4000, metadata=_opt("PORT", "server", _port))
+    workers: int = field(default=1, metadata=_opt("WORKERS", "server", _positive_int))
+    event_loop: str = field(
+        default="auto", metadata=_opt("EVENT_LOOP", "server", _choice("auto", "asyncio", "uvloop"))
+    )
+    request_timeout: float = field(
+        default=600.0, metadata=_opt("REQUEST_TIMEOUT", "upstream", _positive_float)
+    )
+    connect_timeout: float = field(
+        default=10.0, metadata=_opt("CONNECT_TIMEOUT", "upstream", _positive_float)
+    )
+    max_retries: int = field(default=3, metadata=_opt("MAX_RETRIES", "upstream", _non_negative_int))
+    retry_backoff: float = field(
+        default=0.5, metadata=_opt("RETRY_BACKOFF", "upstream", _non_negative_float)
+    )
+    upstream_connections: int = field(
+        default=0, metadata=_opt("UPSTREAM_CONNECTIONS", "upstream", _non_negative_int)
+    )
+    max_context_tokens: int = field(
+        default=128_000, metadata=_opt("MAX_CONTEXT_TOKENS", "server", _positive_int)
+    )
+    max_body_bytes: int = field(
+        default=8 * 1024 * 1024, metadata=_opt("MAX_BODY_BYTES", "server", _positive_int)
+    )
+    max_answer_bytes: int = field(
+        default=32 * 1024 * 1024, metadata=_opt("MAX_ANSWER_BYTES", "upstream", _positive_int)
+    )
+    keepalive_timeout: float = field(
+        default=75.0, metadata=_opt("KEEPALIVE_TIMEOUT", "server", _positive_float)
+    )
+    body_read_timeout: float = field(
+        default=30.0, metadata=_opt("BODY_READ_TIMEOUT", "server", _positive_float)
+    )
+    error_mode: ErrorMode = field(
+        default="message", metadata=_opt("ERROR_MODE", "server", _choice("message", "http"))
+    )
+    strict_models: bool = field(default=False, metadata=_opt("STRICT_MODELS", "server", _bool))
+    auth_chain: tuple[AuthHandlerName, ...] = field(
+        default=DEFAULT_AUTH_CHAIN, metadata=_opt("AUTH_CHAIN", "auth", _auth_chain)
+    )
+    placeholders: tuple[str, ...] = field(
+        default=("raspberry",), metadata=_opt("USER_KEY_PLACEHOLDERS", "auth", _lower_names)
+    )
+    proxy_api_keys: tuple[Secret, ...] = field(
+        default=(), metadata=_opt("PROXY_API_KEYS", "auth", _secrets, secret=True)
+    )
+    verbose_logging: bool = field(default=False, metadata=_opt("VERBOSE_LOGGING", "logging", _bool))
+    log_level: str = field(
+        default="info",
+        metadata=_opt("LOG_LEVEL", "logging", _choice("debug", "info", "warning", "error")),
+    )
+    log_dir: str = field(default="logs", metadata=_opt("LOG_DIR", "logging", _str))
+    log_file: bool = field(default=True, metadata=_opt("LOG_FILE", "logging", _bool))
+    log_format: LogFormat = field(
+        default="json", metadata=_opt("LOG_FORMAT", "logging", _choice("json", "text"))
+    )
+    log_max_bytes: int = field(
+        default=5 * 1024 * 1024, metadata=_opt("LOG_MAX_BYTES", "logging", _positive_int)
+    )
+    log_backups: int = field(default=3, metadata=_opt("LOG_BACKUPS", "logging", _non_negative_int))
+    shutdown_delay: float = field(
+        default=2.0, metadata=_opt("SHUTDOWN_DELAY", "server", _non_negative_float)
+    )
+    shutdown_timeout: float = field(
+        default=30.0, metadata=_opt("SHUTDOWN_TIMEOUT", "server", _non_negative_float)
+    )
+    ping_interval: float = field(
+        default=15.0, metadata=_opt("PING_INTERVAL", "server", _positive_float)
+    )
+    tool_repair_retries: int = field(
+        default=1, metadata=_opt("TOOL_REPAIR_RETRIES", "upstream", _non_negative_int)
+    )
+
+    def model_for(self, name: str | None) -> ModelConfig | None:
+        """Return the model serving ``name``: unknown names map to the default unless strict."""
+        if name is None or name == "":
+            return self.models[self.default_model]
+        found = self.models.get(name)
+        if found is None and not self.strict_models:
+            return self.models[self.default_model]
+        return found
+
+    def secrets(self) -> tuple[Secret, ...]:
+        """Return every configured secret, for log masking."""
+        values = [self.sai_key, self.sai_cookie, *self.proxy_api_keys]
+        if self.sai_url.password:
+            values.append(Secret(self.sai_url.password))
+        return tuple(value for value in values if value is not None)
+
+    @property
+    def loggable_sai_url(self) -> str:
+        """Return SAI_URL without its user info: a password in it must never be logged."""
+        return redact_url(self.sai_url)
+
+
+def redact_url(url: URL) -> str:
+    """Return ``url`` as text without user name and password."""
+    return str(url.with_user(None)) if url.user or url.password else str(url)
+
+
+# Every setting read from the environment or the TOML file, by field name.
+OPTIONS: Final[Mapping[str, Option]] = {
+    f.name: f.metadata["option"] for f in fields(Settings) if "option" in f.metadata
+}
+_DEFAULTS: Final[Mapping[str, Any]] = {
+    f.name: f.default for f in fields(Settings) if f.default is not MISSING
+}
 
 
 class _Source:
@@ -260,24 +332,37 @@ class _Source:
         self.toml = toml
         self.secrets_dir = secrets_dir.rstrip("/") + "/"
 
-    def raw(self, name: str, section: str, *, secret: bool = False) -> str | None:
+    def value(self, option: Option) -> Any:
+        """Return the option's parsed value, or None when it is not set anywhere."""
+        raw = self._raw(option)
+        if raw is None or raw.strip() == "":
+            return None
+        try:
+            return option.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(
+                option.env, "invalid value" if option.secret else str(exc)
+            ) from None
+
+    def _raw(self, option: Option) -> str | None:
+        name = option.env
         value = self.env.get(name)
         if value is None or value == "":
             file_name = self.env.get(f"{name}_FILE")
             if file_name:
                 return self._read(f"{name}_FILE", file_name)
-            value = self._from_toml(name, section)
+            value = self._from_toml(option)
         if value is None:
             return None
-        if secret and value.startswith(self.secrets_dir):
+        if option.secret and value.startswith(self.secrets_dir):
             return self._read(name, value)
         return value
 
-    def _from_toml(self, name: str, section: str) -> str | None:
-        table = self.toml.get(section, {})
+    def _from_toml(self, option: Option) -> str | None:
+        table = self.toml.get(option.section, {})
         if not isinstance(table, Mapping):
-            raise SettingsError(f"[{section}]", "must be a table in the config file")
-        value = table.get(name.lower())
+            raise SettingsError(f"[{option.section}]", "must be a table in the config file")
+        value = table.get(option.toml_key)
         if value is None:
             return None
         if isinstance(value, bool):
@@ -327,6 +412,20 @@ def _load_models(toml: Mapping[str, Any], default_template: str | None) -> dict[
     return models
 
 
+def setting(
+    name: str, env: Mapping[str, str] | None = None, *, secrets_dir: str = SECRETS_DIR
+) -> Any:
+    """Return one setting (by field name) as configured, or its default; nothing else is checked.
+
+    For the few places that need a setting before, or without, a whole valid
+    configuration: the event loop is chosen before settings load, and
+    ``saiproxy trace`` runs where no SAI is configured.
+    """
+    env = os.environ if env is None else env
+    value = _Source(env, _load_toml(env), secrets_dir).value(OPTIONS[name])
+    return _DEFAULTS[name] if value is None else value
+
+
 def load_settings(
     env: Mapping[str, str] | None = None, *, secrets_dir: str = SECRETS_DIR
 ) -> Settings:
@@ -335,25 +434,19 @@ def load_settings(
     toml = _load_toml(env)
     source = _Source(env, toml, secrets_dir)
     values: dict[str, Any] = {}
-    for option in _OPTIONS:
-        raw = source.raw(option.env, option.section, secret=option.secret)
-        if raw is None or raw.strip() == "":
-            continue
-        try:
-            values[option.attr] = option.parse(raw)
-        except ValueError as exc:
-            problem = "invalid value" if option.secret else str(exc)
-            raise SettingsError(option.env, problem) from None
+    for attr, option in OPTIONS.items():
+        value = source.value(option)
+        if value is not None:
+            values[attr] = value
 
     if "sai_url" not in values:
         raise SettingsError("SAI_URL", "is required (the base URL of the SAI service)")
     if "sai_key" not in values and "sai_cookie" not in values:
         raise SettingsError("SAI_KEY", "SAI_KEY or SAI_COOKIE is required")
 
-    template = source.raw("SAI_TEMPLATE_ID", "upstream")
-    template = template.strip() if template else None
+    template = values.get("sai_template_id")
     models = _load_models(toml, template)
-    default_model = str(toml.get("default_model") or "sai-model")
+    default_model = str(toml.get("default_model") or _DEFAULTS["default_model"])
     if not models:
         if not template:
             raise SettingsError("SAI_TEMPLATE_ID", "is required (no model names a template_id)")
@@ -362,25 +455,9 @@ def load_settings(
         raise SettingsError("default_model", f"{default_model!r} is not in [models]")
 
     chain = values.get("auth_chain", DEFAULT_AUTH_CHAIN)
-    unknown = [name for name in chain if name not in KNOWN_AUTH_HANDLERS]
-    if unknown or not chain:
-        known = ", ".join(KNOWN_AUTH_HANDLERS)
+    if values.get("proxy_api_keys") and AuthHandlerName.BEARER in chain:
         raise SettingsError(
-            "AUTH_CHAIN",
-            f"unknown handler {unknown[0]!r}; known: {known}"
-            if unknown
-            else "must name at least one handler",
+            "PROXY_API_KEYS",
+            "cannot be used with the bearer handler in AUTH_CHAIN (both read Authorization)",
         )
-
-    raw_keys = source.raw("PROXY_API_KEYS", "auth", secret=True)
-    if raw_keys:
-        values["proxy_api_keys"] = tuple(Secret(key) for key in _names(raw_keys))
-        if "bearer" in chain:
-            raise SettingsError(
-                "PROXY_API_KEYS",
-                "cannot be used with the bearer handler in AUTH_CHAIN (both read Authorization)",
-            )
-    if "placeholders" in values:
-        values["placeholders"] = tuple(p.lower() for p in values["placeholders"])
-
     return Settings(models=models, default_model=default_model, **values)

@@ -8,14 +8,22 @@ a person looks for: latency, time to first byte, tokens.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from .logs import escape_controls
+from .logs import (
+    FILE_GLOB,
+    LOGGER_PREFIX,
+    RESPONSE_FINISHED,
+    escape_controls,
+    json_field,
+    parse_time,
+    request_tag,
+)
+from .settings import SettingsError, setting
 
 _SHOWN_FIRST: Final = ("time", "level", "logger", "message", "request_id", "taskName")
 _SUMMARY: Final = (
@@ -33,21 +41,12 @@ _SUMMARY: Final = (
 
 def default_files(log_dir: str) -> list[Path]:
     """Return every saiproxy log file in ``log_dir``, rotated ones included."""
-    return sorted(Path(log_dir).glob("saiproxy-*.log*"))
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.strptime(value, "%Y-%m-%d %H:%M:%S,%f")
-    except ValueError:
-        return None
+    return sorted(Path(log_dir).glob(FILE_GLOB))
 
 
 def find(request_id: str, files: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Yield (file, record) for every JSON line of the request."""
-    needle = f'"request_id": "{request_id}"'
+    needle = json_field("request_id", request_id)
     for path in files:
         try:
             handle = path.open(encoding="utf-8", errors="replace")
@@ -80,17 +79,17 @@ def _fields(record: dict[str, Any]) -> str:
 
 def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextIO) -> None:
     """Print the timeline of one request."""
-    found.sort(key=lambda item: _parse_time(item[1].get("time")) or datetime.min)
-    start = _parse_time(found[0][1].get("time"))
+    found.sort(key=lambda item: parse_time(item[1].get("time")) or datetime.min)
+    start = parse_time(found[0][1].get("time"))
     sources = sorted({path.name for path, _ in found})
     print(f"request {request_id}: {len(found)} lines from {', '.join(sources)}", file=out)
-    tag = f"[{request_id}] "
+    tag = request_tag(request_id)
     summary: dict[str, Any] = {}
     for _, record in found:
-        moment = _parse_time(record.get("time"))
+        moment = parse_time(record.get("time"))
         offset = (moment - start).total_seconds() * 1000 if moment and start else 0.0
         message = str(record.get("message", "")).removeprefix(tag)
-        logger = str(record.get("logger", "")).removeprefix("saiproxy.")
+        logger = str(record.get("logger", "")).removeprefix(LOGGER_PREFIX)
         # Lines are JSON-decoded: a raw newline or terminal escape sent by a
         # client would reach the terminal unless escaped here.
         print(
@@ -103,7 +102,7 @@ def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextI
         extra = _fields(record)
         if extra:
             print(f"{'':44}{extra}", file=out)
-        if message == "response finished":
+        if message == RESPONSE_FINISHED:
             summary = record
     if summary:
         parts = [
@@ -121,10 +120,17 @@ def main(argv: list[str], out: TextIO = sys.stdout) -> int:
     )
     parser.add_argument("request_id")
     parser.add_argument(
-        "files", nargs="*", type=Path, help="log files (default: every file in LOG_DIR)"
+        "files",
+        nargs="*",
+        type=Path,
+        help="log files (default: every file in LOG_DIR, or log_dir in the config file)",
     )
     args = parser.parse_args(argv)
-    files = args.files or default_files(os.environ.get("LOG_DIR") or "logs")
+    try:
+        files = args.files or default_files(setting("log_dir"))
+    except SettingsError as error:
+        print(f"saiproxy trace: configuration error: {error}", file=sys.stderr)
+        return 2
     if not files:
         print("saiproxy trace: no log files found", file=sys.stderr)
         return 1

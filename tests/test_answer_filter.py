@@ -1,4 +1,4 @@
-"""The incremental answer filter (§8): every split point of a few answers gives one result."""
+"""The incremental answer filter (docs/sai.md): every split point of an answer gives one result."""
 
 from __future__ import annotations
 

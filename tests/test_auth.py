@@ -1,4 +1,4 @@
-"""The credential chain (§4): sources, placeholders, 401 stops, 429 falls back, proxy keys."""
+"""The credential chain (docs/auth.md): sources, placeholders, 401 stops, 429 falls back."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ async def test_usage_is_estimated_when_headers_are_absent_or_invalid(
     data = await response.json()
     # ceil(5 / 4) = 2 prompt tokens, ceil(10 / 4) = 3 completion tokens.
     assert data["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
-    # No model header: the name the client asked for is reported (§1).
+    # No model header: the name the client asked for is reported (docs/sai.md).
     assert data["model"] == "whatever"
 
 

@@ -1,4 +1,4 @@
-"""Legacy Completions (§8): ``POST /v1/completions`` with the openai SDK and raw clients."""
+"""Legacy Completions (docs/protocols.md): ``POST /v1/completions``, SDK and raw clients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Logs (§6): every line of a request carries its ID, and no secret is ever written."""
+"""Logs (docs/operations.md): every line of a request carries its ID, no secret is written."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from saiproxy.logs import LogSetup, RequestContextFilter, event, request_id_var, serialise
+from saiproxy.logs import LogSetup, Masker, event, request_id_var, serialise
 
 from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, MakeProxy, Reply, chat, log_lines
 
@@ -140,12 +140,6 @@ async def test_no_secret_reaches_any_output(
             assert secret not in output
 
 
-def _record(message: str, **extra: Any) -> logging.LogRecord:
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, message, None, None)
-    record.__dict__.update(extra)
-    return record
-
-
 @pytest.mark.parametrize(
     "message",
     [
@@ -156,20 +150,32 @@ def _record(message: str, **extra: Any) -> logging.LogRecord:
         "Cookie: tok-abcdef123",
     ],
 )
-def test_mask_filter_hides_credential_values(message: str) -> None:
-    record = _record(message, detail=message)
-    RequestContextFilter().filter(record)
-    assert "tok-abcdef123" not in record.getMessage()
-    assert "tok-abcdef123" not in record.detail  # type: ignore[attr-defined]
-    assert "***" in record.getMessage()
+def test_mask_hides_credential_values(message: str) -> None:
+    line = _logged(message, detail=message)
+    assert "tok-abcdef123" not in line["message"]
+    assert "tok-abcdef123" not in line["detail"]
+    assert "***" in line["message"]
 
 
-def test_mask_filter_hides_configured_secrets_anywhere() -> None:
-    record = _record("oops %s", note="the key is s3cr3t-value!")
-    record.args = ("s3cr3t-value",)
-    RequestContextFilter(["s3cr3t-value"]).filter(record)
-    assert record.getMessage() == "oops ***"
-    assert record.note == "the key is ***!"  # type: ignore[attr-defined]
+def test_mask_hides_configured_secrets_anywhere() -> None:
+    line = _logged("oops %s", "s3cr3t-value", secrets=["s3cr3t-value"],
+                   note="the key is s3cr3t-value!")  # fmt: skip
+    assert line["message"] == "oops ***"
+    assert line["note"] == "the key is ***!"
+
+
+def _logged(
+    message: str, *args: Any, secrets: list[str] | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Return the JSON line a record becomes, logged with no event loop running."""
+    stream = io.StringIO()
+    setup = LogSetup(fmt="json", level=logging.INFO, log_dir=None, max_bytes=0, backups=0,
+                        secrets=secrets or (), stream=stream)  # fmt: skip
+    setup.start()
+    logging.getLogger("saiproxy.test").info(message, *args, extra=fields)
+    setup.stop()
+    line: dict[str, Any] = json.loads(stream.getvalue())
+    return line
 
 
 async def test_rotation_keeps_bounded_files(
@@ -294,10 +300,10 @@ def test_serialised_lines_are_spaced_like_json_dumps() -> None:
 
 
 def test_mask_cache_stays_bounded_and_correct() -> None:
-    context = RequestContextFilter(["s3cr3t-value"])
+    context = Masker(["s3cr3t-value"])
     for index in range(10_000):
         assert context.mask(f"value {index}") == f"value {index}"
-    assert len(context._masked) <= 4096
+    assert context.cached() <= 4096
     assert context.mask("key s3cr3t-value") == "key ***"
     assert context.mask("key s3cr3t-value") == "key ***"  # from the cache
 

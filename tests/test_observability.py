@@ -7,6 +7,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 from saiproxy import trace
 
 from .conftest import SYSTEM_COOKIE, FakeSai, MakeProxy, Reply, chat
@@ -126,3 +128,19 @@ async def test_gauges_show_open_streams(make_proxy: MakeProxy, sai: FakeSai) -> 
     assert "saiproxy_open_streams 1.0" in text
     assert "saiproxy_in_flight_requests 1.0" in text
     await response.read()
+
+
+async def test_trace_finds_the_files_in_the_configured_log_dir(
+    make_proxy: MakeProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # log_dir set in the TOML file only: trace reads the same settings the proxy does.
+    config = tmp_path / "saiproxy.toml"
+    config.write_text(f'[logging]\nlog_dir = "{tmp_path / "from-toml"}"\n')
+    proxy = await make_proxy(LOG_DIR=None, SAIPROXY_CONFIG=str(config))
+    await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "toml-1"})
+    await asyncio.sleep(0.2)
+    monkeypatch.delenv("LOG_DIR", raising=False)
+    monkeypatch.setenv("SAIPROXY_CONFIG", str(config))
+    out = io.StringIO()
+    assert trace.main(["toml-1"], out) == 0
+    assert out.getvalue().startswith("request toml-1: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -104,3 +105,41 @@ async def test_sdk_bad_request(make_proxy: MakeProxy) -> None:
                 model="sai-model", messages=[{"role": "user", "content": "hi"}], n=3
             )
     assert caught.value.status_code == 400
+
+
+async def test_a_users_own_key_from_the_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    # The snippets of docs/clients.md: a default header, or metadata in the body.
+    proxy = await make_proxy()
+    async with openai.AsyncOpenAI(
+        base_url=_base_url(proxy), api_key="unused", default_headers={"user-api-key": "uk-header"}
+    ) as client:
+        await client.chat.completions.create(
+            model="sai-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+        await client.chat.completions.create(
+            model="sai-model",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"metadata": {"user_api_key": "uk-metadata"}},
+        )
+    assert [call.auth for call in sai.received] == [
+        ("X-Api-Key", "uk-header"),
+        ("X-Api-Key", "uk-metadata"),
+    ]
+
+
+async def test_a_users_own_key_from_langchain(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    from langchain_openai import ChatOpenAI
+
+    proxy = await make_proxy()
+    async with httpx.AsyncClient() as http:  # closed here, not left to the garbage collector
+        llm = ChatOpenAI(
+            base_url=_base_url(proxy),
+            api_key="unused",  # type: ignore[arg-type]
+            model="sai-model",
+            default_headers={"user-api-key": "uk-langchain"},
+            http_async_client=http,
+        )
+        answer = await llm.ainvoke("hi")
+    assert answer.content == "Hello from SAI"
+    assert sai.received[0].auth == ("X-Api-Key", "uk-langchain")

@@ -1,4 +1,4 @@
-"""The Responses API (§8): request parsing, the Response object, the event stream, errors."""
+"""The Responses API (docs/protocols.md): parsing, the Response object, the stream, errors."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ async def test_text_input_becomes_a_response(make_proxy: MakeProxy, sai: FakeSai
     assert body["metadata"] == {"team": "a"} and body["temperature"] == 0.2
     assert body["tools"] == [] and body["tool_choice"] == "auto"
     assert sai.received[0].json["inputs"] == {"system": "One word.", "user": "Capital of France?"}
-    # The user key in metadata was used as the credential (§4).
+    # The user key in metadata was used as the credential (docs/auth.md).
     assert sai.received[0].auth == ("X-Api-Key", "sk-user-123456")
 
 

@@ -1,4 +1,4 @@
-"""Tool calls, structured output and stop sequences in Chat Completions, over HTTP (§8)."""
+"""Tool calls, structured output and stop sequences in Chat Completions, over HTTP (docs/sai.md)."""
 
 from __future__ import annotations
 

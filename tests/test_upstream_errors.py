@@ -1,4 +1,4 @@
-"""SAI's failures (§3): each outcome in both ERROR_MODEs, retries, timeouts, early check."""
+"""SAI's failures (docs/sai.md): each outcome in both ERROR_MODEs, retries, timeouts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .conftest import FakeSai, MakeProxy, Reply, chat
 URL = "/v1/chat/completions"
 
 # outcome name -> (replies, message-mode finish_reason, http status, type, code, text fragment)
-# Message mode only uses finish reasons every OpenAI client accepts (§3).
+# Message mode only uses finish reasons every OpenAI client accepts (docs/sai.md).
 OUTCOMES: dict[str, tuple[list[Reply], str, int, str, str, str]] = {
     "401": (
         [Reply(status=401)],

@@ -1,4 +1,4 @@
-"""SAI's text, piece by piece, as prose to relay now and tool calls at the end (§8).
+"""SAI's text, piece by piece, as prose to relay now and tool calls at the end (docs/sai.md).
 
 :class:`AnswerFilter` is a small state machine fed the answer's pieces as they
 arrive. It relays prose at once and holds back only what might be the start

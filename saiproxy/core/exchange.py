@@ -33,7 +33,7 @@ from ..errors import (
     UpstreamError,
 )
 from ..keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
-from ..logs import event
+from ..logs import RESPONSE_FINISHED, event
 from ..sai import SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
 from .answer import AnswerFilter, Rejected, check_json
@@ -43,7 +43,7 @@ from .render import Choices, Renderer
 
 log = logging.getLogger("saiproxy.exchange")
 
-SSE_HEADERS: Final = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+SSE_HEADERS: Final[dict[str, str]] = {}  # aiohttp-sse sets no-cache and X-Accel-Buffering
 ERROR_HEADER: Final = "X-Saiproxy-Error"
 EAGER_GRACE: Final = 0.05  # seconds an eager stream waits for SAI before it opens anyway
 Policy = Literal["raise", "in_band", "explain"]
@@ -429,7 +429,7 @@ class Exchange:
         usage = self.usage
         event(
             log,
-            "response finished",
+            RESPONSE_FINISHED,
             {
                 "path": self.request.path,
                 "status": self.status,

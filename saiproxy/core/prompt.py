@@ -1,4 +1,4 @@
-"""A Conversation as SAI's template inputs: system text, user text, history, tools (§1, §8).
+"""A Conversation as SAI's template inputs: system text, user text, history, tools (docs/sai.md).
 
 SAI knows three roles and plain text. Tool calls and results travel in the
 history as text in one convention (the same one the model is asked to write),
@@ -168,7 +168,7 @@ def system_text(conversation: Conversation, instructions: str | None = None) -> 
 
 
 def sai_payload(conversation: Conversation, now_ms: int) -> tuple[dict[str, Any], int]:
-    """Map a conversation to SAI's body; return it and the characters it carries (§1, §8).
+    """Map a conversation to SAI's body; return it and the characters it carries (docs/sai.md).
 
     The character count covers everything the template receives once: the
     system text with its instructions, every history message and the tool

@@ -110,7 +110,7 @@ def parse(body: Any) -> tuple[Conversation, bool]:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
     check_count(raw_messages, MAX_MESSAGES, "messages", "messages")
     turns = [_turn(raw, index) for index, raw in enumerate(raw_messages)]
-    # §1: a leading system message becomes inputs.system when more messages follow.
+    # docs/sai.md: a leading system message becomes inputs.system when more messages follow.
     system = ""
     if len(turns) > 1 and turns[0].role == "system":
         system = turns.pop(0).text
