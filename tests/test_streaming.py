@@ -298,3 +298,23 @@ async def test_client_disconnect_while_waiting_for_sai(make_proxy: MakeProxy, sa
         await asyncio.sleep(0.05)
     assert sai.disconnects == 5
     assert sai.open_responses == 0
+
+
+async def test_a_stream_that_stalls_past_request_timeout_ends_in_band(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    # The silence between two pieces is bounded by REQUEST_TIMEOUT (one timer per
+    # answer, re-armed for what is left of the silence), not the whole answer.
+    proxy = await make_proxy(REQUEST_TIMEOUT="0.3", MAX_RETRIES="0")
+    sai.script(Reply(body=["a", "b", "c", "late"], chunk_delay=0.15), Reply(body=["x", "y"],
+                     chunk_delay=1.0))  # fmt: skip
+    flowing = await _events(await proxy.post(URL, json=_stream_body(("user", "hi"))))
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in flowing[:-1])
+    assert text == "abclate"
+    assert flowing[-2]["choices"][0]["finish_reason"] == "stop"
+
+    stalled = await _events(await proxy.post(URL, json=_stream_body(("user", "hi"))))
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in stalled[:-1])
+    assert text.startswith("x\n\n") and "did not answer within 0.3 s" in text
+    assert stalled[-2]["choices"][0]["finish_reason"] == "length"
+    assert stalled[-1] == "[DONE]"

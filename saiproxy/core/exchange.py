@@ -658,8 +658,10 @@ class _Stream:
         async with upstream:
             exchange.model = upstream.headers.get("model") or exchange.model
             await self.start(exchange.model)
+            upstream.watch()
+            read = upstream.piece
             try:
-                async for piece in upstream.text():
+                while (piece := await read()) is not None:
                     if exchange.first_byte is None:
                         exchange.first_byte = time.monotonic()
                     chars += len(piece)
