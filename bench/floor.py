@@ -3,7 +3,8 @@
     python -m bench.floor --port 9001 --upstream http://127.0.0.1:9000/api/templates/bench/execute
 
 One handler: read the client's JSON, post a SAI payload through one pooled
-ClientSession, answer a minimal chat completion. No logging, metrics,
+ClientSession, answer a minimal chat completion; streamed, relay each piece
+of SAI's body as one frame the moment it arrives. No logging, metrics,
 credentials, validation or error handling. The same stack as saiproxy
 (aiohttp server and client, orjson, uvloop when installed), so the gap
 between this and direct calls is what the stack itself costs on the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 import orjson
@@ -25,10 +26,12 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 
 
-async def chat(request: web.Request) -> web.Response:
+async def chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     messages = body["messages"]
     payload = {"inputs": {"system": messages[0]["content"], "user": messages[-1]["content"]}}
+    if body.get("stream"):
+        return await relay(request, payload)
     async with request.app[SESSION].post(
         request.app[UPSTREAM],
         data=orjson.dumps(payload),
@@ -43,6 +46,27 @@ async def chat(request: web.Request) -> web.Response:
                      "finish_reason": "stop"}],
     }  # fmt: skip
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
+_HEAD = b'data: {"choices":[{"index":0,"delta":{"content":'
+_TAIL = b"}}]}\n\n"
+_END = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+
+async def relay(request: web.Request, payload: Mapping[str, object]) -> web.StreamResponse:
+    """The bare streaming relay: read a piece, write a frame, nothing else."""
+    async with request.app[SESSION].post(
+        request.app[UPSTREAM], data=orjson.dumps(payload),
+        headers={"Content-Type": "application/json"},
+    ) as upstream:  # fmt: skip
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        read = upstream.content.readany
+        while chunk := await read():
+            await response.write(_HEAD + orjson.dumps(chunk.decode()) + _TAIL)
+        await response.write(_END)
+        await response.write_eof()
+        return response
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:

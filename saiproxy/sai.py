@@ -134,6 +134,7 @@ class SaiStream:
         self._ended = False
         self._received = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._split = False  # the decoder holds the start of a character
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
@@ -200,7 +201,15 @@ class SaiStream:
             self._received += len(chunk)
             if self._received > self._max_bytes:
                 raise UpstreamAnswerTooLarge(self._max_bytes, self.call.attempts)
+            if not self._split:
+                # Nearly every piece is whole UTF-8: decode it at C speed, and
+                # only keep a partial character for the next piece when it is not.
+                try:
+                    return chunk.decode()
+                except UnicodeDecodeError:
+                    self._split = True
             text = self._decoder.decode(chunk)
+            self._split = bool(self._decoder.getstate()[0])
             if text:
                 return text
         return None

@@ -158,6 +158,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         assert "Traceback" not in output and '"level": "ERROR"' not in output, output[-3000:]
         assert proxy.stop() == 0
     finally:
+        proxy.stop()  # whatever failed above, no process outlives the tests
         stop_sai()
 
 

@@ -659,22 +659,24 @@ class _Stream:
             exchange.model = upstream.headers.get("model") or exchange.model
             await self.start(exchange.model)
             upstream.watch()
-            read = upstream.piece
+            read, text = upstream.piece, renderer.text
             try:
-                while (piece := await read()) is not None:
-                    if exchange.first_byte is None:
-                        exchange.first_byte = time.monotonic()
+                piece = await read()
+                if piece is not None:
+                    exchange.first_byte = time.monotonic()
+                while piece is not None:
                     chars += len(piece)
                     if answer_filter is not None:
                         piece = answer_filter.feed(piece)
                         if answer_filter.stopped:
                             if piece:
                                 self.relayed = True
-                                await write(renderer.text(piece))
+                                await write(text(piece))
                             break  # leaving closes SAI's answer: nobody reads the rest
                     if piece:
                         self.relayed = True
-                        await write(renderer.text(piece))
+                        await write(text(piece))
+                    piece = await read()
             except UpstreamError as error:
                 # Mid-stream: never let a broken body look like a clean stop.
                 log.warning(
