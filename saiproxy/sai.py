@@ -15,7 +15,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -180,39 +180,60 @@ class SaiStream:
         else:
             self._watchdog = self._loop.call_at(deadline, self._check_idle)
 
+    # What reading a body raises when it breaks off or stalls: map it with body_error().
+    BROKEN: Final = (TimeoutError, aiohttp.ClientError)
+
+    @property
+    def read_chunk(self) -> Callable[[], Awaitable[bytes]]:
+        """Return the raw read of the next chunk (all that has arrived; b"" at the end).
+
+        A relay awaits it directly and hands the chunk to :meth:`text_of`: a
+        token stream then pays one await per piece, not two. What it raises
+        is one of :attr:`BROKEN`, for :meth:`body_error`.
+        """
+        return self.response.content.readany
+
+    def text_of(self, chunk: bytes) -> str | None:
+        """Return a chunk's text ("" while a character is incomplete); None after the end.
+
+        UTF-8 is decoded incrementally, so a character split across network
+        chunks comes out whole. Past MAX_ANSWER_BYTES this raises an UpstreamError.
+        """
+        if self._loop is not None:
+            self._last = self._loop.time()
+        if not chunk:
+            if self._ended:
+                return None
+            self._ended = self._complete = True
+            return self._decoder.decode(b"", final=True) if self._split else None
+        self._received += len(chunk)
+        if self._received > self._max_bytes:
+            raise UpstreamAnswerTooLarge(self._max_bytes, self.call.attempts)
+        if not self._split:
+            # Nearly every piece is whole UTF-8: decode it at C speed, and only
+            # keep a partial character for the next piece when it is not.
+            try:
+                return chunk.decode()
+            except UnicodeDecodeError:
+                self._split = True
+        text = self._decoder.decode(chunk)
+        self._split = bool(self._decoder.getstate()[0])
+        return text
+
     async def piece(self) -> str | None:
         """Return the next piece of the body as text as soon as it arrives; None at its end.
 
-        What arrived since the last call comes as one piece. UTF-8 is decoded
-        incrementally, so a character split across network chunks comes out
-        whole. A body that breaks off, stalls past REQUEST_TIMEOUT or grows
-        past MAX_ANSWER_BYTES raises an UpstreamError.
+        A body that breaks off, stalls past REQUEST_TIMEOUT or grows past
+        MAX_ANSWER_BYTES raises an UpstreamError.
         """
-        while not self._ended:
+        while True:
             try:
                 chunk = await self.response.content.readany()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise self._body_error(exc) from None
-            if self._loop is not None:
-                self._last = self._loop.time()
-            if not chunk:
-                self._ended = self._complete = True
-                return self._decoder.decode(b"", final=True) or None
-            self._received += len(chunk)
-            if self._received > self._max_bytes:
-                raise UpstreamAnswerTooLarge(self._max_bytes, self.call.attempts)
-            if not self._split:
-                # Nearly every piece is whole UTF-8: decode it at C speed, and
-                # only keep a partial character for the next piece when it is not.
-                try:
-                    return chunk.decode()
-                except UnicodeDecodeError:
-                    self._split = True
-            text = self._decoder.decode(chunk)
-            self._split = bool(self._decoder.getstate()[0])
-            if text:
+            except self.BROKEN as exc:
+                raise self.body_error(exc) from None
+            text = self.text_of(chunk)
+            if text != "":
                 return text
-        return None
 
     async def read_text(self) -> str:
         """Return the whole body as text, once it has all arrived (at most MAX_ANSWER_BYTES)."""
@@ -221,7 +242,7 @@ class SaiStream:
             pieces.append(piece)
         return "".join(pieces)
 
-    def _body_error(self, exc: Exception) -> UpstreamError:
+    def body_error(self, exc: BaseException) -> UpstreamError:
         """Return the UpstreamError for a body that stalled or broke off."""
         if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
             return UpstreamTimeout(self._timeout, self.call.attempts)

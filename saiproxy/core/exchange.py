@@ -321,7 +321,10 @@ class Exchange:
         state.open_streams += 1
         try:
             with contextlib.suppress(_StreamEnded):
-                await stream.run()
+                # A task of its own: every piece then resumes the few frames of
+                # the relay, not also the dozen of aiohttp's handler and the
+                # middlewares above it (a cancellation still reaches it).
+                await asyncio.ensure_future(stream.run())
             await response.write_eof()
             return response
         except asyncio.CancelledError:
@@ -659,12 +662,20 @@ class _Stream:
             exchange.model = upstream.headers.get("model") or exchange.model
             await self.start(exchange.model)
             upstream.watch()
-            read, text = upstream.piece, renderer.text
+            # The loop every token goes through: one await per piece.
+            read, text_of, text = upstream.read_chunk, upstream.text_of, renderer.text
             try:
-                piece = await read()
-                if piece is not None:
-                    exchange.first_byte = time.monotonic()
-                while piece is not None:
+                while True:
+                    try:
+                        piece = text_of(await read())
+                    except upstream.BROKEN as exc:
+                        raise upstream.body_error(exc) from None
+                    if piece is None:
+                        break
+                    if not piece:
+                        continue  # a character still incomplete
+                    if exchange.first_byte is None:
+                        exchange.first_byte = time.monotonic()
                     chars += len(piece)
                     if answer_filter is not None:
                         piece = answer_filter.feed(piece)
@@ -673,10 +684,10 @@ class _Stream:
                                 self.relayed = True
                                 await write(text(piece))
                             break  # leaving closes SAI's answer: nobody reads the rest
-                    if piece:
-                        self.relayed = True
-                        await write(text(piece))
-                    piece = await read()
+                        if not piece:
+                            continue
+                    self.relayed = True
+                    await write(text(piece))
             except UpstreamError as error:
                 # Mid-stream: never let a broken body look like a clean stop.
                 log.warning(
