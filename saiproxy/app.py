@@ -12,9 +12,11 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
 from .auth import AuthChain
+from .core.sse import KeepAlive
 from .keys import (
     AUTH_CHAIN,
     ERROR_SHAPES,
+    KEEP_ALIVE,
     METRICS,
     OUTCOME,
     REQUEST_ID,
@@ -132,6 +134,8 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     if log_setup is not None:
         app.cleanup_ctx.append(_logging_ctx(log_setup))
     app.cleanup_ctx.append(_upstream_ctx)
+    app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
+    app.cleanup_ctx.append(lambda _: keep_alive.running())
 
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)

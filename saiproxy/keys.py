@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .auth import AuthChain
 from .core.render import ErrorShape
+from .core.sse import KeepAlive
 from .metrics import Metrics
 from .sai import SaiClient
 from .settings import Settings
@@ -38,6 +39,7 @@ SETTINGS = web.AppKey("settings", Settings)
 AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
+KEEP_ALIVE = web.AppKey("keep_alive", KeepAlive)
 METRICS = web.AppKey("metrics", Metrics)
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
 ERROR_SHAPES = web.AppKey("error_shapes", tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape])

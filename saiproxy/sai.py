@@ -119,6 +119,11 @@ class SaiStream:
     cannot make the proxy hold more, whatever it sends.
     """
 
+    __slots__ = (
+        "_complete", "_decoder", "_ended", "_headers", "_last", "_loop", "_max_bytes",
+        "_received", "_split", "_timeout", "_watchdog", "call", "opened_at", "response",
+    )  # fmt: skip
+
     def __init__(
         self,
         response: aiohttp.ClientResponse,
@@ -133,7 +138,7 @@ class SaiStream:
         self._complete = False
         self._ended = False
         self._received = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decoder: codecs.IncrementalDecoder | None = None  # made for a split character
         self._split = False  # the decoder holds the start of a character
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last = 0.0
@@ -205,7 +210,7 @@ class SaiStream:
             if self._ended:
                 return None
             self._ended = self._complete = True
-            return self._decoder.decode(b"", final=True) if self._split else None
+            return self._decoder.decode(b"", final=True) if self._decoder and self._split else None
         self._received += len(chunk)
         if self._received > self._max_bytes:
             raise UpstreamAnswerTooLarge(self._max_bytes, self.call.attempts)
@@ -216,6 +221,8 @@ class SaiStream:
                 return chunk.decode()
             except UnicodeDecodeError:
                 self._split = True
+        if self._decoder is None:
+            self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = self._decoder.decode(chunk)
         self._split = bool(self._decoder.getstate()[0])
         return text

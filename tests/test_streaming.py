@@ -318,3 +318,18 @@ async def test_a_stream_that_stalls_past_request_timeout_ends_in_band(
     assert text.startswith("x\n\n") and "did not answer within 0.3 s" in text
     assert stalled[-2]["choices"][0]["finish_reason"] == "length"
     assert stalled[-1] == "[DONE]"
+
+
+async def test_a_silent_stream_is_kept_alive_between_pieces(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    # One keep-alive task serves every open stream: SAI's silence after the
+    # first piece still brings pings, and only while it lasts.
+    proxy = await make_proxy(PING_INTERVAL="0.1")
+    sai.script(Reply(body=["first", "second"], chunk_delay=0.6))
+    frames = _frames(await (await proxy.post(URL, json=_stream_body(("user", "hi")))).read())
+    first = next(i for i, f in enumerate(frames) if b'"content":"first"' in f)
+    second = next(i for i, f in enumerate(frames) if b'"content":"second"' in f)
+    pings = [f for f in frames[first:second] if f == b": ping"]
+    assert 2 <= len(pings) <= 7
+    assert b": ping" not in frames[second:]

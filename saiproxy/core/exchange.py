@@ -22,7 +22,6 @@ from typing import Any, Final, Literal, TypeVar
 
 import orjson
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from ..errors import (
     BodyTooLarge,
@@ -32,7 +31,7 @@ from ..errors import (
     ShutdownCut,
     UpstreamError,
 )
-from ..keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
+from ..keys import AUTH_CHAIN, KEEP_ALIVE, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
 from ..logs import RESPONSE_FINISHED, event
 from ..sai import SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
@@ -40,10 +39,10 @@ from .answer import AnswerFilter, Rejected, check_json
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .prompt import estimate_tokens, header_tokens, sai_payload
 from .render import Choices, Renderer
+from .sse import EventStream
 
 log = logging.getLogger("saiproxy.exchange")
 
-SSE_HEADERS: Final[dict[str, str]] = {}  # aiohttp-sse sets no-cache and X-Accel-Buffering
 ERROR_HEADER: Final = "X-Saiproxy-Error"
 EAGER_GRACE: Final = 0.05  # seconds an eager stream waits for SAI before it opens anyway
 Policy = Literal["raise", "in_band", "explain"]
@@ -95,6 +94,14 @@ def json_response(
 
 class Exchange:
     """One request in flight: what was asked, what SAI is doing, how it ended."""
+
+    # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
+    __slots__ = (
+        "_body", "call", "chars", "choice", "conversation", "created", "early",
+        "finish_reason", "first_byte", "model", "model_config", "outcome", "protocol",
+        "request", "request_id", "settings", "started", "status", "suffix", "tool_calls",
+        "usage",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -316,7 +323,7 @@ class Exchange:
 
     async def _stream(self, renderer: Renderer) -> web.StreamResponse:
         state = self.request.app[STATE]
-        response = _sse_response(self.settings)
+        response = EventStream(renderer.ping())
         stream = _Stream(self, renderer, response)
         state.open_streams += 1
         try:
@@ -335,8 +342,7 @@ class Exchange:
             return response
         finally:
             state.open_streams -= 1
-            if response.prepared:
-                response.stop_streaming()
+            self.request.app[KEEP_ALIVE].discard(response)
 
     # --- shared
 
@@ -487,7 +493,7 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
             failed = next((answer.outcome for answer in answers if answer.outcome != "ok"), None)
             headers = {ERROR_HEADER: failed} if failed is not None else None
             return json_response(choices.body(answers), headers=headers)
-        response = _sse_response(first.settings)
+        response = EventStream(choices.choice(0).ping())
         streams = [
             _Stream(exchange, choices.choice(index), response)
             for index, exchange in enumerate(exchanges)
@@ -506,8 +512,7 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
             return response
         finally:
             state.open_streams -= 1
-            if response.prepared:
-                response.stop_streaming()
+            request.app[KEEP_ALIVE].discard(response)
     finally:
         outcome = next((e.outcome for e in exchanges if e.outcome != "ok"), "ok")
         request[OUTCOME] = outcome
@@ -564,9 +569,9 @@ async def _together(
 class _Stream:
     """The streamed answer of one exchange: started or not, what went out, how it ends."""
 
-    def __init__(
-        self, exchange: Exchange, renderer: Renderer, response: EventSourceResponse
-    ) -> None:
+    __slots__ = ("answer", "exchange", "relayed", "renderer", "response", "started")
+
+    def __init__(self, exchange: Exchange, renderer: Renderer, response: EventStream) -> None:
         self.exchange = exchange
         self.renderer = renderer
         self.response = response
@@ -617,9 +622,10 @@ class _Stream:
                     await opening
 
     async def prepare(self) -> None:
-        """Send the status line and headers, if not yet sent."""
+        """Send the status line and headers, if not yet sent; keep the stream alive from then on."""
         if not self.response.prepared:
             await self.response.prepare(self.exchange.request)
+            self.exchange.request.app[KEEP_ALIVE].add(self.response)
 
     async def start(self, model: str) -> None:
         """Send the opening frames, if not yet sent."""
@@ -650,7 +656,8 @@ class _Stream:
 
     async def relay(self, upstream: SaiStream) -> None:
         """Forward SAI's body piece by piece as prose, then the calls and the finish."""
-        exchange, renderer, write = self.exchange, self.renderer, self.response.write
+        exchange, renderer, response = self.exchange, self.renderer, self.response
+        write = response.write
         conversation = exchange.conversation
         answer_filter = (
             AnswerFilter(conversation, exchange._rejected)
@@ -687,6 +694,7 @@ class _Stream:
                         if not piece:
                             continue
                     self.relayed = True
+                    response.quiet = False
                     await write(text(piece))
             except UpstreamError as error:
                 # Mid-stream: never let a broken body look like a clean stop.
@@ -721,15 +729,6 @@ class _StreamEnded(Exception):
     def __init__(self, error: UpstreamError) -> None:
         super().__init__(error.message)
         self.code = error.code
-
-
-def _sse_response(settings: Settings) -> EventSourceResponse:
-    return EventSourceResponse(
-        headers=SSE_HEADERS,
-        sep="\n",
-        allow_all_methods=True,
-        ping_interval=settings.ping_interval,
-    )
 
 
 async def _raise(error: UpstreamError) -> SaiStream:

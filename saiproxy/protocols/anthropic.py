@@ -64,6 +64,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     conversation = parse(body)
     exchange = Exchange(request, body, conversation, protocol="messages")
+    del body  # the exchange lets it go once parsed; a long stream need not keep it
     # message_start carries the input estimate; the exchange has it once prepared.
     renderer = MessagesRenderer(f"msg_{exchange.ids}", lambda: estimate_tokens(exchange.chars))
     return await exchange.respond(renderer)

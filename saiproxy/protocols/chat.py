@@ -24,6 +24,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     conversation, include_usage = parse(body)
     exchange = Exchange(request, body, conversation, protocol="chat")
+    del body  # the exchange lets it go once parsed; a long stream need not keep it
     renderer = ChatRenderer(f"chatcmpl-{exchange.ids}", exchange.created, include_usage)
     return await exchange.respond(renderer)
 
@@ -151,6 +152,8 @@ def _call(call: ToolCall) -> dict[str, Any]:
 
 class ChatRenderer:
     """Renders ``chat.completion`` objects and ``chat.completion.chunk`` streams."""
+
+    __slots__ = ("_created", "_id", "_include_usage", "_prefix", "_text_head")
 
     eager = False
 

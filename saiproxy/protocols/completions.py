@@ -42,6 +42,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         Exchange(request, body, conversation, protocol="completions")
         for conversation in parsed.conversations
     ]
+    del body  # the exchanges let it go once parsed; a long stream need not keep it
     first = exchanges[0]
     echoes = parsed.prompts if parsed.echo else [""] * len(parsed.prompts)
     if len(exchanges) == 1:

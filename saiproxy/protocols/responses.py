@@ -57,6 +57,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     conversation, echo = parse(body)
     exchange = Exchange(request, body, conversation, protocol="responses")
+    del body  # the exchange lets it go once parsed; a long stream need not keep it
     renderer = ResponsesRenderer(exchange.ids, exchange.created, echo)
     return await exchange.respond(renderer)
 
