@@ -30,7 +30,6 @@ from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
     add_request_id_header,
-    body_timeout_middleware,
     error_middleware,
     metrics_middleware,
     proxy_access_middleware,
@@ -111,7 +110,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # of everything, as rendered by the error middleware, which comes
     # next, so whatever fails inside it (access refused, bad body, 404, 405,
     # SAI's outcomes in http mode) is rendered one way. Access control runs
-    # before anything reads the body; the body is read last, under its timer.
+    # before anything reads the body (handlers read it under BODY_READ_TIMEOUT).
     metrics = Metrics()
     middlewares: list[Middleware] = [
         request_id_middleware,
@@ -120,7 +119,6 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     ]
     if settings.proxy_api_keys:
         middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
-    middlewares.append(body_timeout_middleware(timeout=settings.body_read_timeout))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STATE] = state = ServingState()

@@ -153,7 +153,7 @@ async def probe(
         upstream_model = answer.headers.get("model")
         chars = len(answer.text)
     latency_ms = round((time.monotonic() - started) * 1000, 1)
-    status: int | str = call.last_attempt.get("status", "connection_error")
+    status: int | str = call.last_status if call.last_status is not None else "connection_error"
     if failure is None:
         outcome, advice = "ok", ""
     elif status == 200:  # SAI said yes, then the body stalled or broke off

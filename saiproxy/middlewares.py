@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import random
@@ -14,7 +13,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import BodyTimeout, BodyTooLarge, ClientError, ProxyAccessDenied, ProxyError
+from .errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
 from .keys import ERROR_SHAPES, OUTCOME, REQUEST_ID
 from .logs import request_id_var
 from .metrics import Metrics
@@ -96,7 +95,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as error:
         if error.status >= 500:
             log.error("request failed", extra={"status": error.status, "code": error.code})
-        return _render(request, error)
+        response = _render(request, error)
+        if isinstance(error, BodyTimeout):
+            # Answer and hang up at once: aiohttp would otherwise linger,
+            # waiting for the rest of a body that is not coming.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -177,45 +183,6 @@ def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
                 "Invalid or missing proxy API key: send Authorization: Bearer <key> "
                 "or x-api-key: <key>"
             )
-        return await handler(request)
-
-    return middleware
-
-
-def body_timeout_middleware(*, timeout: float) -> Middleware:
-    """Read the request body within ``timeout`` seconds, or answer 408 and close.
-
-    aiohttp reads a body only when the handler asks, with no timer of its
-    own: a client sending a few bytes now and then would hold the request
-    (and its connection) forever. The body read here is kept by the request,
-    so the handler's own read returns it at once.
-    """
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.body_exists:
-            try:
-                async with asyncio.timeout(timeout):
-                    await request.read()
-            except TimeoutError:
-                log.info("request body too slow", extra={"timeout_s": timeout})
-                response = _render(
-                    request,
-                    BodyTimeout(
-                        f"The request body did not arrive within {timeout:g} s (BODY_READ_TIMEOUT)"
-                    ),
-                )
-                # Answer and hang up at once: aiohttp would otherwise linger,
-                # waiting for the rest of a body that is not coming.
-                await response.prepare(request)
-                await response.write_eof()
-                request.protocol.force_close()
-                return response
-            except web.HTTPRequestEntityTooLarge:
-                raise BodyTooLarge(
-                    f"The request body is larger than the limit of {request.client_max_size} "
-                    "bytes (MAX_BODY_BYTES)"
-                ) from None
         return await handler(request)
 
     return middleware

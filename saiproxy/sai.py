@@ -15,13 +15,12 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .auth import AuthChain, Credential
@@ -58,11 +57,25 @@ def clean_header_value(value: str) -> str:
     return _UNCLEAN.sub(" ", value)
 
 
-def clean_headers(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
-    """Return SAI's response headers with every value cleaned (see clean_header_value)."""
-    return CIMultiDictProxy(
-        CIMultiDict((name, clean_header_value(value)) for name, value in headers.items())
-    )
+class CleanHeaders(Mapping[str, str]):
+    """SAI's response headers, each value cleaned as it is read (see clean_header_value).
+
+    A view, not a copy: an open stream holds it for its whole life.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Mapping[str, str]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, name: str) -> str:
+        return clean_header_value(self._raw[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
 
 
 class _Transient(Exception):
@@ -85,7 +98,8 @@ class SaiCall:
     attempts: int = 0
     retries: int = 0
     tried: list[Credential] = field(default_factory=list)
-    last_attempt: dict[str, Any] = field(default_factory=dict)
+    last_status: int | str | None = None  # of the last attempt: HTTP status, or what failed
+    last_latency_ms: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """Return the call's facts for the finish line: attempts and how the last one went."""
@@ -93,8 +107,8 @@ class SaiCall:
             "attempts": self.attempts,
             "template": self.template_id,
             "credential": self.credential.label,
-            "upstream_status": self.last_attempt.get("status"),
-            "upstream_latency_ms": self.last_attempt.get("latency_ms"),
+            "upstream_status": self.last_status,
+            "upstream_latency_ms": self.last_latency_ms,
         }
 
 
@@ -103,7 +117,7 @@ class SaiAnswer:
     """A complete answer: text and the headers that describe it."""
 
     text: str
-    headers: CIMultiDictProxy[str]  # cleaned, like SaiStream.headers
+    headers: CleanHeaders  # cleaned, like SaiStream.headers
     opened_at: float
 
     def header(self, name: str) -> str | None:
@@ -144,13 +158,13 @@ class SaiStream:
         self._last = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self.opened_at = time.monotonic()
-        self._headers: CIMultiDictProxy[str] | None = None
+        self._headers: CleanHeaders | None = None
 
     @property
-    def headers(self) -> CIMultiDictProxy[str]:
+    def headers(self) -> CleanHeaders:
         """Return SAI's response headers, every value cleaned (never raw undecodable bytes)."""
         if self._headers is None:
-            self._headers = clean_headers(self.response.headers)
+            self._headers = CleanHeaders(self.response.headers)
         return self._headers
 
     def header(self, name: str) -> str | None:
@@ -441,15 +455,20 @@ class SaiClient:
         saves a line on every healthy request (see bench/RESULTS.md).
         """
         self._metrics.child(self._metrics.upstream_attempts, str(status)).inc()
-        call.last_attempt = {
-            "attempt": call.attempts,
-            "template": call.template_id,
-            "credential": call.credential.label,
-            "status": status,
-            "latency_ms": round((time.monotonic() - started) * 1000, 1),
-        }
+        call.last_status = status
+        call.last_latency_ms = round((time.monotonic() - started) * 1000, 1)
         if status != 200:
-            event(log, "upstream attempt", call.last_attempt)
+            event(
+                log,
+                "upstream attempt",
+                {
+                    "attempt": call.attempts,
+                    "template": call.template_id,
+                    "credential": call.credential.label,
+                    "status": status,
+                    "latency_ms": call.last_latency_ms,
+                },
+            )
 
 
 class _Fallback(Exception):

@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from ..errors import (
+    BodyTimeout,
     BodyTooLarge,
     ContextTooLong,
     InvalidRequest,
@@ -64,13 +65,27 @@ LARGE_BODY: Final = 256 * 1024
 
 
 async def read_json(request: web.Request) -> Any:
-    """Return the request body parsed as JSON; 413 over MAX_BODY_BYTES, 400 if not JSON."""
+    """Return the request body parsed as JSON; 413 over MAX_BODY_BYTES, 400 if not JSON.
+
+    aiohttp reads a body only when asked, with no timer of its own: a client
+    sending a few bytes now and then would hold the request (and its
+    connection) forever. The whole body must arrive within BODY_READ_TIMEOUT,
+    or the answer is a 408 and the connection is closed.
+    """
+    settings = request.app[SETTINGS]
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.body_read_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        log.info("request body too slow", extra={"timeout_s": settings.body_read_timeout})
+        raise BodyTimeout(
+            f"The request body did not arrive within {settings.body_read_timeout:g} s "
+            "(BODY_READ_TIMEOUT)"
+        ) from None
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_body_bytes
         raise BodyTooLarge(
-            f"The request body is larger than the limit of {limit} bytes (MAX_BODY_BYTES)"
+            f"The request body is larger than the limit of {settings.max_body_bytes} bytes "
+            "(MAX_BODY_BYTES)"
         ) from None
     try:
         if len(raw) < LARGE_BODY:
