@@ -684,6 +684,11 @@ class _Stream:
             exchange.model = upstream.headers.get("model") or exchange.model
             await self.start(exchange.model)
             upstream.watch()
+            # SAI answered: no attempt will resend the payload, and only the finish
+            # needs the conversation's shape. An agent's 100 KB history need not
+            # stay for the length of the stream.
+            upstream.call.payload = b""
+            exchange.conversation.turns.clear()
             # The loop every token goes through: one await per piece.
             read, text_of, text = upstream.read_chunk, upstream.text_of, renderer.text
             try:
