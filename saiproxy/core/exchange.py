@@ -74,8 +74,11 @@ async def read_json(request: web.Request) -> Any:
     """
     settings = request.app[SETTINGS]
     try:
-        async with asyncio.timeout(settings.body_read_timeout):
-            raw = await request.read()
+        if request.content.is_eof():
+            raw = await request.read()  # all here already (the usual case): no timer to set
+        else:
+            async with asyncio.timeout(settings.body_read_timeout):
+                raw = await request.read()
     except TimeoutError:
         log.info("request body too slow", extra={"timeout_s": settings.body_read_timeout})
         raise BodyTimeout(
