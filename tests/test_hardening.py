@@ -547,3 +547,24 @@ async def test_a_huge_body_does_not_stall_other_requests(make_proxy: MakeProxy) 
         answered += 1
     assert [(await post).status for post in posts] == [400, 400, 400]
     assert answered > 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/v1/responses", {"input": [{"role": "user", "content": "a"}] * 10_001},
+         "'input' has 10001 items"),
+        ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "a"}] * 10_001},
+         "'messages' has 10001 messages"),
+        ("/v1/messages", {"max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}] * 1_001}]},
+         "1001 content blocks"),
+    ],
+)  # fmt: skip
+async def test_every_protocol_caps_its_counts(
+    make_proxy: MakeProxy, path: str, body: dict[str, Any], fragment: str
+) -> None:
+    proxy = await make_proxy()
+    response = await proxy.post(path, data=orjson.dumps(body), headers=JSON)
+    assert response.status == 400
+    assert fragment in json.dumps(await response.json())

@@ -16,7 +16,18 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..core.conversation import Answer, Conversation, Finish, Tool, ToolCall, ToolChoice, Turn
+from ..core.conversation import (
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    Answer,
+    Conversation,
+    Finish,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Turn,
+    check_count,
+)
 from ..core.exchange import Exchange, json_response, read_json
 from ..core.prompt import estimate_tokens, sai_payload
 from ..errors import ContextTooLong, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
@@ -97,6 +108,7 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
         raise InvalidRequest("'messages' is required", param="messages")
     if not isinstance(raw_messages, list):
         raise InvalidRequest("'messages' must be an array of message objects", param="messages")
+    check_count(raw_messages, MAX_MESSAGES, "messages", "messages")
     if not raw_messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
     turns = [turn for index, raw in enumerate(raw_messages) for turn in _message(raw, index)]
@@ -186,6 +198,7 @@ def _message(raw: Any, index: int) -> list[Turn]:
             f"{where}.content must be a string or an array of content blocks",
             param=f"{where}.content",
         )
+    check_count(content, MAX_CONTENT_PARTS, f"{where}.content", "content blocks")
     if role == "assistant":
         return [_assistant(content, where)]
     return _user(content, where)

@@ -21,7 +21,15 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
+from ..core.conversation import (
+    MAX_MESSAGES,
+    Answer,
+    Conversation,
+    ToolCall,
+    Turn,
+    Usage,
+    check_count,
+)
 from ..core.exchange import Exchange, read_json
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from . import openai
@@ -91,6 +99,7 @@ def _turns(raw: Any) -> list[Turn]:
         return [Turn("user", raw)]
     if not isinstance(raw, list):
         raise InvalidRequest("'input' must be a string or an array of input items", param="input")
+    check_count(raw, MAX_MESSAGES, "input", "items")
     turns: list[Turn] = []
     for index, item in enumerate(raw):
         where = f"input[{index}]"
