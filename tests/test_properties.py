@@ -129,9 +129,13 @@ def _fast_sai() -> tuple[str, Callable[[], None]]:
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        loop.run_forever()
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+            loop.run_forever()
+        finally:
+            loop.close()
+            asyncio.set_event_loop(None)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
