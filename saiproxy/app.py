@@ -30,10 +30,8 @@ from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
     add_request_id_header,
-    error_middleware,
-    metrics_middleware,
+    front_middleware,
     proxy_access_middleware,
-    request_id_middleware,
 )
 from .openapi import openapi
 from .protocols import anthropic
@@ -105,18 +103,13 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
     """Build the saiproxy application; reads nothing but ``settings``."""
-    # Outermost first. The request ID wraps everything, so every log line and
-    # every response (errors included) carries it. Metrics see the final status
-    # of everything, as rendered by the error middleware, which comes
-    # next, so whatever fails inside it (access refused, bad body, 404, 405,
-    # SAI's outcomes in http mode) is rendered one way. Access control runs
-    # before anything reads the body (handlers read it under BODY_READ_TIMEOUT).
+    # Outermost first. The front middleware gives every request its ID (so every
+    # log line and response carries it), renders whatever fails inside it
+    # (access refused, bad body, 404, 405, SAI's outcomes in http mode) one way,
+    # and counts the status as rendered. Access control runs before anything
+    # reads the body (handlers read it under BODY_READ_TIMEOUT).
     metrics = Metrics()
-    middlewares: list[Middleware] = [
-        request_id_middleware,
-        metrics_middleware(metrics=metrics),
-        error_middleware,
-    ]
+    middlewares: list[Middleware] = [front_middleware(metrics=metrics)]
     if settings.proxy_api_keys:
         middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
