@@ -99,3 +99,22 @@ def log_lines(tmp_path: Path) -> list[str]:
 def chat(*messages: tuple[str, Any], **extra: Any) -> dict[str, Any]:
     """Return a chat completion body from (role, content) pairs."""
     return {"messages": [{"role": r, "content": c} for r, c in messages], **extra}
+
+
+NODE_DIR = ROOT / "tests" / "node"
+
+
+async def run_node(script: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run a Node client script from tests/node; return the JSON it prints last."""
+    import asyncio
+    import json
+    import os
+
+    process = await asyncio.create_subprocess_exec(
+        "node", str(NODE_DIR / script), *args,
+        cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NODE_NO_WARNINGS": "1", **(env or {})},
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    return json.loads(stdout.decode().strip().splitlines()[-1])

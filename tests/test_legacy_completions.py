@@ -15,10 +15,9 @@ import pytest
 from saiproxy.keys import STATE
 from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
 
-from .conftest import FakeSai, MakeProxy, Reply, log_lines
+from .conftest import FakeSai, MakeProxy, Reply, log_lines, run_node
 
 URL = "/v1/completions"
-NODE_DIR = Path(__file__).resolve().parent / "node"
 
 
 def _base_url(proxy: object) -> str:
@@ -501,16 +500,7 @@ async def test_node_openai_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
     sai.route("a", Reply(body="A!", headers={"prompttokens": "1", "completiontokens": "1"}))
     sai.route("b", Reply(body="B!", headers={"prompttokens": "2", "completiontokens": "1"}))
     sai.route("s", Reply(body=["str", "eamed"], chunk_delay=0.02))
-    process = await asyncio.create_subprocess_exec(
-        "node",
-        str(NODE_DIR / "legacy_completions.mjs"),
-        _base_url(proxy),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode == 0, stderr.decode()
-    result = json.loads(stdout)
+    result = await run_node("legacy_completions.mjs", _base_url(proxy))
     assert result["texts"] == [[0, "aA!", "stop"], [1, "bB!", "stop"]]
     assert result["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert (result["streamed"], result["finish"]) == ("streamed", "stop")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -13,20 +10,10 @@ import pytest
 from langchain_anthropic import ChatAnthropic
 from langchain_core.messages import HumanMessage, ToolMessage
 
-from .conftest import FakeSai, MakeProxy, Reply
+from .conftest import FakeSai, MakeProxy, Reply, run_node
+from .test_messages import CALL, WEATHER
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 MODEL = "sai-model"
-WEATHER: Any = {
-    "name": "get_weather",
-    "description": "Current weather in a city",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
-CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 
 
 def _base_url(proxy: object) -> str:
@@ -275,23 +262,14 @@ async def test_langchain_bind_tools(proxy: Any, sai: FakeSai, streamed: bool) ->
 # --- the Node SDK
 
 
-async def _node(script: str, base_url: str) -> Any:
-    process = await asyncio.create_subprocess_exec(
-        "node", str(NODE_DIR / script), base_url,
-        cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "ANTHROPIC_API_KEY": "unused"},
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr.decode()
-    return json.loads(stdout)
-
-
 async def test_node_sdk_stream(proxy: Any, sai: FakeSai) -> None:
     sai.script(
         Reply(body=["Hel", "lo ", "from ", "SAI"], chunk_delay=0.02),
         Reply(body=["Let me check. ", CALL]),
     )
-    result = await _node("messages_stream.mjs", _base_url(proxy))
+    result = await run_node(
+        "messages_stream.mjs", _base_url(proxy), env={"ANTHROPIC_API_KEY": "unused"}
+    )
     assert result["texts"] == ["Hel", "lo ", "from ", "SAI"]
     assert result["text"] == "Hello from SAI"
     assert result["stop_reason"] == "end_turn"

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 from pydantic import BaseModel
 
-from .conftest import FakeSai, MakeProxy, Reply
+from .conftest import FakeSai, MakeProxy, Reply, run_node
+from .test_tools import WEATHER
 
-NODE_DIR = Path(__file__).parent / "node"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Quito"}}</tool_call>'
 
 
@@ -130,23 +116,12 @@ async def test_langchain_bind_tools(make_proxy: MakeProxy, sai: FakeSai) -> None
     await http.aclose()
 
 
-async def _node(*args: str) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        "node", str(NODE_DIR / args[0]), *args[1:],
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()[-2000:]
-    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return result
-
-
 @pytest.mark.parametrize("mode", ["generate", "stream", "required"])
 async def test_vercel_ai_sdk_tool_call(make_proxy: MakeProxy, sai: FakeSai, mode: str) -> None:
     proxy = await make_proxy()
     answer = "Checking. " + CALL
     sai.script(Reply(body=[answer[i : i + 9] for i in range(0, len(answer), 9)], chunk_delay=0.005))
-    result = await _node("vercel_ai.mjs", _base_url(proxy), mode)
+    result = await run_node("vercel_ai.mjs", _base_url(proxy), mode)
     assert result["toolCalls"] == [{"name": "get_weather", "input": {"city": "Quito"}}]
     assert result["finishReason"] == "tool-calls"
     if mode == "stream":

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -14,9 +11,8 @@ import orjson
 import pydantic
 import pytest
 
-from .conftest import FakeSai, MakeProxy, Reply
+from .conftest import NODE_DIR, FakeSai, MakeProxy, Reply, run_node
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 PATCH = "*** Begin Patch\n*** Update File: app.py\n@@\n-x = 1\n+x = 2\n*** End Patch"
 APPLY_PATCH: Any = {
     "type": "custom",
@@ -205,14 +201,7 @@ async def test_node_sdk_responses_stream(make_proxy: MakeProxy, sai: FakeSai) ->
         Reply(body=["Buenos ", "días. "], chunk_delay=0.02),
         Reply(body=["Patching. ", _call_block("apply_patch", input=PATCH)], chunk_delay=0.01),
     )
-    process = await asyncio.create_subprocess_exec(
-        "node", str(NODE_DIR / "responses_stream.mjs"), str(proxy.make_url("/v1")),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NODE_NO_WARNINGS": "1"},
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr.decode()
-    result = json.loads(stdout)
+    result = await run_node("responses_stream.mjs", str(proxy.make_url("/v1")))
     assert result["text"]["deltas"] == ["Buenos ", "días. "]
     assert result["text"]["final"] == "Buenos días. "
     assert result["text"]["events"][:2] == ["response.created", "response.in_progress"]

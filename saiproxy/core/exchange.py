@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, TypeVar
 import orjson
 from aiohttp import web
 
+from ..auth import Credential
 from ..errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -173,27 +174,15 @@ class Exchange:
 
     async def respond(self, renderer: Renderer) -> web.StreamResponse:
         """Answer the request with ``renderer``'s shapes, streamed or not."""
-        state = self.request.app[STATE]
-        state.in_flight += 1
-        task = asyncio.current_task()
-        if task is not None:
-            state.answering.add(task)
-        try:
-            self._begin()
-            if self.conversation.stream:
-                return await self._stream(renderer)
-            return await self._complete(renderer)
-        except BaseException as exc:
-            self._note(exc)
-            raise
-        finally:
-            self.request[OUTCOME] = self.outcome
-            state.in_flight -= 1
-            if task is not None:
-                state.answering.discard(task)
-            # The finish line and the latency figures are recorded once the answer
-            # is on its way: here they would sit between SAI's answer and the client.
-            asyncio.get_running_loop().call_soon(self._finish)
+        with _Answering(self.request, (self,)):
+            try:
+                self._begin()
+                if self.conversation.stream:
+                    return await self._stream(renderer)
+                return await self._complete(renderer)
+            except BaseException as exc:
+                self._note(exc)
+                raise
 
     def _begin(self) -> None:
         """Prepare the call and log the request as received, whatever happens."""
@@ -220,10 +209,14 @@ class Exchange:
             self.early = ContextTooLong(estimated, self.settings.max_context_tokens)
             return {}
         credential = self.request.app[AUTH_CHAIN].select(self.request, self._body)
-        self.call = self.sai.new_call(
-            self.model_config, _exact(orjson.dumps(payload)), credential, self.request_id
-        )
+        self.call = self._new_call(payload, credential)
         return credential.describe()
+
+    def _new_call(self, payload: dict[str, Any], credential: Credential) -> SaiCall:
+        # orjson's result keeps a 4 KB buffer whatever the length; the payload lives as
+        # long as the call (retries need it), so it is kept as an exact-size copy.
+        body = bytes(memoryview(orjson.dumps(payload)))
+        return self.sai.new_call(self.model_config, body, credential, self.request_id)
 
     def policy(self, error: UpstreamError, *, prepared: bool) -> Policy:
         """Decide what an upstream failure becomes: the one place ERROR_MODE is read.
@@ -249,18 +242,6 @@ class Exchange:
         return Answer("\n\n" + text if relayed else text, self.model, finish, outcome=self.outcome)
 
     # --- non-streamed
-
-    def _cut_short(self) -> ShutdownCut:
-        """Take back shutdown's cancellation of this task and return the error it means.
-
-        A cancellation from anywhere else (the client hung up) propagates.
-        """
-        task = asyncio.current_task()
-        if not self.request.app[STATE].cutting or task is None:
-            raise asyncio.CancelledError
-        task.uncancel()
-        log.warning("answer cut by shutdown", extra={"timeout_s": self.settings.shutdown_timeout})
-        return ShutdownCut()
 
     async def _complete(self, renderer: Renderer) -> web.Response:
         answer = await self._settled()
@@ -316,18 +297,9 @@ class Exchange:
                 output=output,
             )
             payload, chars = sai_payload(retry, int(time.time() * 1000))
-            call = self.sai.new_call(
-                self.model_config,
-                _exact(orjson.dumps(payload)),
-                self.call.credential,
-                self.request_id,
-            )
-            fetched = await self.sai.fetch(call)
+            fetched = await self.sai.fetch(self._new_call(payload, self.call.credential))
             text = fetched.text
-            self.usage.prompt_tokens += header_tokens(fetched.headers, "prompttokens", chars)
-            self.usage.completion_tokens += header_tokens(
-                fetched.headers, "completiontokens", len(text)
-            )
+            self._count(fetched.headers, len(text), prompt_chars=chars)
             problem_again = check_json(text, output)
             if problem_again is None:
                 return text
@@ -364,21 +336,38 @@ class Exchange:
 
     # --- shared
 
+    def _cut_short(self) -> ShutdownCut:
+        """Take back shutdown's cancellation of this task and return the error it means.
+
+        A cancellation from anywhere else (the client hung up) propagates.
+        """
+        task = asyncio.current_task()
+        if not self.request.app[STATE].cutting or task is None:
+            raise asyncio.CancelledError
+        task.uncancel()
+        log.warning("answer cut by shutdown", extra={"timeout_s": self.settings.shutdown_timeout})
+        return ShutdownCut()
+
     def _known_call(self) -> SaiCall:
         if self.early is not None:
             raise self.early
         assert self.call is not None
         return self.call
 
-    def _count(self, headers: Any, completion_chars: int) -> None:
-        self.usage.prompt_tokens += header_tokens(headers, "prompttokens", self.chars)
+    def _count(
+        self, headers: Any, completion_chars: int, *, prompt_chars: int | None = None
+    ) -> None:
+        """Add one SAI answer's tokens: its headers, else estimates from the characters."""
+        prompt_chars = self.chars if prompt_chars is None else prompt_chars
+        self.usage.prompt_tokens += header_tokens(headers, "prompttokens", prompt_chars)
         self.usage.completion_tokens += header_tokens(headers, "completiontokens", completion_chars)
 
     def _answered(self, answer_filter: AnswerFilter, text: str) -> Answer:
         """Return the finished answer and note its finish reason."""
         calls = answer_filter.calls
+        finish: Finish
         if answer_filter.stop_sequence is not None:
-            finish: Any = "stop_sequence"
+            finish = "stop_sequence"
         elif calls:
             finish = "tool_calls"
         else:
@@ -493,12 +482,8 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
     request, state = first.request, first.request.app[STATE]
     for index, exchange in enumerate(exchanges):
         exchange.choice = index
-    state.in_flight += 1
     # Shutdown waits for it within its budget (a cut past it closes the connection).
-    task = asyncio.current_task()
-    if task is not None:
-        state.answering.add(task)
-    try:
+    with _Answering(request, exchanges):
         try:
             for exchange in exchanges:
                 exchange._begin()
@@ -531,12 +516,32 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
         finally:
             state.open_streams -= 1
             request.app[KEEP_ALIVE].discard(response)
-    finally:
-        outcome = next((e.outcome for e in exchanges if e.outcome != "ok"), "ok")
-        request[OUTCOME] = outcome
-        state.in_flight -= 1
-        if task is not None:
-            state.answering.discard(task)
+
+
+class _Answering:
+    """A request being answered: counted in flight, known to shutdown, logged when done."""
+
+    __slots__ = ("_exchanges", "_request", "_state", "_task")
+
+    def __init__(self, request: web.Request, exchanges: Sequence[Exchange]) -> None:
+        self._request = request
+        self._state = request.app[STATE]
+        self._exchanges = exchanges
+        self._task = asyncio.current_task()
+
+    def __enter__(self) -> None:
+        self._state.in_flight += 1
+        if self._task is not None:
+            self._state.answering.add(self._task)
+
+    def __exit__(self, *exc_info: object) -> None:
+        exchanges = self._exchanges
+        self._request[OUTCOME] = next((e.outcome for e in exchanges if e.outcome != "ok"), "ok")
+        self._state.in_flight -= 1
+        if self._task is not None:
+            self._state.answering.discard(self._task)
+        # The finish lines and the latency figures are recorded once the answer
+        # is on its way: here they would sit between SAI's answer and the client.
         loop = asyncio.get_running_loop()
         for exchange in exchanges:
             loop.call_soon(exchange._finish)
@@ -756,9 +761,3 @@ class _StreamEnded(Exception):
 
 async def _raise(error: UpstreamError) -> SaiStream:
     raise error
-
-
-def _exact(data: bytes) -> bytes:
-    # orjson's result keeps a 4 KB buffer whatever the length; the payload lives as
-    # long as the call (retries need it), so it is kept as an exact-size copy.
-    return bytes(memoryview(data))

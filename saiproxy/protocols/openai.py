@@ -17,6 +17,7 @@ from ..core.conversation import (
     check_count,
 )
 from ..errors import InvalidRequest, ProxyError
+from ..middlewares import error_response
 
 TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
 MAX_MODEL_CHARS: Final = 256
@@ -34,8 +35,6 @@ class OpenAIErrors:
 
     def response(self, error: ProxyError) -> web.Response:
         """Return the error as its HTTP status and OpenAI error object."""
-        from ..middlewares import error_response
-
         return error_response(error)
 
 
