@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from saiproxy.logs import LogSetup, Masker, event, request_id_var, serialise
+from saiproxy.logs.format import JsonFormatter
 
 from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, MakeProxy, Reply, chat, log_lines
 
@@ -352,3 +355,53 @@ async def test_a_batch_never_lends_a_request_id_to_other_lines() -> None:
     inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert inside["message"] == "[req-1] inside the request" and inside["request_id"] == "req-1"
     assert outside["message"] == "outside any request" and "request_id" not in outside
+
+
+_SCALAR_VALUES = (
+    st.text()
+    | st.integers()
+    | st.booleans()
+    | st.none()
+    # The range where Python's float repr and orjson's agree (both shortest round-trip).
+    | st.floats(min_value=1e-4, max_value=1e15)
+)
+_FIELD_VALUES = st.recursive(
+    _SCALAR_VALUES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fields=st.dictionaries(st.text(), _FIELD_VALUES, max_size=8),
+    message=st.text(),
+    request_id=st.none() | st.text(min_size=1, max_size=8),
+)
+def test_lifecycle_lines_match_the_record_path_byte_for_byte(
+    fields: dict[str, Any], message: str, request_id: str | None
+) -> None:
+    # Lifecycle lines are assembled around orjson's text when that is safe
+    # (serialise_fields); they must be exactly what the generic path writes.
+    formatter, name, created = JsonFormatter(Masker(["sk-secret-1234"]).mask), "saiproxy.x", 1e9
+    line = formatter.format_event(name, message, created, fields, request_id)
+    expected = formatter._data(created, "INFO", name, message, fields.items())
+    if request_id is not None and "request_id" not in expected:
+        expected["request_id"] = request_id
+    assert line == serialise(expected)
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), -float("inf"), [float("nan")], {"x": float("inf")}, 2**80,
+     1e-9, 1e300, "a, b: c", 'quote " and \\ backslash', "\ud800", object()],
+)  # fmt: skip
+def test_lifecycle_lines_stay_json_whatever_the_value(value: Any) -> None:
+    formatter = JsonFormatter()
+    line = formatter.format_event("saiproxy.exchange", "m", 1_764_000_000.0, {"v": value}, "ab12")
+    parsed = json.loads(line)
+    assert parsed["request_id"] == "ab12" and list(parsed)[-2:] == ["v", "request_id"]
+    if isinstance(value, float) and value - value != 0:
+        assert parsed["v"] is None  # not NaN or Infinity: those are not JSON
+    assert '"v": ' in line and ", " in line

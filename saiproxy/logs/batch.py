@@ -207,14 +207,18 @@ class BatchHandler(logging.handlers.QueueHandler):
 
     def _render_event(self, item: _Deferred) -> str:
         """Format a lifecycle line straight from its parts: no LogRecord on the way."""
-        fields, request_id = item.fields, item.request_id
-        message = item.message
-        if request_id is not None and "request_id" not in fields:
-            fields = {**fields, "request_id": request_id}
-            message = request_tag(request_id) + message
         try:
+            # The bare message is masked (its masking cached, as it repeats), then
+            # tagged with the request ID, masked on its own (a client may choose it).
+            message = self._masker.mask(item.message)
+            request_id = item.request_id
+            if request_id is not None and "request_id" not in item.fields:
+                request_id = self._masker.mask_unique(request_id)
+                message = request_tag(request_id) + message
+            else:
+                request_id = None
             return self._line_formatter.format_event(
-                item.logger.name, self._masker.mask(message), item.created, fields
+                item.logger.name, message, item.created, item.fields, request_id
             )
         except Exception as exc:  # a bad line must not cost the caller anything
             return f"unformattable log record from {item.logger.name}: {type(exc).__name__}"

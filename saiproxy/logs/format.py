@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
+
 FILE_PREFIX: Final = "saiproxy-"
 FILE_GLOB: Final = f"{FILE_PREFIX}*.log*"  # every process's file, rotated ones included
 TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"  # then ",mmm": 2026-11-26 21:04:51,123
@@ -58,15 +60,61 @@ def parse_time(value: Any) -> datetime | None:
 
 
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+# json's C encoder, made once: ``JSONEncoder.encode`` builds a new one on every
+# call. Same separators and options as _ENCODER; None where json has no C part.
+_make_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODE: Final[Callable[[Any, int], Iterable[str]] | None] = (
+    _make_c_encoder(None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True)
+    if _make_c_encoder is not None
+    else None
+)
+_json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 
 
 def serialise(data: dict[str, Any]) -> str:
-    """Serialise one log line with one C encoder made once (``json.dumps`` builds one per call).
+    """Serialise one log line with one C encoder made once.
 
     Its ``"key": value`` spacing matters: ``grep '"request_id": "a1b2c3d4"'``
     finds a request's lines (orjson, faster, writes no spaces).
     """
-    return _ENCODER.encode(data)
+    if _C_ENCODE is None:
+        return _ENCODER.encode(data)
+    return "".join(_C_ENCODE(data, 0))
+
+
+# orjson hands these to ``default`` (str), as json does: the same text either way.
+_ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+_CONTAINERS: Final = (list, tuple, dict)
+_SCALARS: Final = (int, bool, float, type(None))
+
+
+def _separators(value: Any) -> int:
+    """Return how many ``:`` and ``,`` the JSON of ``value`` has outside its strings."""
+    if type(value) is dict:
+        return 2 * len(value) - 1 + sum(map(_separators, value.values())) if value else 0
+    if type(value) is list:
+        return len(value) - 1 + sum(map(_separators, value)) if value else 0
+    return 0
+
+
+def serialise_fields(data: dict[str, Any], separators: int) -> str:
+    """Return :func:`serialise` of ``data``, about three times faster when it can.
+
+    ``separators`` is how many ``:`` and ``,`` the JSON has outside its
+    strings (see :func:`_separators`). orjson writes the same JSON without
+    spaces; when its text holds exactly that many, none is inside a string,
+    and spacing every one gives :func:`serialise`'s text. Otherwise (a string
+    with a comma, a value orjson does not take) :func:`serialise` makes it.
+    """
+    try:
+        compact = orjson.dumps(data, default=str, option=_ORJSON_OPTIONS)
+    except (TypeError, orjson.JSONEncodeError):
+        return serialise(data)
+    if compact.count(b":") + compact.count(b",") != separators:
+        return serialise(data)
+    return compact.replace(b":", b": ").replace(b",", b", ").decode()
 
 
 def json_field(key: str, value: Any) -> str:
@@ -107,6 +155,8 @@ def _bound_value(value: Any) -> Any:
     """Return a list or dict field with its strings and its length bounded."""
     if isinstance(value, str):
         return bound(value)
+    if isinstance(value, float) and value - value != 0:  # NaN and infinities are not JSON
+        return None
     if isinstance(value, dict):
         items = list(value.items())
         bounded: Any = {
@@ -164,10 +214,16 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self._clock.text(record.created)
 
-    def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
+    def format_event(
+        self, name: str, message: str, created: float, fields: dict[str, Any],
+        request_id: str | None = None,
+    ) -> str:  # fmt: skip
         """Format an INFO lifecycle line without a LogRecord (see :func:`~saiproxy.logs.event`)."""
         message = escape_controls(bound(message))
-        return f"{self._clock.text(created)} INFO {name} {message} {self._pairs(fields.items())}"
+        items: Iterable[tuple[str, Any]] = fields.items()
+        if request_id is not None and "request_id" not in fields:
+            items = (*items, ("request_id", request_id))
+        return f"{self._clock.text(created)} INFO {name} {message} {self._pairs(items)}"
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         message = record.message
@@ -214,30 +270,61 @@ class JsonFormatter(logging.Formatter):
             data["stack_info"] = self.formatStack(record.stack_info)
         return serialise(data)
 
-    def format_event(self, name: str, message: str, created: float, fields: dict[str, Any]) -> str:
-        """Format an INFO lifecycle line without a LogRecord (see :func:`~saiproxy.logs.event`)."""
-        return serialise(self._data(created, "INFO", name, message, fields.items()))
+    def format_event(
+        self, name: str, message: str, created: float, fields: dict[str, Any],
+        request_id: str | None = None,
+    ) -> str:  # fmt: skip
+        """Format an INFO lifecycle line without a LogRecord (see :func:`~saiproxy.logs.event`).
+
+        The same line :meth:`format` makes of such a record (``request_id``
+        last unless ``fields`` has one), assembled around the serialised
+        fields: the fixed head is written as text, not encoded field by field.
+        """
+        head = (
+            f'{{"time": "{self._clock.text(created)}", "level": "INFO", '
+            f'"logger": {_json_string(name)}, "message": {_json_string(bound(message))}'
+        )
+        data, nested = self._fields(fields.items())
+        if request_id is not None and "request_id" not in data:
+            data["request_id"] = request_id
+        if not data:
+            return head + "}"
+        # Each field has its ":", and all but the last a ",".
+        return f"{head}, {serialise_fields(data, nested + 2 * len(data) - 1)[1:]}"
 
     def _data(
         self, created: float, level: str, name: str, message: str,
         fields: Iterable[tuple[str, Any]],
     ) -> dict[str, Any]:  # fmt: skip
-        mask = self.mask
         data: dict[str, Any] = {
             "time": self._clock.text(created),
             "level": level,
             "logger": name,
             "message": bound(message),
         }
+        data.update(self._fields(fields)[0])
+        return data
+
+    def _fields(self, fields: Iterable[tuple[str, Any]]) -> tuple[dict[str, Any], int]:
+        """Return the fields with their text masked and every value bounded.
+
+        With them, how many ``:`` and ``,`` the JSON of their list and dict
+        values has outside its strings (see :func:`serialise_fields`).
+        """
+        mask = self.mask
+        data: dict[str, Any] = {}
+        separators = 0
         for key, value in fields:
-            if type(value) is str:
+            kind = type(value)
+            if kind is str:
                 value = mask(value)
                 if len(value) > FIELD_LIMIT:
                     value = bound(value)
-            elif isinstance(value, (list, tuple, dict)):
+            elif kind in _CONTAINERS or (kind not in _SCALARS and isinstance(value, _CONTAINERS)):
                 value = _bound_value(value)
+                separators += _separators(value)
             data[key] = value
-        return data
+        return data, separators
 
 
 def make_formatter(

@@ -51,6 +51,10 @@ class Masker:
                 self._masked[text] = masked
         return masked
 
+    def mask_unique(self, text: str) -> str:
+        """Return ``text`` masked, for a value that will not come again (kept out of the cache)."""
+        return self._mask(text)
+
     def cached(self) -> int:
         """Return how many texts the cache holds (it stays bounded)."""
         return len(self._masked)
