@@ -171,7 +171,7 @@ class SaiStream:
         """Return one cleaned response header (``model``, ``prompttokens``, ...), or None."""
         return self.headers.get(name)
 
-    def watch(self) -> None:
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Take over the idle timeout of the body from aiohttp, at a fraction of the cost.
 
         aiohttp bounds the silence between two reads by cancelling and
@@ -185,7 +185,6 @@ class SaiStream:
             return
         protocol.read_timeout = None
         protocol.start_timeout()  # with no timeout set, this disarms aiohttp's timer
-        loop = asyncio.get_running_loop()
         self._loop = loop
         self._last = loop.time()
         self._watchdog = loop.call_at(self._last + self._timeout, self._check_idle)

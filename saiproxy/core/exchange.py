@@ -117,7 +117,7 @@ class Exchange:
     # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
     __slots__ = (
         "_body", "call", "chars", "choice", "conversation", "created", "early",
-        "finish_reason", "first_byte", "model", "model_config", "outcome", "protocol",
+        "finish_reason", "first_byte", "loop", "model", "model_config", "outcome", "protocol",
         "request", "request_id", "settings", "started", "status", "suffix", "tool_calls",
         "usage",
     )  # fmt: skip
@@ -132,6 +132,8 @@ class Exchange:
     ) -> None:
         self.request = request
         self.settings: Settings = request.app[SETTINGS]
+        # Looked up once: on Python 3.11 every lookup is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.conversation = conversation
         self.protocol = protocol
         self.started = time.monotonic()
@@ -321,7 +323,7 @@ class Exchange:
                 # A task of its own: every piece then resumes the few frames of
                 # the relay, not also the dozen of aiohttp's handler and the
                 # middlewares above it (a cancellation still reaches it).
-                await asyncio.ensure_future(stream.run())
+                await self.loop.create_task(stream.run())
             await response.write_eof()
             return response
         except asyncio.CancelledError:
@@ -341,7 +343,7 @@ class Exchange:
 
         A cancellation from anywhere else (the client hung up) propagates.
         """
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)
         if not self.request.app[STATE].cutting or task is None:
             raise asyncio.CancelledError
         task.uncancel()
@@ -521,13 +523,14 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
 class _Answering:
     """A request being answered: counted in flight, known to shutdown, logged when done."""
 
-    __slots__ = ("_exchanges", "_request", "_state", "_task")
+    __slots__ = ("_exchanges", "_loop", "_request", "_state", "_task")
 
     def __init__(self, request: web.Request, exchanges: Sequence[Exchange]) -> None:
         self._request = request
         self._state = request.app[STATE]
         self._exchanges = exchanges
-        self._task = asyncio.current_task()
+        self._loop = exchanges[0].loop
+        self._task = asyncio.current_task(self._loop)
 
     def __enter__(self) -> None:
         self._state.in_flight += 1
@@ -542,9 +545,34 @@ class _Answering:
             self._state.answering.discard(self._task)
         # The finish lines and the latency figures are recorded once the answer
         # is on its way: here they would sit between SAI's answer and the client.
-        loop = asyncio.get_running_loop()
         for exchange in exchanges:
-            loop.call_soon(exchange._finish)
+            self._loop.call_soon(exchange._finish)
+
+
+async def _settled(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], within: float | None
+) -> None:
+    """Wait until ``future`` is done or ``within`` seconds have passed, whichever is first.
+
+    ``asyncio.wait({future}, timeout=within)`` with the loop at hand (see
+    :attr:`Exchange.loop`); the future is never cancelled.
+    """
+    if future.done():
+        return
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(within, wake) if within is not None else None
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        future.remove_done_callback(wake)
 
 
 async def _together(
@@ -611,7 +639,8 @@ class _Stream:
         """
         exchange, renderer, response = self.exchange, self.renderer, self.response
         interval = exchange.settings.ping_interval if keep_alive else None
-        opening = asyncio.ensure_future(
+        loop = exchange.loop
+        opening = loop.create_task(
             exchange.sai.open(exchange._known_call())
             if exchange.early is None
             else _raise(exchange.early)
@@ -622,13 +651,13 @@ class _Stream:
                 # answers within the grace opens the stream itself, with its
                 # model name and no write of its own (a fast failure is then
                 # still a real status in http mode).
-                await asyncio.wait({opening}, timeout=EAGER_GRACE)
+                await _settled(loop, opening, EAGER_GRACE)
                 if not opening.done():
                     await self.start(exchange.model)
             # Until SAI answers 200 nothing need be sent, so a failure can still be a
             # real HTTP status; if the first keep-alive falls due first, the stream starts.
             while not opening.done():
-                await asyncio.wait({opening}, timeout=interval)
+                await _settled(loop, opening, interval)
                 if not opening.done():
                     await self.prepare()
                     await response.write(renderer.ping())
@@ -691,7 +720,7 @@ class _Stream:
         async with upstream:
             exchange.model = upstream.headers.get("model") or exchange.model
             await self.start(exchange.model)
-            upstream.watch()
+            upstream.watch(exchange.loop)
             # SAI answered: no attempt will resend the payload, and only the finish
             # needs the conversation's shape. An agent's 100 KB history need not
             # stay for the length of the stream.
