@@ -6,7 +6,8 @@ One handler: read the client's JSON, post a SAI payload through one pooled
 ClientSession, answer a minimal chat completion; streamed, relay each piece
 of SAI's body as one frame the moment it arrives. No logging, metrics,
 credentials, validation or error handling. The same stack as saiproxy
-(aiohttp server and client, orjson, uvloop when installed), so the gap
+(aiohttp server and client, orjson, uvloop when installed, the same
+garbage-collector thresholds), so the gap
 between this and direct calls is what the stack itself costs on the
 machine, and the gap between saiproxy and this is what saiproxy's own work
 costs.
@@ -21,6 +22,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 import aiohttp
 import orjson
 from aiohttp import web
+
+from saiproxy.server import tune_garbage_collector
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
@@ -94,6 +97,7 @@ def main() -> None:
         loop_factory = uvloop.new_event_loop
     except ImportError:
         pass
+    tune_garbage_collector()
     web.run_app(
         app, host="127.0.0.1", port=args.port, access_log=None, print=None,
         loop=loop_factory(),

@@ -97,6 +97,10 @@ def runner_options(settings: Settings) -> dict[str, Any]:
         "shutdown_timeout": settings.shutdown_timeout,
         # An idle keep-alive connection is closed after this (aiohttp's default is an hour).
         "keepalive_timeout": settings.keepalive_timeout,
+        # No SO_KEEPALIVE on accepted connections (one system call each): the kernel's
+        # first probe comes after two hours, long after the keep-alive timeout
+        # above closes an idle connection or a stream's ping finds a dead client.
+        "tcp_keepalive": False,
     }
 
 
