@@ -294,14 +294,19 @@ class ResponsesRenderer:
         self._echo = echo
         self._model = ""
         self._sequence = 0
-        self._output: list[dict[str, Any]] = []  # finished items, in output_index order
+        # Finished items, in output_index order (a message's already serialised).
+        self._output: list[dict[str, Any] | orjson.Fragment] = []
         self._pieces: list[str] | None = None  # the open message's text, while it is open
         self._delta_head = b""
 
     # --- the Response object
 
     def _response(
-        self, status: str, model: str, output: list[dict[str, Any]], **extra: Any
+        self,
+        status: str,
+        model: str,
+        output: Sequence[dict[str, Any] | orjson.Fragment],
+        **extra: Any,
     ) -> dict[str, Any]:
         return {
             "id": self._id,
@@ -383,16 +388,26 @@ class ResponsesRenderer:
     def _close_message(self, status: str = "completed") -> bytes:
         if self._pieces is None:
             return b""
-        text = "".join(self._pieces)
+        text = orjson.dumps("".join(self._pieces))  # the whole text, serialised once
         self._pieces = None
         index = len(self._output)
-        located = {"item_id": self._message_id, "output_index": index, "content_index": 0}
-        item = _message(self._message_id, text, status)
-        self._output.append(item)
+        part = b'{"type":"output_text","annotations":[],"logprobs":[],"text":%s}' % text
+        item = orjson.dumps(
+            {**_message(self._message_id, "", status), "content": [orjson.Fragment(part)]}
+        )
+        self._output.append(orjson.Fragment(item))  # spliced into the final Response as is
+        located = b'"item_id":%s,"output_index":%d,"content_index":0' % (
+            orjson.dumps(self._message_id),
+            index,
+        )
         return (
-            self._event("response.output_text.done", {**located, "text": text, "logprobs": []})
-            + self._event("response.content_part.done", {**located, "part": item["content"][0]})
-            + self._event("response.output_item.done", {"output_index": index, "item": item})
+            self._frame(
+                b"response.output_text.done", b'%s,"text":%s,"logprobs":[]' % (located, text)
+            )
+            + self._frame(b"response.content_part.done", b'%s,"part":%s' % (located, part))
+            + self._frame(
+                b"response.output_item.done", b'"output_index":%d,"item":%s' % (index, item)
+            )
         )
 
     def text(self, piece: str) -> bytes:
