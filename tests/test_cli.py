@@ -208,9 +208,18 @@ async def test_sigterm_lets_an_open_stream_finish(
     assert await _wait_exit(proxy.process, 20) == 0
 
 
+# A chat stream, and a legacy completion of two prompts (two SAI calls, one stream).
+_CUT_REQUESTS = {
+    "chat": ("/v1/chat/completions",
+             {"stream": True, "messages": [{"role": "user", "content": "long answer"}]}),
+    "completions": ("/v1/completions", {"stream": True, "prompt": ["long", "answer"]}),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["message", "http"])
+@pytest.mark.parametrize("kind", list(_CUT_REQUESTS))
 async def test_shutdown_cuts_a_stream_that_outlives_its_budget(
-    sai: FakeSai, tmp_path: Path, proxies: list[Proxy], mode: str
+    sai: FakeSai, tmp_path: Path, proxies: list[Proxy], mode: str, kind: str
 ) -> None:
     sai.default = Reply(body=[f"w{i} " for i in range(100)], chunk_delay=0.1)  # about 10 s
     proxy = Proxy(
@@ -219,8 +228,8 @@ async def test_shutdown_cuts_a_stream_that_outlives_its_budget(
     )  # fmt: skip
     proxies.append(proxy)
     await asyncio.to_thread(proxy.wait_ready)
-    url = f"{proxy.url}/v1/chat/completions"
-    body = {"stream": True, "messages": [{"role": "user", "content": "long answer"}]}
+    path, body = _CUT_REQUESTS[kind]
+    url = f"{proxy.url}{path}"
     async with aiohttp.ClientSession() as session:
         response = await session.post(url, json=body)
         await response.content.readline()  # the stream is open
@@ -234,10 +243,14 @@ async def test_shutdown_cuts_a_stream_that_outlives_its_budget(
     assert elapsed < 0.5 + 2 + 1.5, elapsed
     assert raw.endswith(b"data: [DONE]\n\n")
     assert b"w99" not in raw and b'"finish_reason":"stop"' not in raw
+    assert raw.count(b"data: [DONE]") == 1
     if mode == "message":
-        assert b"restarting" in raw and b'"finish_reason":"length"' in raw
+        # Every choice ends with the explanation, marked truncated.
+        choices = 2 if kind == "completions" else 1
+        assert raw.count(b"restarting") == choices
+        assert raw.count(b'"finish_reason":"length"') == choices
     else:
-        assert b'"code":"server_shutting_down"' in raw
+        assert raw.count(b'"code":"server_shutting_down"') == 1
     assert "answer cut by shutdown" in proxy.output.read_text()
 
 

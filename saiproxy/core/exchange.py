@@ -511,6 +511,8 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
                 )
             except _StreamEnded:
                 pass
+            except asyncio.CancelledError:
+                await _cut_together(first, streams, choices, response)
             else:
                 await response.write(choices.finish([s.answer for s in streams if s.answer]))
             await response.write_eof()
@@ -518,6 +520,32 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
         finally:
             state.open_streams -= 1
             request.app[KEEP_ALIVE].discard(response)
+
+
+async def _cut_together(
+    first: Exchange, streams: Sequence[_Stream], choices: Choices, response: EventStream
+) -> None:
+    """End the choices of a stream that shutdown cut, as a single stream ends.
+
+    A cancellation that is not shutdown's (the client hung up) propagates.
+    Each unfinished choice gets its ending (``message`` mode: the explanation
+    and a truncated finish); an in-band error ends them all at once. With
+    nothing sent yet, the cut is a real status.
+    """
+    cut = first._cut_short()
+    unfinished = [stream for stream in streams if stream.answer is None]
+    for stream in unfinished:
+        stream.exchange.outcome, stream.exchange.status = cut.code or "error", 200
+    try:
+        for stream in unfinished:
+            await stream.failed(cut, relayed=stream.relayed)
+    except _StreamEnded:
+        return
+    except UpstreamError as error:
+        for stream in unfinished:
+            stream.exchange._note(error)
+        raise
+    await response.write(choices.finish([s.answer for s in streams if s.answer]))
 
 
 class _Answering:
