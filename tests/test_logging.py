@@ -398,10 +398,20 @@ def test_lifecycle_lines_match_the_record_path_byte_for_byte(
      1e-9, 1e300, "a, b: c", 'quote " and \\ backslash', "\ud800", object()],
 )  # fmt: skip
 def test_lifecycle_lines_stay_json_whatever_the_value(value: Any) -> None:
+    def strict(line: str) -> Any:  # Python's json takes NaN and Infinity; JSON does not
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+
     formatter = JsonFormatter()
     line = formatter.format_event("saiproxy.exchange", "m", 1_764_000_000.0, {"v": value}, "ab12")
-    parsed = json.loads(line)
+    parsed = strict(line)
     assert parsed["request_id"] == "ab12" and list(parsed)[-2:] == ["v", "request_id"]
     if isinstance(value, float) and value - value != 0:
         assert parsed["v"] is None  # not NaN or Infinity: those are not JSON
     assert '"v": ' in line and ", " in line
+    # The same with a comma in another field (json's encoder then makes the line),
+    # and as an ordinary record's field.
+    fields = {"v": value, "note": "a, b"}
+    assert strict(formatter.format_event("x", "m", 1.0, fields, "ab12"))["note"] == "a, b"
+    record = logging.LogRecord("saiproxy.x", logging.WARNING, "", 0, "m", None, None)
+    record.v = value
+    assert "v" in strict(formatter.format(record))

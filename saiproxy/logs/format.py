@@ -86,6 +86,7 @@ def serialise(data: dict[str, Any]) -> str:
 _ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
+_HEAD_KEYS: Final = frozenset({"time", "level", "logger", "message"})  # every JSON line's first
 _CONTAINERS: Final = (list, tuple, dict)
 _SCALARS: Final = (int, bool, float, type(None))
 
@@ -280,6 +281,11 @@ class JsonFormatter(logging.Formatter):
         last unless ``fields`` has one), assembled around the serialised
         fields: the fixed head is written as text, not encoded field by field.
         """
+        if not _HEAD_KEYS.isdisjoint(fields):  # a field that takes the place of one of these
+            data = self._data(created, "INFO", name, message, fields.items())
+            if request_id is not None and "request_id" not in fields:
+                data["request_id"] = request_id
+            return serialise(data)
         head = (
             f'{{"time": "{self._clock.text(created)}", "level": "INFO", '
             f'"logger": {_json_string(name)}, "message": {_json_string(bound(message))}'
@@ -320,6 +326,9 @@ class JsonFormatter(logging.Formatter):
                 value = mask(value)
                 if len(value) > FIELD_LIMIT:
                     value = bound(value)
+            elif kind is float:
+                if value - value != 0:  # NaN and infinities are not JSON
+                    value = None
             elif kind in _CONTAINERS or (kind not in _SCALARS and isinstance(value, _CONTAINERS)):
                 value = _bound_value(value)
                 separators += _separators(value)
