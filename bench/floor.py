@@ -7,7 +7,7 @@ ClientSession, answer a minimal chat completion; streamed, relay each piece
 of SAI's body as one frame the moment it arrives. No logging, metrics,
 credentials, validation or error handling. The same stack as saiproxy
 (aiohttp server and client, orjson, uvloop when installed, the same
-garbage-collector thresholds), so the gap
+garbage-collector thresholds, accept queue and socket options), so the gap
 between this and direct calls is what the stack itself costs on the
 machine, and the gap between saiproxy and this is what saiproxy's own work
 costs.
@@ -98,9 +98,10 @@ def main() -> None:
     except ImportError:
         pass
     tune_garbage_collector()
+    # The listener and connection settings saiproxy uses (a deep accept queue, no SO_KEEPALIVE).
     web.run_app(
         app, host="127.0.0.1", port=args.port, access_log=None, print=None,
-        loop=loop_factory(),
+        loop=loop_factory(), backlog=4096, tcp_keepalive=False,
     )  # fmt: skip
 
 
