@@ -101,6 +101,16 @@ def chat(*messages: tuple[str, Any], **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": r, "content": c} for r, c in messages], **extra}
 
 
+def openai_url(proxy: Any) -> str:
+    """Return the test proxy's base URL as the OpenAI SDKs take it (``.../v1``)."""
+    return str(proxy.make_url("/v1"))
+
+
+def anthropic_url(proxy: Any) -> str:
+    """Return the test proxy's base URL as the Anthropic SDKs take it (no ``/v1``)."""
+    return str(proxy.make_url("")).rstrip("/")
+
+
 NODE_DIR = ROOT / "tests" / "node"
 
 

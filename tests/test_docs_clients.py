@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NODE_DIR, ROOT, FakeSai, MakeProxy
+from .conftest import NODE_DIR, ROOT, FakeSai, MakeProxy, openai_url
 
 PAGE = ROOT / "docs" / "clients.md"
 DOCUMENTED_URL = "http://localhost:4000/v1"
@@ -28,10 +28,6 @@ NOT_RUN = ("import litellm",)
 def snippets(language: str, page: Path = PAGE) -> list[str]:
     """Return the page's code blocks in ``language``, in order."""
     return re.findall(rf"```{language}\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
-
-
-def _base_url(proxy: object) -> str:
-    return str(proxy.make_url("/v1"))  # type: ignore[attr-defined]
 
 
 def test_the_page_has_the_snippets_this_file_runs() -> None:
@@ -47,7 +43,7 @@ async def test_the_python_snippets_run_and_send_the_users_key(
     for code in snippets("python"):
         if any(marker in code for marker in NOT_RUN):
             continue
-        code = code.replace(DOCUMENTED_URL, _base_url(proxy))
+        code = code.replace(DOCUMENTED_URL, openai_url(proxy))
         await asyncio.to_thread(exec, compile(code, str(PAGE), "exec"), {})
         ran += 1
     # OpenAI SDK: a default header, then metadata in the body; LangChain: a default header.
@@ -63,7 +59,7 @@ async def test_the_typescript_snippet_runs_with_the_pinned_sdk(
     (code,) = snippets("ts")
     # The snippet makes the client; one call shows it works. Plain JavaScript
     # too, so Node runs it as a module from tests/node, where the SDK is pinned.
-    program = code.replace(DOCUMENTED_URL, _base_url(proxy)) + (
+    program = code.replace(DOCUMENTED_URL, openai_url(proxy)) + (
         "const answer = await client.chat.completions.create("
         '{ model: "sai-model", messages: [{ role: "user", content: "Hi" }] });\n'
         "console.log(JSON.stringify(answer.choices[0].message));\n"

@@ -15,17 +15,13 @@ import pytest
 from saiproxy.keys import STATE
 from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
 
-from .conftest import FakeSai, MakeProxy, Reply, log_lines, run_node
+from .conftest import FakeSai, MakeProxy, Reply, log_lines, openai_url, run_node
 
 URL = "/v1/completions"
 
 
-def _base_url(proxy: object) -> str:
-    return str(proxy.make_url("/v1"))  # type: ignore[attr-defined]
-
-
 def _sdk(proxy: object, **options: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused", **options)
+    return openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused", **options)
 
 
 def _frames(raw: str) -> list[Any]:
@@ -500,7 +496,7 @@ async def test_node_openai_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
     sai.route("a", Reply(body="A!", headers={"prompttokens": "1", "completiontokens": "1"}))
     sai.route("b", Reply(body="B!", headers={"prompttokens": "2", "completiontokens": "1"}))
     sai.route("s", Reply(body=["str", "eamed"], chunk_delay=0.02))
-    result = await run_node("legacy_completions.mjs", _base_url(proxy))
+    result = await run_node("legacy_completions.mjs", openai_url(proxy))
     assert result["texts"] == [[0, "aA!", "stop"], [1, "bB!", "stop"]]
     assert result["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert (result["streamed"], result["finish"]) == ("streamed", "stop")
@@ -517,7 +513,7 @@ async def test_langchain_openai_llm(make_proxy: MakeProxy, sai: FakeSai) -> None
     sai.route("Tell me a joke", Reply(body="Knock knock."))
     async with httpx.AsyncClient() as http:  # LangChain would leave its own unclosed
         llm = OpenAI(
-            base_url=_base_url(proxy),
+            base_url=openai_url(proxy),
             api_key="unused",
             model="gpt-3.5-turbo-instruct",
             http_async_client=http,

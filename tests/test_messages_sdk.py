@@ -10,19 +10,15 @@ import pytest
 from langchain_anthropic import ChatAnthropic
 from langchain_core.messages import HumanMessage, ToolMessage
 
-from .conftest import FakeSai, MakeProxy, Reply, run_node
+from .conftest import FakeSai, MakeProxy, Reply, anthropic_url, run_node
 from .test_messages import CALL, WEATHER
 
 MODEL = "sai-model"
 
 
-def _base_url(proxy: object) -> str:
-    return str(proxy.make_url("")).rstrip("/")  # type: ignore[attr-defined]
-
-
 def _client(proxy: object, **options: Any) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(
-        base_url=_base_url(proxy), **{"api_key": "unused", "max_retries": 0, **options}
+        base_url=anthropic_url(proxy), **{"api_key": "unused", "max_retries": 0, **options}
     )
 
 
@@ -61,7 +57,7 @@ async def test_stream_helper(proxy: Any, sai: FakeSai) -> None:
 
 async def test_sync_client_stream(proxy: Any, sai: FakeSai) -> None:
     sai.script(Reply(body=["one ", "two ", "three"], chunk_delay=0.02))
-    base_url = _base_url(proxy)
+    base_url = anthropic_url(proxy)
 
     def consume() -> tuple[str, str | None]:
         with (
@@ -83,16 +79,16 @@ async def test_tool_use_round_trip(proxy: Any, sai: FakeSai, streamed: bool) -> 
         Reply(body="It is 18 C and sunny in Paris."),
     )
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
-    async with _client(proxy) as client:
+
+    async def ask(client: anthropic.AsyncAnthropic) -> Any:
+        request: Any = {"model": MODEL, "max_tokens": 100, "tools": [WEATHER], "messages": messages}
         if streamed:
-            async with client.messages.stream(
-                model=MODEL, max_tokens=100, tools=[WEATHER], messages=messages
-            ) as stream:
-                first = await stream.get_final_message()
-        else:
-            first = await client.messages.create(
-                model=MODEL, max_tokens=100, tools=[WEATHER], messages=messages
-            )
+            async with client.messages.stream(**request) as stream:
+                return await stream.get_final_message()
+        return await client.messages.create(**request)
+
+    async with _client(proxy) as client:
+        first = await ask(client)
         assert first.stop_reason == "tool_use"
         tool_use = first.content[-1]
         assert tool_use.type == "tool_use"
@@ -104,15 +100,7 @@ async def test_tool_use_round_trip(proxy: Any, sai: FakeSai, streamed: bool) -> 
                  "content": [{"type": "text", "text": "18 C, sunny"}]},
             ]},
         ]  # fmt: skip
-        if streamed:
-            async with client.messages.stream(
-                model=MODEL, max_tokens=100, tools=[WEATHER], messages=messages
-            ) as stream:
-                second = await stream.get_final_message()
-        else:
-            second = await client.messages.create(
-                model=MODEL, max_tokens=100, tools=[WEATHER], messages=messages
-            )
+        second = await ask(client)
     assert second.stop_reason == "end_turn"
     assert second.content[0].text.startswith("It is 18 C")  # type: ignore[union-attr]
     history = sai.received[1].json["chatMessages"]
@@ -228,7 +216,7 @@ async def test_message_mode_explains_in_the_answer(proxy: Any, sai: FakeSai) -> 
 def _chat_anthropic(proxy: object, **options: Any) -> ChatAnthropic:
     return ChatAnthropic(  # type: ignore[call-arg]
         model=MODEL,
-        anthropic_api_url=_base_url(proxy),
+        anthropic_api_url=anthropic_url(proxy),
         anthropic_api_key="unused",
         max_retries=0,
         max_tokens=256,
@@ -268,7 +256,7 @@ async def test_node_sdk_stream(proxy: Any, sai: FakeSai) -> None:
         Reply(body=["Let me check. ", CALL]),
     )
     result = await run_node(
-        "messages_stream.mjs", _base_url(proxy), env={"ANTHROPIC_API_KEY": "unused"}
+        "messages_stream.mjs", anthropic_url(proxy), env={"ANTHROPIC_API_KEY": "unused"}
     )
     assert result["texts"] == ["Hel", "lo ", "from ", "SAI"]
     assert result["text"] == "Hello from SAI"

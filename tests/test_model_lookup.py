@@ -9,7 +9,7 @@ import anthropic
 import openai
 import pytest
 
-from .conftest import MakeProxy
+from .conftest import MakeProxy, openai_url
 
 SLASHED = "org/model-x"
 PROXY_KEY = "pk-lookup-0b7e"
@@ -26,10 +26,6 @@ async def proxy(make_proxy: MakeProxy, tmp_path: Path) -> Any:
         encoding="utf-8",
     )
     return await make_proxy(SAIPROXY_CONFIG=str(config))
-
-
-def _base_url(proxy: Any) -> str:
-    return str(proxy.make_url("/v1"))
 
 
 @pytest.mark.parametrize("path", ["/v1/models/sai-model", "/models/sai-model"])
@@ -64,7 +60,7 @@ async def test_openai_not_found(proxy: Any) -> None:
 
 
 async def test_sdk_retrieve(proxy: Any) -> None:
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         found = await client.models.retrieve("sai-model")
         slashed = await client.models.retrieve(SLASHED)
         with pytest.raises(openai.NotFoundError) as caught:

@@ -8,17 +8,13 @@ import httpx
 import openai
 import pytest
 
-from .conftest import FakeSai, MakeProxy, Reply
-
-
-def _base_url(proxy: object) -> str:
-    return str(proxy.make_url("/v1"))  # type: ignore[attr-defined]
+from .conftest import FakeSai, MakeProxy, Reply, openai_url
 
 
 async def test_async_sdk_completion(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.script(Reply(body="Paris.", headers={"prompttokens": "9", "completiontokens": "2"}))
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         result = await client.chat.completions.create(
             model="sai-model",
             messages=[
@@ -40,7 +36,7 @@ async def test_async_sdk_completion(make_proxy: MakeProxy, sai: FakeSai) -> None
 async def test_async_sdk_streaming_with_usage(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.script(Reply(body=["Bon", "jour", " 👋"], chunk_delay=0.05))
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         stream = await client.chat.completions.create(
             model="sai-model",
             messages=[{"role": "user", "content": "Say hi in French"}],
@@ -62,7 +58,7 @@ async def test_async_sdk_streaming_with_usage(make_proxy: MakeProxy, sai: FakeSa
 async def test_sync_sdk_streaming(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.script(Reply(body=["one ", "two ", "three"], chunk_delay=0.05))
-    base_url = _base_url(proxy)
+    base_url = openai_url(proxy)
 
     def consume() -> tuple[str, str | None]:
         with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
@@ -86,7 +82,7 @@ async def test_sdk_sees_http_errors_in_http_mode(make_proxy: MakeProxy, sai: Fak
     proxy = await make_proxy(ERROR_MODE="http")
     sai.script(Reply(status=429, headers={"Retry-After": "3"}))
     async with openai.AsyncOpenAI(
-        base_url=_base_url(proxy), api_key="unused", max_retries=0
+        base_url=openai_url(proxy), api_key="unused", max_retries=0
     ) as client:
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(
@@ -99,7 +95,7 @@ async def test_sdk_sees_http_errors_in_http_mode(make_proxy: MakeProxy, sai: Fak
 
 async def test_sdk_bad_request(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(
                 model="sai-model", messages=[{"role": "user", "content": "hi"}], n=3
@@ -111,12 +107,12 @@ async def test_a_users_own_key_from_the_sdk(make_proxy: MakeProxy, sai: FakeSai)
     # The snippets of docs/clients.md: a default header, or metadata in the body.
     proxy = await make_proxy()
     async with openai.AsyncOpenAI(
-        base_url=_base_url(proxy), api_key="unused", default_headers={"user-api-key": "uk-header"}
+        base_url=openai_url(proxy), api_key="unused", default_headers={"user-api-key": "uk-header"}
     ) as client:
         await client.chat.completions.create(
             model="sai-model", messages=[{"role": "user", "content": "hi"}]
         )
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         await client.chat.completions.create(
             model="sai-model",
             messages=[{"role": "user", "content": "hi"}],
@@ -134,7 +130,7 @@ async def test_a_users_own_key_from_langchain(make_proxy: MakeProxy, sai: FakeSa
     proxy = await make_proxy()
     async with httpx.AsyncClient() as http:  # closed here, not left to the garbage collector
         llm = ChatOpenAI(
-            base_url=_base_url(proxy),
+            base_url=openai_url(proxy),
             api_key="unused",  # type: ignore[arg-type]
             model="sai-model",
             default_headers={"user-api-key": "uk-langchain"},

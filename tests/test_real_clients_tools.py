@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import openai
 import pytest
 from pydantic import BaseModel
 
-from .conftest import FakeSai, MakeProxy, Reply, run_node
+from .conftest import FakeSai, MakeProxy, Reply, openai_url, run_node
 from .test_tools import WEATHER
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Quito"}}</tool_call>'
 
 
-def _base_url(proxy: Any) -> str:
-    return str(proxy.make_url("/v1"))
-
-
 async def test_openai_sdk_tool_call(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.script(Reply(body="Let me check.\n" + CALL))
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         result = await client.chat.completions.create(
             model="sai-model",
             messages=[{"role": "user", "content": "Weather in Quito?"}],
@@ -41,7 +36,7 @@ async def test_openai_sdk_streamed_tool_call(make_proxy: MakeProxy, sai: FakeSai
     proxy = await make_proxy()
     answer = "On it. " + CALL
     sai.script(Reply(body=[answer[i : i + 5] for i in range(0, len(answer), 5)], chunk_delay=0.005))
-    client = openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused")
+    client = openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused")
     async with (
         client,
         client.chat.completions.stream(
@@ -68,7 +63,7 @@ class Weather(BaseModel):
 async def test_openai_sdk_parse_with_pydantic(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.script(Reply(body='```json\n{"city": "Quito", "temp": 18.5}\n```'))
-    async with openai.AsyncOpenAI(base_url=_base_url(proxy), api_key="unused") as client:
+    async with openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused") as client:
         result = await client.chat.completions.parse(
             model="sai-model",
             messages=[{"role": "user", "content": "Weather in Quito?"}],
@@ -91,7 +86,7 @@ async def test_langchain_bind_tools(make_proxy: MakeProxy, sai: FakeSai) -> None
     sai.script(Reply(body=CALL), Reply(body="It is 18 C in Quito."))
     http = openai.DefaultAsyncHttpxClient()
     model = ChatOpenAI(
-        model="sai-model", base_url=_base_url(proxy), api_key="unused",  # type: ignore[arg-type]
+        model="sai-model", base_url=openai_url(proxy), api_key="unused",  # type: ignore[arg-type]
         http_async_client=http,
     )  # fmt: skip
     bound = model.bind_tools([get_weather])
@@ -121,7 +116,7 @@ async def test_vercel_ai_sdk_tool_call(make_proxy: MakeProxy, sai: FakeSai, mode
     proxy = await make_proxy()
     answer = "Checking. " + CALL
     sai.script(Reply(body=[answer[i : i + 9] for i in range(0, len(answer), 9)], chunk_delay=0.005))
-    result = await run_node("vercel_ai.mjs", _base_url(proxy), mode)
+    result = await run_node("vercel_ai.mjs", openai_url(proxy), mode)
     assert result["toolCalls"] == [{"name": "get_weather", "input": {"city": "Quito"}}]
     assert result["finishReason"] == "tool-calls"
     if mode == "stream":

@@ -11,7 +11,7 @@ import orjson
 import pydantic
 import pytest
 
-from .conftest import NODE_DIR, FakeSai, MakeProxy, Reply, run_node
+from .conftest import NODE_DIR, FakeSai, MakeProxy, Reply, openai_url, run_node
 
 PATCH = "*** Begin Patch\n*** Update File: app.py\n@@\n-x = 1\n+x = 2\n*** End Patch"
 APPLY_PATCH: Any = {
@@ -34,7 +34,7 @@ class Capital(pydantic.BaseModel):
 
 
 def _client(proxy: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key="unused", max_retries=0)
+    return openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused", max_retries=0)
 
 
 def _call_block(name: str, **body: Any) -> str:
@@ -201,7 +201,7 @@ async def test_node_sdk_responses_stream(make_proxy: MakeProxy, sai: FakeSai) ->
         Reply(body=["Buenos ", "días. "], chunk_delay=0.02),
         Reply(body=["Patching. ", _call_block("apply_patch", input=PATCH)], chunk_delay=0.01),
     )
-    result = await run_node("responses_stream.mjs", str(proxy.make_url("/v1")))
+    result = await run_node("responses_stream.mjs", openai_url(proxy))
     assert result["text"]["deltas"] == ["Buenos ", "días. "]
     assert result["text"]["final"] == "Buenos días. "
     assert result["text"]["events"][:2] == ["response.created", "response.in_progress"]

@@ -551,14 +551,13 @@ async def _cut_together(
 class _Answering:
     """A request being answered: counted in flight, known to shutdown, logged when done."""
 
-    __slots__ = ("_exchanges", "_loop", "_request", "_state", "_task")
+    __slots__ = ("_exchanges", "_request", "_state", "_task")
 
     def __init__(self, request: web.Request, exchanges: Sequence[Exchange]) -> None:
         self._request = request
         self._state = request.app[STATE]
         self._exchanges = exchanges
-        self._loop = exchanges[0].loop
-        self._task = asyncio.current_task(self._loop)
+        self._task = asyncio.current_task(exchanges[0].loop)
 
     def __enter__(self) -> None:
         self._state.in_flight += 1
@@ -573,8 +572,9 @@ class _Answering:
             self._state.answering.discard(self._task)
         # The finish lines and the latency figures are recorded once the answer
         # is on its way: here they would sit between SAI's answer and the client.
+        loop = exchanges[0].loop
         for exchange in exchanges:
-            self._loop.call_soon(exchange._finish)
+            loop.call_soon(exchange._finish)
 
 
 async def _settled(
@@ -619,7 +619,8 @@ async def _together(
             exchange._note(exc)
             raise
 
-    tasks = [asyncio.ensure_future(one(i, e)) for i, e in enumerate(exchanges)]
+    loop = exchanges[0].loop
+    tasks = [loop.create_task(one(i, e)) for i, e in enumerate(exchanges)]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failure = next(

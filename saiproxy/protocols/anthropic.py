@@ -293,11 +293,8 @@ def _tools(value: Any) -> tuple[Tool, ...]:
             raise InvalidRequest(f"{where} must be an object", param=where)
         kind = spec.get("type")
         if kind not in CLIENT_TOOL_TYPES:
-            shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
-            raise InvalidRequest(
-                f"{where} has type {shown!r}: saiproxy emulates client tools "
-                "(name, description, input_schema) only",
-                param=where,
+            raise openai.unsupported_type(
+                kind, where, "saiproxy emulates client tools (name, description, input_schema) only"
             )
         name = spec.get("name")
         description = spec.get("description")

@@ -116,36 +116,31 @@ def _text(value: Any, param: str) -> str:
     return value
 
 
+def unsupported_type(kind: Any, where: str, accepted: str) -> InvalidRequest:
+    """Return the 400 for an item whose ``type`` saiproxy does not take.
+
+    ``accepted`` says what it does take; the type is shown cut to 40 characters.
+    """
+    shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+    return InvalidRequest(f"{where} has type {shown!r}: {accepted}", param=where)
+
+
 def tool(spec: Any, param: str, *, flat: bool) -> Tool:
     """Parse one offered tool: Chat's nested shape, or the Responses API's flat one."""
     if not isinstance(spec, dict):
         raise InvalidRequest(f"{param} must be an object", param=param)
     kind = spec.get("type")
+    if kind not in ("function", "custom"):
+        raise unsupported_type(kind, param, "saiproxy emulates function and custom tools only")
+    body = spec if flat else spec.get(kind)
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"{param}.{kind} must be an object", param=param)
+    name = _name(body.get("name"), f"{param}.name")
+    description = _text(body.get("description"), f"{param}.description")
     if kind == "function":
-        function = spec if flat else spec.get("function")
-        if not isinstance(function, dict):
-            raise InvalidRequest(f"{param}.function must be an object", param=param)
-        return Tool(
-            _name(function.get("name"), f"{param}.name"),
-            _text(function.get("description"), f"{param}.description"),
-            "function",
-            parameters=_schema(function.get("parameters"), f"{param}.parameters"),
-        )
-    if kind == "custom":
-        custom = spec if flat else spec.get("custom")
-        if not isinstance(custom, dict):
-            raise InvalidRequest(f"{param}.custom must be an object", param=param)
-        return Tool(
-            _name(custom.get("name"), f"{param}.name"),
-            _text(custom.get("description"), f"{param}.description"),
-            "custom",
-            format=_schema(custom.get("format"), f"{param}.format"),
-        )
-    shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
-    raise InvalidRequest(
-        f"{param} has type {shown!r}: saiproxy emulates function and custom tools only",
-        param=param,
-    )
+        schema = _schema(body.get("parameters"), f"{param}.parameters")
+        return Tool(name, description, "function", parameters=schema)
+    return Tool(name, description, "custom", format=_schema(body.get("format"), f"{param}.format"))
 
 
 _TOOLS_CACHE: dict[tuple[bytes, bool], tuple[Tool, ...]] = {}

@@ -135,12 +135,10 @@ def _turns(raw: Any) -> list[Turn]:
         elif isinstance(kind, str) and kind in SKIPPED_ITEMS:
             continue
         else:
-            shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
-            raise InvalidRequest(
-                f"{where} has type {shown!r}: saiproxy accepts messages, function and custom "
-                "tool calls and their outputs (it stores nothing and runs no hosted tools)",
-                param=where,
-            )
+            raise openai.unsupported_type(
+                kind, where, "saiproxy accepts messages, function and custom tool calls and "
+                "their outputs (it stores nothing and runs no hosted tools)",
+            )  # fmt: skip
     return turns
 
 
