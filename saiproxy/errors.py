@@ -168,13 +168,19 @@ class ContextTooLong(UpstreamError):
     finish_reason = "length"
 
     def __init__(self, estimated_tokens: int | None = None, limit: int | None = None) -> None:
-        size = (
-            f" (about {estimated_tokens} tokens; the limit is {limit})"
-            if estimated_tokens is not None and limit is not None
-            else ""
-        )
+        # Both providers' wordings, for the clients that look for them: Anthropic's
+        # "prompt is too long" and OpenAI's "This model's maximum context length is"
+        # (LiteLLM raises ContextWindowExceededError on either; aider then helps).
+        if estimated_tokens is not None and limit is not None:
+            size = (
+                f"about {estimated_tokens} tokens > {limit} maximum. This model's maximum "
+                f"context length is {limit} tokens, and the conversation needs about "
+                f"{estimated_tokens}."
+            )
+        else:
+            size = "This model's maximum context length is smaller than the conversation."
         super().__init__(
-            f"The conversation is too long for the model{size}. "
+            f"prompt is too long: {size} "
             "Shorten the history or remove long pasted text, start a new chat, "
             "or ask for a summary of this conversation and continue from it in a new chat."
         )

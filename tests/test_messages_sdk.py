@@ -206,8 +206,8 @@ async def test_message_mode_explains_in_the_answer(proxy: Any, sai: FakeSai) -> 
         ) as stream,
     ):
         message = await stream.get_final_message()
-    assert message.stop_reason == "max_tokens"
-    assert "too long" in message.content[0].text  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"
+    assert "prompt is too long" in message.content[0].text  # type: ignore[union-attr]
 
 
 # --- LangChain's ChatAnthropic

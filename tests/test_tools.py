@@ -274,7 +274,7 @@ async def test_structured_output_streamed_loses_its_fence(
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [
-        ("tools", [{"type": "web_search"}], "function and custom tools only"),
+        ("tools", [{"type": "function", "function": "x"}], "must be an object"),
         ("tools", "x", "array of tools"),
         ("tool_choice", {"type": "function", "function": {"name": "nope"}}, "not in 'tools'"),
         ("response_format", {"type": "xml"}, "json_schema"),

@@ -103,9 +103,9 @@ class _CallParser:
             return Rejected("unknown_tool", f"the tool {name[:100]!r} was not offered")
         if tool.kind == "custom":
             if isinstance(raw_input, str):
-                return ToolCall(new_call_id(), name, "custom", input=raw_input)
+                return ToolCall(new_call_id(), name, "custom", input=raw_input, wire=tool.wire)
             if isinstance(arguments, str):
-                return ToolCall(new_call_id(), name, "custom", input=arguments)
+                return ToolCall(new_call_id(), name, "custom", input=arguments, wire=tool.wire)
             return Rejected("bad_arguments", f"the free-form tool {name!r} got no input text")
         if isinstance(arguments, str):
             try:
@@ -116,7 +116,8 @@ class _CallParser:
             arguments = {}
         if not isinstance(arguments, dict):
             return Rejected("bad_arguments", f"the arguments of {name!r} are not a JSON object")
-        return ToolCall(new_call_id(), name, "function", orjson.dumps(arguments).decode())
+        arguments_json = orjson.dumps(arguments).decode()
+        return ToolCall(new_call_id(), name, "function", arguments_json, wire=tool.wire)
 
     def tags(self, block: str) -> tuple[list[ToolCall], str]:
         """Parse ``<tool_call>`` blocks; return the calls and what stays text."""

@@ -55,6 +55,9 @@ class ToolCall:
     kind: ToolKind = "function"
     arguments: str = "{}"  # JSON text of an object (function tools)
     input: str = ""  # raw text (custom tools)
+    # (namespace, name) of a tool the client offered inside a namespace (the
+    # Responses API's namespace tools); ``name`` is then the flat name SAI sees.
+    wire: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,7 @@ class Tool:
     kind: ToolKind = "function"
     parameters: dict[str, Any] | None = None  # JSON schema (function tools)
     format: dict[str, Any] | None = None  # grammar or text format (custom tools)
+    wire: tuple[str, str] | None = None  # (namespace, name) when offered in a namespace
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,14 +2,18 @@
 
 What Claude Code and the Anthropic SDKs send is parsed into the neutral
 conversation: ``system`` (a string or text blocks), messages of ``text``,
-``tool_use`` and ``tool_result`` blocks (``thinking`` skipped, images and
-documents refused), client tools and ``tool_choice``. The answer comes back as
-a Message object, or as Anthropic's named SSE events; errors in Anthropic's
-``{"type": "error", "error": {...}}`` shape with its statuses.
+``tool_use`` and ``tool_result`` blocks (mid-conversation ``system`` messages
+too), client tools, ``tool_choice`` and a JSON-schema output format. Images,
+documents and audio are refused; blocks, tools and fields SAI could not act
+on (thinking, server tools, cache control, beta features) are left out. The
+answer comes back as a Message object, or as Anthropic's named SSE events;
+errors in Anthropic's ``{"type": "error", "error": {...}}`` shape with its
+statuses.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -22,6 +26,7 @@ from ..core.conversation import (
     Answer,
     Conversation,
     Finish,
+    OutputFormat,
     Tool,
     ToolCall,
     ToolChoice,
@@ -30,13 +35,17 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange, json_response, read_json
 from ..core.prompt import estimate_tokens, sai_payload
-from ..errors import ContextTooLong, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
 from ..keys import SETTINGS
 from . import openai
 
-SKIPPED_BLOCKS: Final = frozenset({"thinking", "redacted_thinking"})
-MEDIA_BLOCKS: Final = frozenset({"image", "document"})
+# Content the answer would silently miss if it were dropped: refused with a 400.
+# Any other block SAI cannot use (thinking, server tool blocks, types saiproxy
+# does not know) carries nothing it could act on and is left out.
+MEDIA_BLOCKS: Final = frozenset({"image", "document", "audio", "video", "file", "container_upload"})
 CLIENT_TOOL_TYPES: Final = (None, "custom")
+
+log = logging.getLogger("saiproxy.protocols")
 
 STOP_REASONS: Final[dict[Finish, str]] = {
     "stop": "end_turn",
@@ -111,22 +120,75 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
     check_count(raw_messages, MAX_MESSAGES, "messages", "messages")
     if not raw_messages:
         raise InvalidRequest("'messages' must contain at least one message", param="messages")
-    turns = [turn for index, raw in enumerate(raw_messages) for turn in _message(raw, index)]
+    leading, turns = _turns(raw_messages)
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object", param="metadata")
     tools = _tools(body.get("tools"))
     choice, parallel = _tool_choice(body.get("tool_choice"), tools)
+    system = "\n\n".join(text for text in (_system(body.get("system")), *leading) if text)
     return Conversation(
         turns,
-        system=_system(body.get("system")),
+        system=system,
         model=openai.model_name(body),
         stream=False if counting else openai.flag(body, "stream"),
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=parallel,
         stop=_stop_sequences(body.get("stop_sequences")),
+        output=_output_format(body),
     )
+
+
+def _turns(raw_messages: list[Any]) -> tuple[list[str], list[Turn]]:
+    """Return the system texts that lead ``messages`` and the turns of the rest.
+
+    A ``role: "system"`` message (Anthropic's mid-conversation system message)
+    is a system turn where it stands. One that ends the conversation (it
+    applies to the next answer) goes before the message it follows, so the
+    user's words stay SAI's ``inputs.user``.
+    """
+    per_message = [_message(raw, index) for index, raw in enumerate(raw_messages)]
+    leading: list[str] = []
+    while len(per_message) > 1 and _is_system(per_message[0]):
+        leading += [turn.text for turn in per_message.pop(0) if turn.text]
+    trailing: list[list[Turn]] = []
+    while len(per_message) > 1 and _is_system(per_message[-1]):
+        trailing.insert(0, per_message.pop())
+    if trailing:
+        per_message[-1:-1] = trailing
+    return leading, [turn for turns in per_message for turn in turns]
+
+
+def _is_system(turns: list[Turn]) -> bool:
+    return len(turns) == 1 and turns[0].role == "system"
+
+
+def _output_format(body: dict[str, Any]) -> OutputFormat | None:
+    """Return the JSON schema asked for in ``output_config.format`` or ``output_format``.
+
+    ``output_config`` also carries settings SAI has no use for (``effort``):
+    only its ``format`` is read. ``output_format`` is the older, beta shape.
+    """
+    config = body.get("output_config")
+    spec = config.get("format") if isinstance(config, dict) else None
+    param = "output_config.format"
+    if spec is None:
+        spec, param = body.get("output_format"), "output_format"
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise InvalidRequest(f"'{param}' must be an object", param=param)
+    kind = spec.get("type")
+    if kind != "json_schema":
+        shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+        raise InvalidRequest(
+            f"'{param}.type' is {shown!r}: saiproxy takes json_schema", param=param
+        )
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}.schema' must be a JSON schema object", param=param)
+    return OutputFormat(schema)
 
 
 def _max_tokens(value: Any) -> None:
@@ -147,7 +209,7 @@ def _kind(block: Any, where: str) -> str:
     if kind in MEDIA_BLOCKS:
         raise InvalidRequest(
             f"SAI templates accept text only: {where} is {'an' if kind[0] in 'aeiou' else 'a'} "
-            f"{kind} block",
+            f"{kind[:40]} block; send its content as text, or leave it out",
             param=where,
         )
     return kind
@@ -173,12 +235,19 @@ def _system(value: Any) -> str:
         return value
     if not isinstance(value, list):
         raise InvalidRequest("'system' must be a string or an array of text blocks", param="system")
+    return _texts(value, "system")
+
+
+def _texts(blocks: list[Any], where: str) -> str:
+    """Return the text of text blocks joined by newlines; other blocks are left out."""
     texts: list[str] = []
-    for index, block in enumerate(value):
-        where = f"system[{index}]"
-        if _kind(block, where) != "text":
-            raise InvalidRequest(f"{where} must be a text block", param=where)
-        texts.append(_text(block, where))
+    for index, block in enumerate(blocks):
+        at = f"{where}[{index}]"
+        kind = _kind(block, at)
+        if kind == "text":
+            texts.append(_text(block, at))
+        else:
+            openai.ignored(at, kind)
     return "\n".join(texts)
 
 
@@ -188,8 +257,10 @@ def _message(raw: Any, index: int) -> list[Turn]:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{where} must be an object", param=where)
     role = raw.get("role")
-    if role not in ("user", "assistant"):
-        raise InvalidRequest(f"{where}.role must be user or assistant", param=f"{where}.role")
+    if role not in ("user", "assistant", "system"):
+        raise InvalidRequest(
+            f"{where}.role must be user, assistant or system", param=f"{where}.role"
+        )
     content = raw.get("content")
     if isinstance(content, str):
         return [Turn(role, content)]
@@ -199,6 +270,8 @@ def _message(raw: Any, index: int) -> list[Turn]:
             param=f"{where}.content",
         )
     check_count(content, MAX_CONTENT_PARTS, f"{where}.content", "content blocks")
+    if role == "system":
+        return [Turn("system", _texts(content, f"{where}.content"))]
     if role == "assistant":
         return [_assistant(content, where)]
     return _user(content, where)
@@ -219,8 +292,10 @@ def _user(content: list[Any], where: str) -> list[Turn]:
                 turns.append(Turn("user", "\n".join(texts)))
                 texts = []
             turns.append(_tool_result(block, at))
-        elif kind not in SKIPPED_BLOCKS:
-            raise _unsupported(kind, at)
+        elif kind == "tool_use":
+            raise _unsupported(kind, at)  # the model's own calls: a user cannot send them
+        else:
+            openai.ignored(at, kind)
     if texts or not turns:
         turns.append(Turn("user", "\n".join(texts)))
     return turns
@@ -236,8 +311,10 @@ def _assistant(content: list[Any], where: str) -> Turn:
             texts.append(_text(block, at))
         elif kind == "tool_use":
             calls.append(_tool_use(block, at))
-        elif kind not in SKIPPED_BLOCKS:
-            raise _unsupported(kind, at)
+        elif kind == "tool_result":
+            raise _unsupported(kind, at)  # results come from the user
+        else:
+            openai.ignored(at, kind)
     return Turn("assistant", "\n".join(texts), tuple(calls))
 
 
@@ -260,14 +337,7 @@ def _tool_result(block: dict[str, Any], where: str) -> Turn:
     elif isinstance(content, str):
         text = content
     elif isinstance(content, list):
-        texts = []
-        for index, part in enumerate(content):
-            at = f"{where}.content[{index}]"
-            kind = _kind(part, at)
-            if kind != "text":
-                raise _unsupported(kind, at)
-            texts.append(_text(part, at))
-        text = "\n".join(texts)
+        text = _texts(content, f"{where}.content")
     else:
         raise InvalidRequest(
             f"{where}.content must be a string or an array of text blocks", param=where
@@ -287,15 +357,17 @@ def _tools(value: Any) -> tuple[Tool, ...]:
     if not isinstance(value, list):
         raise InvalidRequest("'tools' must be an array of tools", param="tools")
     tools: list[Tool] = []
+    left_out: list[str] = []
     for index, spec in enumerate(value):
         where = f"tools[{index}]"
         if not isinstance(spec, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
         kind = spec.get("type")
         if kind not in CLIENT_TOOL_TYPES:
-            raise openai.unsupported_type(
-                kind, where, "saiproxy emulates client tools (name, description, input_schema) only"
-            )
+            # Server tools (web search, code execution) and Anthropic-defined
+            # ones (bash, text editor, computer use): nothing SAI can run.
+            left_out.append(kind[:40] if isinstance(kind, str) else "(no type)")
+            continue
         name = spec.get("name")
         description = spec.get("description")
         schema = spec.get("input_schema")
@@ -306,6 +378,7 @@ def _tools(value: Any) -> tuple[Tool, ...]:
         if not isinstance(schema, dict):
             raise InvalidRequest(f"{where}.input_schema must be a JSON schema object", param=where)
         tools.append(Tool(name, description or "", "function", parameters=schema))
+    openai.hosted_tools_left_out(left_out)
     return tuple(tools)
 
 
@@ -404,6 +477,19 @@ def _message_object(message_id: str, model: str) -> dict[str, Any]:
     }
 
 
+def _stop_reason(answer: Answer) -> str:
+    """Return the answer's stop reason; context too long (``message`` mode) ends ``end_turn``.
+
+    Claude Code reads ``max_tokens`` as its own output limit: it shows "response
+    exceeded the N output token maximum" instead of the text, and retries. The
+    explanation that the conversation is too long must reach the user. (An
+    answer cut short after part of it went out stays ``max_tokens``: it is.)
+    """
+    if answer.outcome == "context_length_exceeded":
+        return "end_turn"
+    return STOP_REASONS[answer.finish]
+
+
 def _event(name: bytes, data: dict[str, Any]) -> bytes:
     return b"event: " + name + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
@@ -422,12 +508,13 @@ class MessagesRenderer:
     def body(self, answer: Answer) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if answer.text:  # Anthropic refuses empty text blocks when a client sends them back
-            content.append({"type": "text", "text": answer.text, "citations": None})
+            # No "citations": null: the Vercel AI SDK's schema takes an array or nothing.
+            content.append({"type": "text", "text": answer.text})
         content.extend(_tool_use_block(call, orjson.loads(call.arguments)) for call in answer.calls)
         message = _message_object(self._id, answer.model)
         message.update(
             content=content,
-            stop_reason=STOP_REASONS[answer.finish],
+            stop_reason=_stop_reason(answer),
             stop_sequence=answer.stop_sequence,
             usage=usage(answer.usage.prompt_tokens, answer.usage.completion_tokens),
         )
@@ -458,7 +545,7 @@ class MessagesRenderer:
             opening = _event(
                 b"content_block_start",
                 {"type": "content_block_start", "index": index,
-                 "content_block": {"type": "text", "text": "", "citations": None}},
+                 "content_block": {"type": "text", "text": ""}},
             )  # fmt: skip
             # Every delta of the block differs only in its text: the rest is built once.
             self._text_prefix = (
@@ -488,7 +575,7 @@ class MessagesRenderer:
         delta = {
             "type": "message_delta",
             "delta": {
-                "stop_reason": STOP_REASONS[answer.finish],
+                "stop_reason": _stop_reason(answer),
                 "stop_sequence": answer.stop_sequence,
                 "stop_details": None,
                 "container": None,
@@ -515,11 +602,8 @@ def error_body(error: ProxyError) -> tuple[int, dict[str, Any]]:
         else:
             # Anthropic's reference: other 4xx statuses are invalid_request_error too.
             kind = "invalid_request_error"
-    message = error.message
-    if isinstance(error, ContextTooLong):
-        # Anthropic's own wording for it, so clients that look for it recognise it.
-        message = f"prompt is too long: {message}"
-    return status, {"type": "error", "error": {"type": kind, "message": message}}
+    # Context too long already reads "prompt is too long: ...", Anthropic's wording.
+    return status, {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
 class AnthropicErrors:

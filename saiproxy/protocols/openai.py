@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Final
 
 import orjson
@@ -20,7 +21,18 @@ from ..errors import InvalidRequest, ProxyError
 from ..middlewares import error_response
 
 TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
+# Content that would change the answer if it were dropped: refused with a 400
+# that says so. Any other part type SAI cannot use carries nothing it could act
+# on and is left out (logged at DEBUG).
+MEDIA_PART_TYPES: Final = frozenset(
+    {"image", "image_url", "input_image", "file", "input_file", "audio", "input_audio",
+     "video", "video_url", "document"}
+)  # fmt: skip
 MAX_MODEL_CHARS: Final = 256
+# Codex's default namespace: its tools are called by their plain names.
+DEFAULT_NAMESPACE: Final = "functions"
+
+log = logging.getLogger("saiproxy.protocols")
 
 FINISH_REASONS: Final[dict[Finish, str]] = {
     "stop": "stop",
@@ -64,12 +76,36 @@ def content_text(content: Any, param: str) -> str:
         elif kind == "refusal":
             refusal = part.get("refusal")
             texts.append(refusal if isinstance(refusal, str) else "")
+        elif kind in MEDIA_PART_TYPES:
+            raise media_refused(kind, f"{param}[{index}]", param)
         else:
-            raise InvalidRequest(
-                f"SAI templates accept text only: {param}[{index}] has type {kind[:40]!r}",
-                param=param,
-            )
+            ignored(f"{param}[{index}]", kind)
     return "\n".join(texts)
+
+
+def media_refused(kind: str, where: str, param: str | None = None) -> InvalidRequest:
+    """Return the 400 for content SAI cannot take and the answer would silently miss."""
+    article = "an" if kind[:1] in ("a", "e", "i", "o", "u") else "a"
+    return InvalidRequest(
+        f"SAI templates accept text only: {where} is {article} {kind[:40]!r} part; "
+        "send its content as text, or leave it out",
+        param=param or where,
+    )
+
+
+def ignored(where: str, kind: Any) -> None:
+    """Log at DEBUG a block or item of a type that carries nothing SAI could act on."""
+    shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
+    log.debug("content ignored", extra={"where": where, "type": shown})
+
+
+def hosted_tools_left_out(types: list[str]) -> None:
+    """Log, once per request, the tools SAI cannot run that were left out of the prompt."""
+    if types:
+        log.info(
+            "tools SAI cannot run left out of the prompt",
+            extra={"types": sorted(set(types))[:20], "count": len(types)},
+        )
 
 
 def model_name(body: dict[str, Any]) -> str | None:
@@ -125,30 +161,87 @@ def unsupported_type(kind: Any, where: str, accepted: str) -> InvalidRequest:
     return InvalidRequest(f"{where} has type {shown!r}: {accepted}", param=where)
 
 
-def tool(spec: Any, param: str, *, flat: bool) -> Tool:
-    """Parse one offered tool: Chat's nested shape, or the Responses API's flat one."""
+def flat_name(namespace: str, name: str) -> str:
+    """Return the one name SAI sees for a tool offered inside a namespace.
+
+    Codex's own convention (``ToolName::canonical_flat_name`` in codex-rs):
+    ``<namespace>__<name>`` with stray underscores at the join trimmed, and the
+    plain name for its default namespace ``functions``.
+    """
+    if not namespace or namespace == DEFAULT_NAMESPACE:
+        return name
+    return f"{namespace.rstrip('_')}__{name.lstrip('_')}"
+
+
+def tool(spec: Any, param: str, *, flat: bool, namespace: str | None = None) -> Tool | None:
+    """Parse one offered tool: Chat's nested shape, or the Responses API's flat one.
+
+    Returns None for a tool SAI cannot run (a hosted tool such as web search,
+    or a type saiproxy does not know): it is left out of the prompt.
+    """
     if not isinstance(spec, dict):
         raise InvalidRequest(f"{param} must be an object", param=param)
     kind = spec.get("type")
     if kind not in ("function", "custom"):
-        raise unsupported_type(kind, param, "saiproxy emulates function and custom tools only")
+        return None
     body = spec if flat else spec.get(kind)
     if not isinstance(body, dict):
         raise InvalidRequest(f"{param}.{kind} must be an object", param=param)
     name = _name(body.get("name"), f"{param}.name")
     description = _text(body.get("description"), f"{param}.description")
+    wire = None
+    if namespace is not None:
+        wire, name = (namespace, name), flat_name(namespace, name)
     if kind == "function":
         schema = _schema(body.get("parameters"), f"{param}.parameters")
-        return Tool(name, description, "function", parameters=schema)
-    return Tool(name, description, "custom", format=_schema(body.get("format"), f"{param}.format"))
+        return Tool(name, description, "function", parameters=schema, wire=wire)
+    return Tool(
+        name, description, "custom", format=_schema(body.get("format"), f"{param}.format"),
+        wire=wire,
+    )  # fmt: skip
 
 
-_TOOLS_CACHE: dict[tuple[bytes, bool], tuple[Tool, ...]] = {}
+def _parse_tools(value: list[Any], param: str, flat: bool) -> tuple[tuple[Tool, ...], list[str]]:
+    """Return the tools SAI is told about, and the types of those left out."""
+    found: list[Tool] = []
+    left_out: list[str] = []
+    for index, spec in enumerate(value):
+        where = f"{param}[{index}]"
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if flat and kind == "namespace":
+            # The Responses API's namespace (Codex's MCP servers and tool groups):
+            # its tools become callable tools of their own under flat names.
+            assert isinstance(spec, dict)
+            namespace = _name(spec.get("name"), f"{where}.name")
+            members = spec.get("tools")
+            if not isinstance(members, list):
+                raise InvalidRequest(f"{where}.tools must be an array of tools", param=where)
+            for inner, member in enumerate(members):
+                parsed = tool(member, f"{where}.tools[{inner}]", flat=True, namespace=namespace)
+                if parsed is None:
+                    left_out.append(_type_name(member))
+                else:
+                    found.append(parsed)
+            continue
+        parsed = tool(spec, where, flat=flat)
+        if parsed is None:
+            left_out.append(_type_name(spec))
+        else:
+            found.append(parsed)
+    return tuple(found), left_out
+
+
+def _type_name(spec: Any) -> str:
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    return kind[:40] if isinstance(kind, str) else "(no type)"
+
+
+_TOOLS_CACHE: dict[tuple[bytes, bool], tuple[tuple[Tool, ...], list[str]]] = {}
 _TOOLS_CACHE_LIMIT: Final = 256
 
 
 def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool, ...]:
-    """Parse the offered tools.
+    """Parse the offered tools; tools SAI cannot run are left out and logged at INFO.
 
     An agent sends the same tools with every call: the parsed tuple is kept by
     the tools' JSON, so the same tools are parsed once and are the same object
@@ -161,11 +254,12 @@ def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool
     key = (orjson.dumps(value), flat)
     found = _TOOLS_CACHE.get(key)
     if found is None:
-        found = tuple(tool(spec, f"{param}[{i}]", flat=flat) for i, spec in enumerate(value))
+        found = _parse_tools(value, param, flat)
         if len(_TOOLS_CACHE) >= _TOOLS_CACHE_LIMIT:
             _TOOLS_CACHE.clear()
         _TOOLS_CACHE[key] = found
-    return found
+    hosted_tools_left_out(found[1])
+    return found[0]
 
 
 def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) -> ToolChoice:
@@ -183,6 +277,11 @@ def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) ->
                 "'tool_choice' names a tool that is not in 'tools'", param="tool_choice"
             )
         return ToolChoice("named", name)
+    if isinstance(value, dict) and isinstance(value.get("type"), str):
+        # A hosted tool (left out of the prompt) or a choice saiproxy does not know:
+        # the model chooses among the tools it was told about.
+        ignored("tool_choice", value["type"])
+        return ToolChoice()
     raise InvalidRequest(
         "'tool_choice' must be auto, none, required or a named function or custom tool",
         param="tool_choice",

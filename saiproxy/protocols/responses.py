@@ -1,8 +1,10 @@
 """OpenAI Responses: ``POST /v1/responses``, streamed or not, with function and custom tools.
 
 What Codex CLI, the OpenAI Agents SDK and the SDKs' ``client.responses`` speak.
-saiproxy stores nothing, so whatever needs a stored response or a hosted tool
-is refused with a 400 that names it. The stream opens at once
+saiproxy stores nothing, so whatever needs a stored response is refused with
+a 400 that names it; hosted tools are left out of the prompt (logged), tools
+offered inside a namespace become tools of their own, and an
+``item_reference`` to an item not in the request is skipped. The stream opens at once
 (``response.created``, ``response.in_progress``) and then follows SAI: each
 output item gets its own increasing ``output_index``; the answer ends with
 ``response.completed`` carrying the whole Response, or ``response.failed``
@@ -13,6 +15,7 @@ with an error code Codex maps (``context_length_exceeded``,
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -34,10 +37,9 @@ from ..core.exchange import Exchange, read_json
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from . import openai
 
+log = logging.getLogger("saiproxy.protocols")
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 PING: Final = b": ping\n\n"
-# Items that carry no text SAI could use: the model's own hidden reasoning.
-SKIPPED_ITEMS: Final = frozenset({"reasoning"})
 # Present and not null, these need state saiproxy does not keep.
 STATEFUL_FIELDS: Final = {
     "previous_response_id": "saiproxy stores no responses: send the whole conversation "
@@ -94,6 +96,48 @@ def _with_call(turns: list[Turn], call: ToolCall) -> None:
         turns.append(Turn("assistant", "", (call,)))
 
 
+def _call_name(item: dict[str, Any], where: str) -> str:
+    """Return a call's tool name as SAI knows it: flat, when the tool sits in a namespace."""
+    name = _string(item, "name", where)
+    namespace = item.get("namespace")
+    return openai.flat_name(namespace, name) if isinstance(namespace, str) else name
+
+
+def _item_turn(turns: list[Turn], item: dict[str, Any], where: str) -> None:
+    """Add one input item to ``turns``; an item SAI could not use is left out."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise InvalidRequest(
+                f"{where}.role must be user, assistant, system or developer",
+                param=f"{where}.role",
+            )
+        text = _text(item.get("content"), f"{where}.content")
+        turns.append(Turn("system" if role in SYSTEM_ROLES else role, text))
+    elif kind == "function_call":
+        arguments = item.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = orjson.dumps(arguments if arguments is not None else {}).decode()
+        call_id, name = _string(item, "call_id", where), _call_name(item, where)
+        _with_call(turns, ToolCall(call_id, name, "function", arguments))
+    elif kind == "custom_tool_call":
+        call_id = _string(item, "call_id", where)
+        raw_input = item.get("input")
+        _with_call(
+            turns,
+            ToolCall(call_id, _call_name(item, where), "custom",
+                     input=raw_input if isinstance(raw_input, str) else ""),
+        )  # fmt: skip
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        output = _text(item.get("output"), f"{where}.output")
+        turns.append(Turn("tool", output, call_id=_string(item, "call_id", where)))
+    else:
+        # Reasoning, the calls and results of hosted tools, and types saiproxy
+        # does not know: nothing SAI could act on.
+        openai.ignored(where, kind)
+
+
 def _turns(raw: Any) -> list[Turn]:
     if isinstance(raw, str):
         return [Turn("user", raw)]
@@ -101,44 +145,31 @@ def _turns(raw: Any) -> list[Turn]:
         raise InvalidRequest("'input' must be a string or an array of input items", param="input")
     check_count(raw, MAX_MESSAGES, "input", "items")
     turns: list[Turn] = []
+    by_id: dict[str, dict[str, Any]] | None = None
     for index, item in enumerate(raw):
         where = f"input[{index}]"
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if role not in ("user", "assistant", "system", "developer"):
-                raise InvalidRequest(
-                    f"{where}.role must be user, assistant, system or developer",
-                    param=f"{where}.role",
+        if item.get("type") == "item_reference":
+            if by_id is None:
+                by_id = {
+                    entry["id"]: entry
+                    for entry in raw
+                    if isinstance(entry, dict)
+                    and isinstance(entry.get("id"), str)
+                    and entry.get("type") != "item_reference"
+                }
+            ref = item.get("id")
+            found = by_id.get(ref) if isinstance(ref, str) else None
+            if found is None:
+                # It points at a stored item (saiproxy stores none): left out.
+                log.info(
+                    "item reference not in the request, skipped",
+                    extra={"where": where, "id": ref[:80] if isinstance(ref, str) else None},
                 )
-            text = _text(item.get("content"), f"{where}.content")
-            turns.append(Turn("system" if role in SYSTEM_ROLES else role, text))
-        elif kind == "function_call":
-            arguments = item.get("arguments")
-            if not isinstance(arguments, str):
-                arguments = orjson.dumps(arguments if arguments is not None else {}).decode()
-            call_id, name = _string(item, "call_id", where), _string(item, "name", where)
-            _with_call(turns, ToolCall(call_id, name, "function", arguments))
-        elif kind == "custom_tool_call":
-            call_id = _string(item, "call_id", where)
-            raw_input = item.get("input")
-            _with_call(
-                turns,
-                ToolCall(call_id, _string(item, "name", where), "custom",
-                         input=raw_input if isinstance(raw_input, str) else ""),
-            )  # fmt: skip
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            output = _text(item.get("output"), f"{where}.output")
-            turns.append(Turn("tool", output, call_id=_string(item, "call_id", where)))
-        elif isinstance(kind, str) and kind in SKIPPED_ITEMS:
-            continue
-        else:
-            raise openai.unsupported_type(
-                kind, where, "saiproxy accepts messages, function and custom tool calls and "
-                "their outputs (it stores nothing and runs no hosted tools)",
-            )  # fmt: skip
+                continue
+            item = found
+        _item_turn(turns, item, where)
     return turns
 
 
@@ -266,11 +297,16 @@ def _message(item_id: str, text: str, status: str) -> dict[str, Any]:
 
 
 def _call_item(call: ToolCall, *, done: bool) -> dict[str, Any]:
+    # A tool offered inside a namespace goes back under its own name with its
+    # namespace, as Codex dispatches it (``ToolName::new(namespace, name)``).
+    named: dict[str, str] = (
+        {"name": call.wire[1], "namespace": call.wire[0]} if call.wire else {"name": call.name}
+    )
     if call.kind == "custom":
         return {"id": f"ctc_{call.id}", "type": "custom_tool_call", "call_id": f"call_{call.id}",
-                "name": call.name, "input": call.input if done else ""}  # fmt: skip
+                **named, "input": call.input if done else ""}  # fmt: skip
     return {"id": f"fc_{call.id}", "type": "function_call", "call_id": f"call_{call.id}",
-            "name": call.name, "arguments": call.arguments if done else "",
+            **named, "arguments": call.arguments if done else "",
             "status": "completed" if done else "in_progress"}  # fmt: skip
 
 
