@@ -26,8 +26,12 @@ NOT_RUN = ("import litellm",)
 
 
 def snippets(language: str, page: Path = PAGE) -> list[str]:
-    """Return the page's code blocks in ``language``, in order."""
-    return re.findall(rf"```{language}\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    """Return the page's code blocks in ``language``, in order, up to its agents' settings.
+
+    The section "Coding agents" is run by tests/test_agents.py.
+    """
+    text = page.read_text(encoding="utf-8").split("\n## Coding agents\n")[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
 
 
 def test_the_page_has_the_snippets_this_file_runs() -> None:

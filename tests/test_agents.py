@@ -1,0 +1,227 @@
+"""The coding agents, as pinned in tests/node, through a whole tool loop against saiproxy.
+
+Claude Code, Codex CLI and opencode each run as a user would, with the
+settings of their section in docs/clients.md (only the address changes),
+in a temporary directory with their own HOME and XDG directories: the
+agent asks, the fake SAI calls the agent's shell tool (tests/agents.py),
+the agent runs it, the result goes back, SAI answers with text. The test
+asserts the agent exited 0, the file exists, and saiproxy refused none of
+its requests. Everything stays on loopback; each run is bounded.
+
+``SAIPROXY_RECORD_AGENTS=1`` keeps the requests of each run as
+tests/fixtures/agents/<agent>.json (replayed by tests/test_agents_replay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .agents import (
+    FINAL_TEXT,
+    PROOF,
+    PROOF_TEXT,
+    AgentSai,
+    Recorder,
+    describe_refused,
+    doc_blocks,
+    doc_exports,
+    doc_section,
+    tool_kinds,
+    write_fixture,
+)
+from .conftest import NODE_DIR, ROOT, FakeSai, MakeProxy
+
+PAGE = (ROOT / "docs" / "clients.md").read_text(encoding="utf-8")
+DOC_ROOT = "http://localhost:4000"
+# SAIPROXY_AGENTS_NODE_DIR: run the agents installed there (CI's newest-releases step).
+AGENTS_DIR = Path(os.environ.get("SAIPROXY_AGENTS_NODE_DIR") or NODE_DIR)
+BIN = AGENTS_DIR / "node_modules" / ".bin"
+TIMEOUT = 150.0  # seconds one agent run may take
+RECORD = os.environ.get("SAIPROXY_RECORD_AGENTS") == "1"
+PROMPT = f"Create the file {PROOF} in the current directory with your shell tool."
+
+pytestmark = pytest.mark.skipif(
+    not (BIN / "claude").exists(), reason="no agents in tests/node (scripts/test installs them)"
+)
+
+
+@dataclass
+class Run:
+    """One agent run: where it ran, what it printed."""
+
+    home: Path
+    work: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Loop:
+    """A proxy behind a recording front, the fake SAI scripted for a tool loop."""
+
+    url: str  # the front's root, as an agent takes it (no /v1)
+    sai: AgentSai
+    recorder: Recorder
+    tmp: Path
+
+    def environment(self, home: Path, extra: dict[str, str]) -> dict[str, str]:
+        """Return an agent's environment: isolated HOME and XDG dirs, loopback only."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_STATE_HOME": str(home / ".local" / "state"),
+            "TMPDIR": str(self.tmp),
+            "NO_PROXY": "127.0.0.1,localhost",
+            "CI": "true",
+            "TERM": "dumb",
+            "NO_COLOR": "1",
+        }
+        env.update(extra)
+        return env
+
+    async def run(self, argv: list[str], env: dict[str, str], home: Path, work: Path) -> Run:
+        """Run an agent in ``work``; kill it (and fail) after TIMEOUT seconds."""
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT)
+        except TimeoutError:
+            os.killpg(process.pid, 9)
+            await process.wait()
+            pytest.fail(f"{argv[0]} did not finish in {TIMEOUT:.0f} s\n{self.report()}")
+        return Run(home, work, process.returncode or 0, stdout.decode(), stderr.decode())
+
+    def dirs(self, name: str) -> tuple[Path, Path]:
+        home, work = self.tmp / name / "home", self.tmp / name / "work"
+        home.mkdir(parents=True)
+        work.mkdir(parents=True)
+        return home, work
+
+    def report(self) -> str:
+        """Return what went wrong on saiproxy's side, for an assertion message.
+
+        The requests of the run are kept in ``requests.json`` beside it.
+        """
+        dump = self.tmp / "requests.json"
+        dump.write_text(
+            json.dumps([e.fixture() | {"status": e.status} for e in self.recorder.exchanges]),
+            encoding="utf-8",
+        )
+        return (
+            f"requests kept in {dump}\n"
+            f"SAI's tool calls: {self.sai.calls}\ntools offered: {self.sai.offered}\n"
+            f"requests: {[(e.method, e.path, e.status) for e in self.recorder.exchanges]}\n"
+            f"refused:\n{describe_refused(self.recorder)}\n"
+            f"tools sent: {[tool_kinds(e.body) for e in self.recorder.exchanges]}"
+        )
+
+    def check(self, run: Run) -> None:
+        """Assert the loop completed: exit 0, the file, SAI's answers, no refused request."""
+        assert not self.recorder.refused(), self.report()
+        assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{self.report()}"
+        assert len(self.sai.calls) == 1, self.report()
+        proof = run.work / PROOF
+        assert proof.exists(), f"{run.stdout[-3000:]}\n{self.report()}"
+        assert proof.read_text().strip() == PROOF_TEXT
+
+    def record(self, agent: str, package: str, run: Run) -> None:
+        if RECORD:
+            scrub = {str(run.work): "/work", str(run.home): "/home/agent", str(self.tmp): "/tmp"}
+            write_fixture(agent, package, AGENTS_DIR, self.recorder, scrub)
+
+
+@pytest.fixture
+async def loop(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path) -> AsyncIterator[Loop]:
+    agent_sai = AgentSai()
+    sai.answer = agent_sai
+    proxy = await make_proxy(ERROR_MODE="http")
+    recorder = Recorder(proxy.make_url(""))
+    url = str(await recorder.start()).rstrip("/")
+    yield Loop(url, agent_sai, recorder, tmp_path)
+    await recorder.close()
+
+
+def claude_env(loop: Loop, home: Path) -> dict[str, str]:
+    (block,) = doc_blocks(doc_section(PAGE, "Claude Code"), "sh")
+    settings = doc_exports(block)
+    assert settings["ANTHROPIC_BASE_URL"] == DOC_ROOT
+    settings["ANTHROPIC_BASE_URL"] = loop.url
+    return loop.environment(home, settings)
+
+
+@pytest.mark.parametrize("output", ["json", "stream-json"])
+async def test_claude_code_runs_its_shell_tool_through_saiproxy(loop: Loop, output: str) -> None:
+    home, work = loop.dirs("claude")
+    argv = [str(BIN / "claude"), "-p", PROMPT, "--output-format", output, "--allowedTools", "Bash"]
+    if output == "stream-json":
+        argv.append("--verbose")
+    run = await loop.run(argv, claude_env(loop, home), home, work)
+    loop.check(run)
+    assert loop.sai.calls[0]["name"] == "Bash"
+    if output == "json":
+        result = json.loads(run.stdout)
+        assert result["is_error"] is False and result["result"] == FINAL_TEXT
+    else:
+        events = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+        assert events[-1]["type"] == "result" and events[-1]["result"] == FINAL_TEXT
+        assert any(e["type"] == "user" for e in events)  # the tool result went back
+    if output == "json":  # the same requests either way
+        loop.record("claude-code", "@anthropic-ai/claude-code", run)
+
+
+def codex_config(loop: Loop) -> str:
+    (block,) = doc_blocks(doc_section(PAGE, "Codex CLI"), "toml")
+    assert f'base_url = "{DOC_ROOT}/v1"' in block
+    return block.replace(DOC_ROOT, loop.url)
+
+
+async def test_codex_runs_its_shell_tool_through_saiproxy(loop: Loop) -> None:
+    home, work = loop.dirs("codex")
+    codex_home = home / ".codex"
+    codex_home.mkdir()
+    (codex_home / "config.toml").write_text(codex_config(loop), encoding="utf-8")
+    env = loop.environment(home, {"CODEX_HOME": str(codex_home), "SAIPROXY_API_KEY": "unused"})
+    argv = [
+        str(BIN / "codex"), "exec", "--skip-git-repo-check",
+        "--dangerously-bypass-approvals-and-sandbox", "--color", "never", PROMPT,
+    ]  # fmt: skip
+    run = await loop.run(argv, env, home, work)
+    loop.check(run)
+    assert FINAL_TEXT in run.stdout
+    loop.record("codex", "@openai/codex", run)
+
+
+def opencode_settings(loop: Loop) -> tuple[str, dict[str, str]]:
+    section = doc_section(PAGE, "opencode")
+    (config,) = doc_blocks(section, "json")
+    (block,) = doc_blocks(section, "sh")
+    assert f'"baseURL": "{DOC_ROOT}/v1"' in config
+    return config.replace(DOC_ROOT, loop.url), doc_exports(block)
+
+
+async def test_opencode_runs_its_shell_tool_through_saiproxy(loop: Loop) -> None:
+    home, work = loop.dirs("opencode")
+    config, variables = opencode_settings(loop)
+    config_dir = home / ".config" / "opencode"
+    config_dir.mkdir(parents=True)
+    (config_dir / "opencode.json").write_text(config, encoding="utf-8")
+    argv = [str(BIN / "opencode"), "run", "--auto", PROMPT]
+    run = await loop.run(argv, loop.environment(home, variables), home, work)
+    loop.check(run)
+    assert loop.sai.calls[0]["name"] == "bash"
+    loop.record("opencode", "opencode-ai", run)
