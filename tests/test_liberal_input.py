@@ -64,7 +64,8 @@ def _sse(raw: bytes) -> list[dict[str, Any]]:
 
 def _tools_sent(sai: FakeSai) -> list[str]:
     inputs = sai.received[-1].json["inputs"]
-    return [tool["function"]["name"] for tool in orjson.loads(inputs.get("tools", "[]"))]
+    tools = orjson.loads(inputs.get("tools", "[]"))
+    return [tool[tool["type"]]["name"] for tool in tools]
 
 
 # --- the Responses API
@@ -523,3 +524,26 @@ async def test_context_too_long_reads_as_every_library_looks_for_it(
     if early:
         assert "maximum context length is 10 tokens" in text
         assert not sai.received
+
+
+async def test_namespace_custom_tool_and_default_namespace(proxy: Any, sai: FakeSai) -> None:
+    # A free-form tool inside a namespace, and Codex's default namespace "functions",
+    # whose tools keep their plain names.
+    tools = [
+        {"type": "namespace", "name": "editor", "tools": [
+            {"type": "custom", "name": "patch", "description": "Apply a patch"}]},
+        {"type": "namespace", "name": "functions", "tools": [
+            {"type": "function", "name": "exec_command", "parameters": {"type": "object"}}]},
+    ]  # fmt: skip
+    sai.script(
+        Reply(body='<tool_call>{"name": "editor__patch", "input": "*** Begin Patch"}</tool_call>'
+                   '<tool_call>{"name": "exec_command", "arguments": {}}</tool_call>')
+    )  # fmt: skip
+    response = await proxy.post("/v1/responses", json={"input": "Go", "tools": tools})
+    assert response.status == 200
+    assert _tools_sent(sai) == ["editor__patch", "exec_command"]
+    assert "- editor__patch" in sai.received[-1].json["inputs"]["system"]
+    patch, command = (await response.json())["output"]
+    assert patch["type"] == "custom_tool_call" and patch["input"] == "*** Begin Patch"
+    assert (patch["name"], patch["namespace"]) == ("patch", "editor")
+    assert (command["name"], command["namespace"]) == ("exec_command", "functions")
