@@ -547,3 +547,50 @@ async def test_namespace_custom_tool_and_default_namespace(proxy: Any, sai: Fake
     assert patch["type"] == "custom_tool_call" and patch["input"] == "*** Begin Patch"
     assert (patch["name"], patch["namespace"]) == ("patch", "editor")
     assert (command["name"], command["namespace"]) == ("exec_command", "functions")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_codex_additional_tools_item_offers_its_tools(
+    proxy: Any, sai: FakeSai, stream: bool
+) -> None:
+    # Codex's default configuration: no top-level tools; they ride in an
+    # additional_tools input item, its shell runs inside the free-form "exec".
+    body = {
+        "model": "gpt-6.2-sol",
+        "stream": stream,
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "low", "context": "all_turns"},
+        "text": {"verbosity": "low"},
+        "input": [
+            {"type": "additional_tools", "id": "at_1", "role": "developer", "tools": [
+                {"type": "namespace", "name": "functions", "description": "", "tools": [
+                    {"type": "custom", "name": "exec", "description": "Run JavaScript",
+                     "format": {"type": "grammar", "syntax": "lark",
+                                "definition": "start: /.+/"}},
+                    {"type": "function", "name": "wait", "strict": False,
+                     "parameters": {"type": "object", "properties": {}}}]},
+                {"type": "namespace", "name": "clock", "tools": [
+                    {"type": "function", "name": "sleep", "parameters": {"type": "object"}}]},
+                {"type": "web_search"},
+            ]},
+            {"type": "message", "role": "developer",
+             "content": [{"type": "input_text", "text": "You are Codex."}]},
+            {"type": "message", "role": "user",
+             "content": [{"type": "input_text", "text": "Create f.txt"}]},
+        ],
+    }  # fmt: skip
+    sai.script(Reply(body='<tool_call>{"name": "exec", "input": "await tools.x()"}</tool_call>'))
+    response = await proxy.post("/v1/responses", json=body)
+    assert response.status == 200
+    assert _tools_sent(sai) == ["exec", "wait", "clock__sleep"]
+    received = sai.received[-1].json
+    assert received["inputs"]["system"].startswith("You are Codex.")
+    assert received["inputs"]["user"] == "Create f.txt"
+    if stream:
+        done = [e for e in _sse(await response.read()) if e["type"] == "response.output_item.done"]
+        call = done[-1]["item"]
+    else:
+        [call] = (await response.json())["output"]
+    assert call["type"] == "custom_tool_call" and call["input"] == "await tools.x()"
+    assert (call["name"], call["namespace"]) == ("exec", "functions")

@@ -130,6 +130,8 @@ def _item_turn(turns: list[Turn], item: dict[str, Any], where: str) -> None:
             ToolCall(call_id, _call_name(item, where), "custom",
                      input=raw_input if isinstance(raw_input, str) else ""),
         )  # fmt: skip
+    elif kind == "additional_tools":
+        pass  # offered tools (see _offered_tools), not a turn
     elif kind in ("function_call_output", "custom_tool_call_output"):
         output = _text(item.get("output"), f"{where}.output")
         turns.append(Turn("tool", output, call_id=_string(item, "call_id", where)))
@@ -174,6 +176,24 @@ def _turns(raw: Any) -> list[Turn]:
     return turns
 
 
+def _offered_tools(tools: Any, raw_input: Any) -> Any:
+    """Return the offered tools: ``tools``, then those of ``additional_tools`` input items.
+
+    Codex's default configuration (its "responses lite" requests) sends no
+    top-level ``tools``: they ride in an ``additional_tools`` item of ``input``.
+    """
+    extra: list[Any] = []
+    if isinstance(raw_input, list):
+        for item in raw_input:
+            if isinstance(item, dict) and item.get("type") == "additional_tools":
+                more = item.get("tools")
+                if isinstance(more, list):
+                    extra += more
+    if not extra or (tools is not None and not isinstance(tools, list)):
+        return tools  # (a malformed ``tools`` is refused as such)
+    return [*(tools or []), *extra]
+
+
 def _object(body: dict[str, Any], name: str) -> dict[str, Any] | None:
     value = body.get(name)
     if value is not None and not isinstance(value, dict):
@@ -210,7 +230,7 @@ def parse(body: Any) -> tuple[Conversation, dict[str, Any]]:
     del turns[:leading]
 
     text = _object(body, "text") or {}
-    tools = openai.tools(body.get("tools"), flat=True)
+    tools = openai.tools(_offered_tools(body.get("tools"), raw_input), flat=True)
     conversation = Conversation(
         turns,
         system="\n\n".join(system),
