@@ -15,6 +15,7 @@ tests/fixtures/agents/<agent>.json (replayed by tests/test_agents_replay.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -110,6 +111,8 @@ class Loop:
             os.killpg(process.pid, 9)
             await process.wait()
             pytest.fail(f"{argv[0]} did not finish in {TIMEOUT:.0f} s\n{self.report()}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, 9)  # anything it left running in the background
         return Run(home, work, process.returncode or 0, stdout.decode(), stderr.decode())
 
     def dirs(self, name: str) -> tuple[Path, Path]:
