@@ -594,3 +594,45 @@ async def test_codex_additional_tools_item_offers_its_tools(
         [call] = (await response.json())["output"]
     assert call["type"] == "custom_tool_call" and call["input"] == "await tools.x()"
     assert (call["name"], call["namespace"]) == ("exec", "functions")
+
+
+@pytest.mark.parametrize("choice", [{"type": "tool", "name": "web_search"}, {"type": "any"}])
+async def test_messages_tool_choice_of_a_server_tool_is_auto(
+    proxy: Any, sai: FakeSai, choice: dict[str, Any]
+) -> None:
+    sai.script(Reply(body="Looked it up."))
+    body = {
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "News?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}],
+        "tool_choice": choice,
+    }
+    response = await proxy.post("/v1/messages", json=body)
+    assert response.status == 200, await response.text()
+    assert "tools" not in sai.received[-1].json["inputs"]
+
+
+async def test_messages_search_results_reach_sai_as_text(proxy: Any, sai: FakeSai) -> None:
+    result = {
+        "type": "search_result", "title": "Quito weather", "source": "https://example.invalid/q",
+        "content": [{"type": "text", "text": "18 C and cloudy"}], "citations": {"enabled": True},
+    }  # fmt: skip
+    sai.script(Reply(body="18 C."))
+    body = {
+        "max_tokens": 50,
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "search", "input": {"q": "Quito"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": [result]},
+                result,
+            ]},
+        ],
+    }  # fmt: skip
+    response = await proxy.post("/v1/messages", json=body)
+    assert response.status == 200, await response.text()
+    history = [m["content"] for m in sai.received[-1].json["chatMessages"]]
+    expected = "Quito weather https://example.invalid/q\n18 C and cloudy"
+    assert history[2] == f'<tool_result name="search" id="t1">{expected}</tool_result>'
+    assert history[3] == expected

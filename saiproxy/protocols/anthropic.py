@@ -125,8 +125,8 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object", param="metadata")
-    tools = _tools(body.get("tools"))
-    choice, parallel = _tool_choice(body.get("tool_choice"), tools)
+    tools, left_out = _tools(body.get("tools"))
+    choice, parallel = _tool_choice(body.get("tool_choice"), tools, left_out)
     system = "\n\n".join(text for text in (_system(body.get("system")), *leading) if text)
     return Conversation(
         turns,
@@ -247,9 +247,21 @@ def _texts(blocks: list[Any], where: str) -> str:
         kind = _kind(block, at)
         if kind == "text":
             texts.append(_text(block, at))
+        elif kind == "search_result":
+            texts.append(_search_result(block, at))
         else:
             openai.ignored(at, kind)
     return "\n".join(texts)
+
+
+def _search_result(block: dict[str, Any], where: str) -> str:
+    """Return a search result block as text: its title and source, then its text blocks."""
+    content = block.get("content")
+    body = _texts(content, f"{where}.content") if isinstance(content, list) else ""
+    head = " ".join(
+        str(block[key]) for key in ("title", "source") if isinstance(block.get(key), str)
+    )
+    return f"{head}\n{body}" if head and body else head or body
 
 
 def _message(raw: Any, index: int) -> list[Turn]:
@@ -286,6 +298,8 @@ def _user(content: list[Any], where: str) -> list[Turn]:
         kind = _kind(block, at)
         if kind == "text":
             texts.append(_text(block, at))
+        elif kind == "search_result":
+            texts.append(_search_result(block, at))
         elif kind == "tool_result":
             # Results answer the previous turn's calls; text that came before them
             # (rare) stays before them.
@@ -352,13 +366,15 @@ def _tool_result(block: dict[str, Any], where: str) -> Turn:
     return Turn("tool", text, call_id=call_id)
 
 
-def _tools(value: Any) -> tuple[Tool, ...]:
+def _tools(value: Any) -> tuple[tuple[Tool, ...], frozenset[str]]:
+    """Return the client tools SAI is told about, and the names of the tools left out."""
     if value is None:
-        return ()
+        return (), frozenset()
     if not isinstance(value, list):
         raise InvalidRequest("'tools' must be an array of tools", param="tools")
     tools: list[Tool] = []
     left_out: list[str] = []
+    left_out_names: set[str] = set()
     for index, spec in enumerate(value):
         where = f"tools[{index}]"
         if not isinstance(spec, dict):
@@ -368,6 +384,8 @@ def _tools(value: Any) -> tuple[Tool, ...]:
             # Server tools (web search, code execution) and Anthropic-defined
             # ones (bash, text editor, computer use): nothing SAI can run.
             left_out.append(kind[:40] if isinstance(kind, str) else "(no type)")
+            if isinstance(spec.get("name"), str):
+                left_out_names.add(spec["name"])
             continue
         name = spec.get("name")
         description = spec.get("description")
@@ -380,11 +398,17 @@ def _tools(value: Any) -> tuple[Tool, ...]:
             raise InvalidRequest(f"{where}.input_schema must be a JSON schema object", param=where)
         tools.append(Tool(name, description or "", "function", parameters=schema))
     openai.hosted_tools_left_out(left_out)
-    return tuple(tools)
+    return tuple(tools), frozenset(left_out_names)
 
 
-def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> tuple[ToolChoice, bool]:
-    """Return the tool choice and whether parallel calls are allowed."""
+def _tool_choice(
+    value: Any, tools: tuple[Tool, ...], left_out: frozenset[str] = frozenset()
+) -> tuple[ToolChoice, bool]:
+    """Return the tool choice and whether parallel calls are allowed.
+
+    A choice that needs a tool left out of the prompt (a server tool) becomes
+    ``auto``: the model chooses among the tools it was told about.
+    """
     if value is None:
         return ToolChoice(), True
     if not isinstance(value, dict):
@@ -402,10 +426,14 @@ def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> tuple[ToolChoice, bool]
         return ToolChoice("none"), parallel
     if kind == "any":
         if not tools:
+            if left_out:
+                return ToolChoice("auto"), parallel
             raise InvalidRequest("'tool_choice' any needs 'tools'", param="tool_choice")
         return ToolChoice("required"), parallel
     if kind == "tool":
         name = value.get("name")
+        if isinstance(name, str) and name in left_out:
+            return ToolChoice("auto"), parallel
         if not isinstance(name, str) or name not in {tool.name for tool in tools}:
             raise InvalidRequest(
                 "'tool_choice' names a tool that is not in 'tools'", param="tool_choice"
