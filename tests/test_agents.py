@@ -37,7 +37,7 @@ from .agents import (
     tool_kinds,
     write_fixture,
 )
-from .conftest import NODE_DIR, ROOT, FakeSai, MakeProxy
+from .conftest import NODE_DIR, ROOT, FakeSai, MakeProxy, Reply
 
 PAGE = (ROOT / "docs" / "clients.md").read_text(encoding="utf-8")
 DOC_ROOT = "http://localhost:4000"
@@ -155,10 +155,13 @@ class Loop:
 
 
 @pytest.fixture
-async def loop(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path) -> AsyncIterator[Loop]:
+async def loop(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Loop]:
+    """The loop with ERROR_MODE=http, as docs/clients.md advises for agents (or the param)."""
     agent_sai = AgentSai()
     sai.answer = agent_sai
-    proxy = await make_proxy(ERROR_MODE="http")
+    proxy = await make_proxy(ERROR_MODE=getattr(request, "param", "http"))
     recorder = Recorder(proxy.make_url(""))
     url = str(await recorder.start()).rstrip("/")
     yield Loop(url, agent_sai, recorder, tmp_path)
@@ -191,6 +194,21 @@ async def test_claude_code_runs_its_shell_tool_through_saiproxy(loop: Loop, outp
         assert any(e["type"] == "user" for e in events)  # the tool result went back
     if output == "json":  # the same requests either way
         loop.record("claude-code", "@anthropic-ai/claude-code", run)
+
+
+@pytest.mark.parametrize("loop", ["message"], indirect=True)
+async def test_claude_code_shows_the_context_too_long_explanation(loop: Loop, sai: FakeSai) -> None:
+    """In ``message`` mode the explanation reaches Claude Code's user as its answer."""
+    sai.default = Reply(status=500, body='{"error": "prompt is too long: 210000 tokens > 200000"}')
+    sai.answer = None
+    home, work = loop.dirs("claude")
+    argv = [agent("claude"), "-p", "Hello", "--output-format", "json"]
+    run = await loop.run(argv, claude_env(loop, home), home, work)
+    assert not loop.recorder.refused(), loop.report()
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{loop.report()}"
+    result = json.loads(run.stdout)
+    assert "prompt is too long" in result["result"], result
+    assert "Shorten the history" in result["result"], result
 
 
 def codex_config(loop: Loop) -> str:
