@@ -158,14 +158,17 @@ def _schemas() -> dict[str, Schema]:
             model=_MODEL,
             input={
                 "description": "Text, or items: messages, function_call, "
-                "function_call_output, custom_tool_call(_output); reasoning items are skipped.",
+                "function_call_output, custom_tool_call(_output), additional_tools, "
+                "item_reference (resolved within the request, else skipped); other item "
+                "types are ignored.",
                 "oneOf": [_STRING, {"type": "array", "items": {"type": "object"}}],
             },
             instructions={"type": ["string", "null"]},
             tools={
                 "type": "array",
-                "description": "function and custom tools; hosted tools are refused (400).",
-                "items": _obj(["type"], type={"enum": ["function", "custom"]}),
+                "description": "function, custom and namespace tools; hosted tools "
+                "(web_search, ...) are left out of the prompt.",
+                "items": _obj(["type"], type=_STRING),
             },
             tool_choice={"oneOf": [_STRING, {"type": "object"}]},
             parallel_tool_calls=_BOOL,
@@ -195,10 +198,11 @@ def _schemas() -> dict[str, Schema]:
                 "type": "array",
                 "items": _obj(
                     ["role", "content"],
-                    role={"enum": ["user", "assistant"]},
+                    role={"enum": ["user", "assistant", "system"]},
                     content={
-                        "description": "Text or blocks: text, tool_use, tool_result "
-                        "(thinking is skipped; images are refused).",
+                        "description": "Text or blocks: text, tool_use, tool_result, "
+                        "search_result (images, documents and audio are refused; other "
+                        "block types are ignored).",
                         "oneOf": [_STRING, {"type": "array", "items": {"type": "object"}}],
                     },
                 ),
@@ -206,6 +210,7 @@ def _schemas() -> dict[str, Schema]:
             tools={"type": "array", "items": {"type": "object"}},
             tool_choice={"type": "object"},
             stop_sequences={"type": "array", "items": _STRING},
+            output_config=_obj(format={"type": "object"}),
             stream=_STREAM,
         ),
         "Message": _obj(
