@@ -125,7 +125,8 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object", param="metadata")
-    tools, left_out = _tools(body.get("tools"))
+    tools = _tools(body.get("tools"))
+    left_out = _left_out(body.get("tools"))
     choice, parallel = _tool_choice(body.get("tool_choice"), tools, left_out)
     system = "\n\n".join(text for text in (_system(body.get("system")), *leading) if text)
     return Conversation(
@@ -366,27 +367,19 @@ def _tool_result(block: dict[str, Any], where: str) -> Turn:
     return Turn("tool", text, call_id=call_id)
 
 
-def _tools(value: Any) -> tuple[tuple[Tool, ...], frozenset[str]]:
-    """Return the client tools SAI is told about, and the names of the tools left out."""
+def _tools(value: Any) -> tuple[Tool, ...]:
+    """Return the client tools SAI is told about (server tools are left out)."""
     if value is None:
-        return (), frozenset()
+        return ()
     if not isinstance(value, list):
         raise InvalidRequest("'tools' must be an array of tools", param="tools")
     tools: list[Tool] = []
-    left_out: list[str] = []
-    left_out_names: set[str] = set()
     for index, spec in enumerate(value):
         where = f"tools[{index}]"
         if not isinstance(spec, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
-        kind = spec.get("type")
-        if kind not in CLIENT_TOOL_TYPES:
-            # Server tools (web search, code execution) and Anthropic-defined
-            # ones (bash, text editor, computer use): nothing SAI can run.
-            left_out.append(kind[:40] if isinstance(kind, str) else "(no type)")
-            if isinstance(spec.get("name"), str):
-                left_out_names.add(spec["name"])
-            continue
+        if spec.get("type") not in CLIENT_TOOL_TYPES:
+            continue  # see _left_out
         name = spec.get("name")
         description = spec.get("description")
         schema = spec.get("input_schema")
@@ -397,8 +390,27 @@ def _tools(value: Any) -> tuple[tuple[Tool, ...], frozenset[str]]:
         if not isinstance(schema, dict):
             raise InvalidRequest(f"{where}.input_schema must be a JSON schema object", param=where)
         tools.append(Tool(name, description or "", "function", parameters=schema))
-    openai.hosted_tools_left_out(left_out)
-    return tuple(tools), frozenset(left_out_names)
+    return tuple(tools)
+
+
+def _left_out(value: Any) -> frozenset[str]:
+    """Log the tools SAI cannot run (once per request); return their names.
+
+    Server tools (web search, code execution) and Anthropic-defined ones
+    (bash, text editor, computer use) have nothing SAI could run.
+    """
+    if not isinstance(value, list):
+        return frozenset()
+    hosted = [
+        spec for spec in value
+        if isinstance(spec, dict) and spec.get("type") not in CLIENT_TOOL_TYPES
+    ]  # fmt: skip
+    if not hosted:
+        return frozenset()
+    openai.hosted_tools_left_out(
+        [kind[:40] if isinstance(kind := spec.get("type"), str) else "(no type)" for spec in hosted]
+    )
+    return frozenset(spec["name"] for spec in hosted if isinstance(spec.get("name"), str))
 
 
 def _tool_choice(

@@ -201,34 +201,49 @@ def tool(spec: Any, param: str, *, flat: bool, namespace: str | None = None) -> 
     )  # fmt: skip
 
 
-def _parse_tools(value: list[Any], param: str, flat: bool) -> tuple[tuple[Tool, ...], list[str]]:
-    """Return the tools SAI is told about, and the types of those left out."""
-    found: list[Tool] = []
-    left_out: list[str] = []
+def _parse_tools(value: list[Any], param: str, flat: bool) -> tuple[Tool, ...]:
+    """Return the tools SAI is told about: namespaces flattened, hosted tools left out."""
+    found: list[Tool | None] = []
     for index, spec in enumerate(value):
         where = f"{param}[{index}]"
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if flat and kind == "namespace":
-            # The Responses API's namespace (Codex's MCP servers and tool groups):
-            # its tools become callable tools of their own under flat names.
-            assert isinstance(spec, dict)
-            namespace = _name(spec.get("name"), f"{where}.name")
-            members = spec.get("tools")
-            if not isinstance(members, list):
-                raise InvalidRequest(f"{where}.tools must be an array of tools", param=where)
-            for inner, member in enumerate(members):
-                parsed = tool(member, f"{where}.tools[{inner}]", flat=True, namespace=namespace)
-                if parsed is None:
-                    left_out.append(_type_name(member))
-                else:
-                    found.append(parsed)
+        members = _namespace_members(spec, where) if flat else None
+        if members is None:
+            found.append(tool(spec, where, flat=flat))
             continue
-        parsed = tool(spec, where, flat=flat)
-        if parsed is None:
-            left_out.append(_type_name(spec))
-        else:
-            found.append(parsed)
-    return tuple(found), left_out
+        # The Responses API's namespace (Codex's MCP servers and tool groups):
+        # its tools become callable tools of their own under flat names.
+        namespace = _name(spec["name"], f"{where}.name")
+        found += (
+            tool(member, f"{where}.tools[{inner}]", flat=True, namespace=namespace)
+            for inner, member in enumerate(members)
+        )
+    return tuple(item for item in found if item is not None)
+
+
+def _namespace_members(spec: Any, where: str) -> list[Any] | None:
+    """Return a namespace tool's tools, or None when ``spec`` is no namespace."""
+    if not isinstance(spec, dict) or spec.get("type") != "namespace":
+        return None
+    members = spec.get("tools")
+    if not isinstance(members, list):
+        raise InvalidRequest(f"{where}.tools must be an array of tools", param=where)
+    return members
+
+
+def _left_out(value: list[Any], flat: bool) -> list[str]:
+    """Return the types of the offered tools SAI cannot run (cheap: no parsing)."""
+    types: list[str] = []
+    for spec in value:
+        inner = spec.get("tools") if flat and isinstance(spec, dict) else None
+        if isinstance(inner, list) and spec.get("type") == "namespace":
+            types += (_type_name(member) for member in inner if _hosted(member))
+        elif _hosted(spec):
+            types.append(_type_name(spec))
+    return types
+
+
+def _hosted(spec: Any) -> bool:
+    return isinstance(spec, dict) and spec.get("type") not in ("function", "custom")
 
 
 def _type_name(spec: Any) -> str:
@@ -236,7 +251,7 @@ def _type_name(spec: Any) -> str:
     return kind[:40] if isinstance(kind, str) else "(no type)"
 
 
-_TOOLS_CACHE: dict[tuple[bytes, bool], tuple[tuple[Tool, ...], list[str]]] = {}
+_TOOLS_CACHE: dict[tuple[bytes, bool], tuple[Tool, ...]] = {}
 _TOOLS_CACHE_LIMIT: Final = 256
 
 
@@ -258,8 +273,8 @@ def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool
         if len(_TOOLS_CACHE) >= _TOOLS_CACHE_LIMIT:
             _TOOLS_CACHE.clear()
         _TOOLS_CACHE[key] = found
-    hosted_tools_left_out(found[1])
-    return found[0]
+    hosted_tools_left_out(_left_out(value, flat))
+    return found
 
 
 def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) -> ToolChoice:
