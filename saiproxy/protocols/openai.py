@@ -152,15 +152,6 @@ def _text(value: Any, param: str) -> str:
     return value
 
 
-def unsupported_type(kind: Any, where: str, accepted: str) -> InvalidRequest:
-    """Return the 400 for an item whose ``type`` saiproxy does not take.
-
-    ``accepted`` says what it does take; the type is shown cut to 40 characters.
-    """
-    shown = kind[:40] if isinstance(kind, str) else type(kind).__name__
-    return InvalidRequest(f"{where} has type {shown!r}: {accepted}", param=where)
-
-
 def flat_name(namespace: str, name: str) -> str:
     """Return the one name SAI sees for a tool offered inside a namespace.
 
