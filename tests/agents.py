@@ -1,8 +1,8 @@
 """What the agent tests share: SAI's side of a tool loop, the recording front, the fixtures.
 
-SAI's side (:func:`agent_answer`): a call that offers the agent's shell tool
+SAI's side (:class:`AgentSai`): a call that offers the agent's shell tool
 is answered with a call to it, in saiproxy's calling convention, whose
-command writes :data:`PROOF`; once the tool's result comes back
+command writes :data:`PROOF` (or a call of its file-write tool); once the tool's result comes back
 (``<tool_result`` in the user text) SAI answers with text. A call offering
 no shell tool (an agent's side request: a title, a summary) gets text.
 
@@ -31,10 +31,11 @@ from .conftest import NODE_DIR, ROOT, Received, Reply
 
 FIXTURES = ROOT / "tests" / "fixtures" / "agents"
 PROOF = "proof.txt"
-PROOF_TEXT = "written by the shell tool of the agent"
+PROOF_TEXT = "written by the agent through saiproxy"
 FINAL_TEXT = "Done: proof.txt is written."
 # The shell tools of the agents: Claude Code, opencode, Codex (its tool names over the releases).
 SHELL_TOOLS = ("Bash", "bash", "shell", "shell_command", "exec_command")
+WRITE_TOOLS = ("Write", "write")
 # A loop that never gets its tool result back stops here instead of at the test's timeout.
 MAX_TOOL_CALLS = 3
 # Headers that carry a credential, never kept in a fixture.
@@ -105,11 +106,29 @@ def shell_call(tools: list[dict[str, Any]], command: str) -> dict[str, Any] | No
     return None
 
 
+def write_call(tools: list[dict[str, Any]], path: str, content: str) -> dict[str, Any] | None:
+    """Return a call of the offered file-write tool (Claude Code's, opencode's), or None."""
+    for tool in tools:
+        function = tool.get("function") or {}
+        if tool.get("type") != "function" or function.get("name") not in WRITE_TOOLS:
+            continue
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        key = next((k for k in ("file_path", "filePath", "path") if k in properties), None)
+        if key is not None and "content" in properties:
+            return {"name": function["name"], "arguments": {key: path, "content": content}}
+    return None
+
+
 @dataclass
 class AgentSai:
-    """SAI's side of one agent's tool loop (the fake SAI's ``answer``)."""
+    """SAI's side of one agent's tool loop (the fake SAI's ``answer``).
+
+    With ``write_to`` (an absolute path) SAI calls the agent's file-write
+    tool instead of its shell.
+    """
 
     command: str = f"echo '{PROOF_TEXT}' > {PROOF}"
+    write_to: str | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)  # the tool calls SAI made
     offered: list[list[str]] = field(default_factory=list)  # the tool names of each call
 
@@ -117,7 +136,10 @@ class AgentSai:
         self.offered.append(tool_names(call))
         if "<tool_result" in call.user or len(self.calls) >= MAX_TOOL_CALLS:
             return Reply(body=FINAL_TEXT)
-        chosen = shell_call(offered_tools(call), self.command)
+        if self.write_to is not None:
+            chosen = write_call(offered_tools(call), self.write_to, PROOF_TEXT + "\n")
+        else:
+            chosen = shell_call(offered_tools(call), self.command)
         if chosen is None:
             return Reply(body="Proof file")  # a side request: a title, a summary
         self.calls.append(chosen)

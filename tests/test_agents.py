@@ -3,10 +3,11 @@
 Claude Code, Codex CLI and opencode each run as a user would, with the
 settings of their section in docs/clients.md (only the address changes),
 in a temporary directory with their own HOME and XDG directories: the
-agent asks, the fake SAI calls the agent's shell tool (tests/agents.py),
-the agent runs it, the result goes back, SAI answers with text. The test
-asserts the agent exited 0, the file exists, and saiproxy refused none of
-its requests. Everything stays on loopback; each run is bounded.
+agent asks, the fake SAI calls the agent's shell or file-write tool
+(tests/agents.py), the agent runs it, the result goes back, SAI answers
+with text. The test asserts the agent exited 0, the file exists, and
+saiproxy refused none of its requests. Everything stays on loopback; each
+run is bounded.
 
 ``SAIPROXY_RECORD_AGENTS=1`` keeps the requests of each run as
 tests/fixtures/agents/<agent>.json (replayed by tests/test_agents_replay.py).
@@ -179,12 +180,17 @@ def claude_env(loop: Loop, home: Path) -> dict[str, str]:
 @pytest.mark.parametrize("output", ["json", "stream-json"])
 async def test_claude_code_runs_its_shell_tool_through_saiproxy(loop: Loop, output: str) -> None:
     home, work = loop.dirs("claude")
-    argv = [agent("claude"), "-p", PROMPT, "--output-format", output, "--allowedTools", "Bash"]
+    allowed = "Bash"
+    if output == "stream-json":
+        # Its file-write tool, this time: another tool's arguments, another result.
+        allowed = "Bash Write"
+        loop.sai.write_to = str(work / PROOF)
+    argv = [agent("claude"), "-p", PROMPT, "--output-format", output, "--allowedTools", allowed]
     if output == "stream-json":
         argv.append("--verbose")
     run = await loop.run(argv, claude_env(loop, home), home, work)
     loop.check(run)
-    assert loop.sai.calls[0]["name"] == "Bash"
+    assert loop.sai.calls[0]["name"] == ("Write" if output == "stream-json" else "Bash")
     if output == "json":
         result = json.loads(run.stdout)
         assert result["is_error"] is False and result["result"] == FINAL_TEXT
@@ -241,8 +247,11 @@ def opencode_settings(loop: Loop) -> tuple[str, dict[str, str]]:
     return config.replace(DOC_ROOT, loop.url), doc_exports(block)
 
 
-async def test_opencode_runs_its_shell_tool_through_saiproxy(loop: Loop) -> None:
+@pytest.mark.parametrize("tool", ["bash", "write"])
+async def test_opencode_runs_its_shell_tool_through_saiproxy(loop: Loop, tool: str) -> None:
     home, work = loop.dirs("opencode")
+    if tool == "write":
+        loop.sai.write_to = str(work / PROOF)
     config, variables = opencode_settings(loop)
     config_dir = home / ".config" / "opencode"
     config_dir.mkdir(parents=True)
@@ -250,5 +259,6 @@ async def test_opencode_runs_its_shell_tool_through_saiproxy(loop: Loop) -> None
     argv = [agent("opencode"), "run", "--auto", PROMPT]
     run = await loop.run(argv, loop.environment(home, variables), home, work)
     loop.check(run)
-    assert loop.sai.calls[0]["name"] == "bash"
-    loop.record("opencode", "opencode-ai", run)
+    assert loop.sai.calls[0]["name"] == tool
+    if tool == "bash":
+        loop.record("opencode", "opencode-ai", run)
