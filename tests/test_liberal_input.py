@@ -203,6 +203,8 @@ async def test_codex_fields_and_unknown_items_are_accepted(
         "some_future_part", "reasoning", "web_search_call", "compaction_summary",
     }  # fmt: skip
     assert all(line["level"] == "DEBUG" for line in ignored)
+    [fields] = _lines(tmp_path, "fields ignored")
+    assert fields["fields"] == ["include", "client_metadata", "a_field_from_next_year"]
 
 
 @pytest.mark.parametrize(
@@ -362,6 +364,15 @@ async def test_claude_code_newest_shape_is_accepted(
         "some_system_annotation",
     }
     assert not [line for line in log_lines(tmp_path) if '"level": "WARNING"' in line]
+    # Top-level fields and beta features: accepted, no effect, said at DEBUG.
+    [fields] = _lines(tmp_path, "fields ignored")
+    assert fields["level"] == "DEBUG"
+    assert set(fields["fields"]) == {
+        "thinking", "context_management", "cache_control", "diagnostics",
+        "a_field_from_next_year",
+    }  # fmt: skip
+    [betas] = _lines(tmp_path, "beta features ignored")
+    assert betas["betas"] == ANTHROPIC_HEADERS["anthropic-beta"]
 
 
 async def test_leading_system_messages_join_the_system_text(proxy: Any, sai: FakeSai) -> None:

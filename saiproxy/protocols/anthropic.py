@@ -45,6 +45,11 @@ from . import openai
 # does not know) carries nothing it could act on and is left out.
 MEDIA_BLOCKS: Final = frozenset({"image", "document", "audio", "video", "file", "container_upload"})
 CLIENT_TOOL_TYPES: Final = (None, "custom")
+# The top-level fields saiproxy reads (of output_config, only its format).
+USED_FIELDS: Final = frozenset(
+    {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "stop_sequences",
+     "stream", "metadata", "output_config", "output_format"}
+)  # fmt: skip
 
 log = logging.getLogger("saiproxy.protocols")
 
@@ -84,6 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     """Answer an Anthropic Messages request from a SAI template execution."""
     body = await read_json(request)
     conversation = parse(body)
+    openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
     exchange = Exchange(request, body, conversation, protocol="messages")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
     # message_start carries the input estimate; the exchange has it once prepared.
@@ -95,6 +101,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     """Return ``{"input_tokens": n}``: the estimate the early context check makes."""
     body = await read_json(request)
     conversation = parse(body, counting=True)
+    openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
     if request.app[SETTINGS].model_for(conversation.model) is None:
         raise ModelNotFound(
             f"The model {conversation.model!r} does not exist; see GET /v1/models",

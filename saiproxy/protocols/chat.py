@@ -15,6 +15,11 @@ from ..errors import InvalidRequest, UpstreamError
 from . import openai
 
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
+# The top-level fields saiproxy reads (the auth chain may read "metadata" and "user").
+USED_FIELDS: Final = frozenset(
+    {"model", "messages", "stream", "stream_options", "n", "tools", "tool_choice",
+     "parallel_tool_calls", "response_format", "stop", "metadata", "user"}
+)  # fmt: skip
 DONE: Final = b"data: [DONE]\n\n"
 PING: Final = b": ping\n\n"
 _TEXT_TAIL: Final = b'},"logprobs":null,"finish_reason":null}]}\n\n'
@@ -24,6 +29,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Answer an OpenAI chat completion from a SAI template execution."""
     body = await read_json(request)
     conversation, include_usage = parse(body)
+    openai.fields_ignored(body, USED_FIELDS)
     exchange = Exchange(request, body, conversation, protocol="chat")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
     renderer = ChatRenderer(f"chatcmpl-{exchange.ids}", exchange.created, include_usage)

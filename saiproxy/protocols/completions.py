@@ -25,6 +25,10 @@ from . import openai
 
 DONE: Final = b"data: [DONE]\n\n"
 PING: Final = b": ping\n\n"
+USED_FIELDS: Final = frozenset(
+    {"model", "prompt", "stream", "stream_options", "n", "logprobs", "suffix", "echo", "stop",
+     "metadata", "user"}
+)  # fmt: skip
 MAX_PROMPTS: Final = 16  # each prompt is a SAI call of its own, all at once
 FILL_MARKER: Final = "{{FILL_HERE}}"
 FILL_INSTRUCTION: Final = (
@@ -40,6 +44,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """Answer an OpenAI legacy completion: one SAI template execution per prompt."""
     body = await read_json(request)
     parsed = parse(body)
+    openai.fields_ignored(body, USED_FIELDS)
     exchanges = [
         Exchange(request, body, conversation, protocol="completions")
         for conversation in parsed.conversations

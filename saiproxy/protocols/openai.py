@@ -99,6 +99,21 @@ def ignored(where: str, kind: Any) -> None:
     log.debug("content ignored", extra={"where": where, "type": shown})
 
 
+def fields_ignored(body: dict[str, Any], used: frozenset[str], betas: str | None = None) -> None:
+    """Log at DEBUG the top-level fields saiproxy does not read, and the beta features asked for.
+
+    Both are accepted and have no effect (docs/protocols.md); the line says what
+    a client sends that the template never sees.
+    """
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    fields = [name[:40] for name in body if name not in used][:30]
+    if fields:
+        log.debug("fields ignored", extra={"fields": fields})
+    if betas:
+        log.debug("beta features ignored", extra={"betas": betas[:300]})
+
+
 def hosted_tools_left_out(types: list[str]) -> None:
     """Log, once per request, the tools SAI cannot run that were left out of the prompt."""
     if types:

@@ -61,12 +61,18 @@ ECHOED: Final[dict[str, Any]] = {
     "truncation": "disabled",
     "user": None,
 }
+# The top-level fields saiproxy reads, or echoes in the Response.
+USED_FIELDS: Final = frozenset(
+    {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+     "stream", "metadata", "store", "reasoning", "background", *STATEFUL_FIELDS, *ECHOED}
+)  # fmt: skip
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """Answer an OpenAI Responses call from a SAI template execution."""
     body = await read_json(request)
     conversation, echo = parse(body)
+    openai.fields_ignored(body, USED_FIELDS, request.headers.get("OpenAI-Beta"))
     exchange = Exchange(request, body, conversation, protocol="responses")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
     renderer = ResponsesRenderer(exchange.ids, exchange.created, echo)
