@@ -222,6 +222,66 @@ def test_streaming_flags_with_any_value(live: Proxy, extra: dict[str, Any]) -> N
         _check(live, path, {**SEEDS[path], **extra})
 
 
+# Every type saiproxy gives a meaning (or refuses as media): any other carries
+# nothing SAI could act on and must be accepted (docs/protocols.md).
+KNOWN_TYPES = frozenset(
+    {"text", "input_text", "output_text", "refusal", "function", "custom", "namespace",
+     "message", "function_call", "function_call_output", "custom_tool_call",
+     "custom_tool_call_output", "item_reference", "additional_tools", "tool_use",
+     "tool_result", "search_result", "image", "image_url", "input_image", "file",
+     "input_file", "audio", "input_audio", "video", "video_url", "document",
+     "container_upload"}
+)  # fmt: skip
+UNKNOWN_TYPES = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=24
+).filter(lambda kind: kind not in KNOWN_TYPES)
+EXTRA_FIELDS = st.dictionaries(
+    st.text(max_size=12).filter(lambda key: key != "type"), JSON_VALUES, max_size=3
+)
+TEXT_USER = {"role": "user", "content": [{"type": "text", "text": "q"}]}
+
+
+def _unknown_everywhere(kind: str, extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return a valid body per endpoint with an unknown-typed part, block, item and tool."""
+    thing = {**extra, "type": kind}
+    return {
+        "/v1/chat/completions": {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, thing]}],
+            "tools": [TOOL, thing],
+        },
+        "/v1/responses": {
+            "input": [
+                {"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": "q"}, thing]},
+                thing,
+            ],
+            "tools": [{"type": "function", "name": "f"}, thing,
+                      {"type": "namespace", "name": "ns", "tools": [thing]}],
+        },
+        "/v1/messages": {
+            "max_tokens": 5,
+            "system": [{"type": "text", "text": "s"}, thing],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q"}, thing]},
+                {"role": "assistant", "content": [thing, {"type": "text", "text": "a"}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t", "content": [thing]}, thing]},
+            ],
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}, thing],
+        },
+    }  # fmt: skip
+
+
+@PROPERTY
+@given(kind=UNKNOWN_TYPES, extra=EXTRA_FIELDS, field=st.text(max_size=12), value=JSON_VALUES)
+def test_unknown_types_and_fields_are_accepted(
+    live: Proxy, kind: str, extra: dict[str, Any], field: str, value: Any
+) -> None:
+    for path, body in _unknown_everywhere(kind, extra).items():
+        status, raw = _post(live, path, json.dumps({**body, f"x_{field}": value}).encode())
+        assert status == 200, (status, raw[:500], path, kind)
+
+
 def test_the_process_is_healthy_after_all_that(live: Proxy) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
     try:
