@@ -647,3 +647,15 @@ async def test_messages_search_results_reach_sai_as_text(proxy: Any, sai: FakeSa
     expected = "Quito weather https://example.invalid/q\n18 C and cloudy"
     assert history[2] == f'<tool_result name="search" id="t1">{expected}</tool_result>'
     assert history[3] == expected
+
+
+async def test_tool_choice_can_name_a_namespace_tool(proxy: Any, sai: FakeSai) -> None:
+    sai.script(Reply(body="ok"))
+    choice = {"type": "function", "name": "read_file", "namespace": "mcp__files__"}
+    body = {"input": "Read", "tools": [NAMESPACE, RESPONSES_WEATHER], "tool_choice": choice}
+    response = await proxy.post("/v1/responses", json=body)
+    assert response.status == 200, await response.text()
+    assert _tools_sent(sai) == ["mcp__files__read_file"]  # the named tool alone
+    assert (
+        "You must call the tool mcp__files__read_file" in sai.received[-1].json["inputs"]["system"]
+    )

@@ -293,6 +293,9 @@ def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) ->
         kind = value["type"]
         inner = value if flat else value.get(kind)
         name = inner.get("name") if isinstance(inner, dict) else None
+        namespace = value.get("namespace") if flat else None
+        if isinstance(name, str) and isinstance(namespace, str):
+            name = flat_name(namespace, name)  # a tool offered inside a namespace
         if not isinstance(name, str) or name not in {t.name for t in offered}:
             raise InvalidRequest(
                 "'tool_choice' names a tool that is not in 'tools'", param="tool_choice"
