@@ -343,7 +343,7 @@ class SaiClient:
         request_id: str,
         budget: CallBudget | None = None,
     ) -> SaiCall:
-        """Prepare the call for one client request (its retries and fallbacks draw on ``budget``)."""
+        """Prepare the call for one client request (retries and fallbacks draw on ``budget``)."""
         return SaiCall(
             self._urls[model.name], payload, credential, request_id, model.template_id,
             budget=budget,

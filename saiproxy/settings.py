@@ -304,9 +304,7 @@ class Settings:
     schema_check_timeout: float = field(
         default=2.0, metadata=_opt("SCHEMA_CHECK_TIMEOUT", "server", _positive_float)
     )
-    allow_open_relay: bool = field(
-        default=False, metadata=_opt("ALLOW_OPEN_RELAY", "auth", _bool)
-    )
+    allow_open_relay: bool = field(default=False, metadata=_opt("ALLOW_OPEN_RELAY", "auth", _bool))
 
     def model_for(self, name: str | None) -> ModelConfig | None:
         """Return the model serving ``name``: unknown names map to the default unless strict."""

@@ -97,7 +97,8 @@ def listener() -> Iterator[Listener]:
 
 
 def _raw(body: Any) -> io.BytesIO:
-    return io.BytesIO(orjson.dumps(body))  # aiohttp warns about large raw bytes
+    # json, not orjson: orjson writes no more than 254 levels. aiohttp warns about large bytes.
+    return io.BytesIO(json.dumps(body).encode())
 
 
 def _with_schema(path: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -249,7 +250,9 @@ def test_anthropic_tools_repeat_as_one_cached_value() -> None:
 
     first, second = anthropic.parse(body()), anthropic.parse(body())
     assert first.tools is second.tools
-    assert sai_payload(first, 0)[0]["inputs"]["tools"] is sai_payload(second, 0)[0]["inputs"]["tools"]
+    assert (
+        sai_payload(first, 0)[0]["inputs"]["tools"] is sai_payload(second, 0)[0]["inputs"]["tools"]
+    )
 
 
 def test_the_tool_caches_hold_a_bounded_number_of_bytes() -> None:
@@ -260,8 +263,10 @@ def test_the_tool_caches_hold_a_bounded_number_of_bytes() -> None:
     for index in range(40):
         text = f"{index}" + "x" * 1_000_000
         conversation, _ = chat_protocol.parse(
-            chat(("user", "hi"), tools=[{"type": "function", "function": {
-                "name": "f", "description": text}}])  # fmt: skip
+            chat(
+                ("user", "hi"),
+                tools=[{"type": "function", "function": {"name": "f", "description": text}}],
+            )
         )
         sai_payload(conversation, 0)
     assert sum(cache_sizes()) <= TOOL_CACHE_BYTES
@@ -390,11 +395,6 @@ def _deep(levels: int) -> Any:
             "name": "f", "parameters": {"type": "object", "properties": {"d": _deep(300)}}}}])),
         (CHAT, chat(("user", "a"), response_format={"type": "json_schema", "json_schema": {
             "name": "s", "schema": {"type": "object", "properties": {"d": _deep(300)}}}})),
-        (CHAT, {"messages": [
-            {"role": "user", "content": "a"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
-             "function": {"name": "f", "arguments": json.dumps(_deep(300))}}]},
-            {"role": "tool", "tool_call_id": "c", "content": "r"}]}),
         ("/v1/responses", {"input": [{"type": "message", "role": "user", "content": "a",
                                       "extra": _deep(300)}]}),
         ("/v1/responses", {"input": "a", "metadata": _deep(300)}),
@@ -412,6 +412,20 @@ async def test_nesting_beyond_the_limit_is_a_400_at_parse_time(
     assert response.status == 400, await response.text()
     assert "MAX_JSON_DEPTH" in json.dumps(await response.json())
     assert sai.received == []
+
+
+async def test_deep_arguments_in_a_chat_history_go_to_sai_as_text(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    arguments = json.dumps(_deep(300))  # a string in Chat's shape: the body itself is shallow
+    proxy = await make_proxy()
+    response = await proxy.post(CHAT, json={"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+         "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "r"}]})  # fmt: skip
+    assert response.status == 200
+    assert json.dumps(arguments) in sai.received[0].json["chatMessages"][1]["content"]
 
 
 def _deep_call() -> str:

@@ -17,6 +17,7 @@ import orjson
 
 from . import toolcache
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
+from .limits import MAX_ARGUMENT_DEPTH, depth_exceeds
 
 TOOL_CALL_OPEN: Final = "<tool_call>"
 TOOL_CALL_CLOSE: Final = "</tool_call>"
@@ -29,9 +30,12 @@ def call_block(call: ToolCall) -> str:
         body["input"] = call.input
     else:
         try:
-            body["arguments"] = orjson.loads(call.arguments)
+            arguments = orjson.loads(call.arguments)
         except orjson.JSONDecodeError:
-            body["arguments"] = call.arguments  # as the client sent it; SAI reads text
+            arguments = call.arguments  # as the client sent it; SAI reads text
+        # Arguments nested too deep to write back out go as the client's text too.
+        too_deep = depth_exceeds(arguments, MAX_ARGUMENT_DEPTH)
+        body["arguments"] = call.arguments if too_deep else arguments
     return TOOL_CALL_OPEN + orjson.dumps(body).decode() + TOOL_CALL_CLOSE
 
 

@@ -35,6 +35,8 @@ log = logging.getLogger("saiproxy.schema")
 
 _LENGTH: Final = struct.Struct(">I")
 _MODULE: Final = "saiproxy.core.schemacheck"
+# The child runs this package, wherever it is imported from (a checkout, tests).
+_PACKAGE_ROOT: Final = str(Path(__file__).resolve().parent.parent.parent)
 
 
 class SchemaChecker:
@@ -99,9 +101,8 @@ class SchemaChecker:
 
 
 async def _spawn() -> asyncio.subprocess.Process:
-    package_root = str(Path(__file__).resolve().parent.parent.parent)
     path = os.environ.get("PYTHONPATH")
-    env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+    env = {**os.environ, "PYTHONPATH": _PACKAGE_ROOT + (os.pathsep + path if path else "")}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", _MODULE,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
@@ -114,7 +115,7 @@ async def _spawn() -> asyncio.subprocess.Process:
 def _refuse(uri: str) -> Any:
     from referencing.exceptions import NoSuchResource
 
-    raise NoSuchResource(ref=uri)
+    raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
 
 
 def check(schema: Any, value: Any) -> Any:
