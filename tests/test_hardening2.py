@@ -312,10 +312,10 @@ async def test_validation_never_stalls_the_loop(
     sai.script(Reply(body=orjson.dumps(answer).decode()))
     request = asyncio.ensure_future(proxy.post(CHAT, json=_with_schema(CHAT, schema)))
     worst = await _max_probe_latency(proxy, request)
+    assert worst < 0.1, f"/health waited {worst * 1000:.0f} ms"
     response = await request
     assert response.status == 200
     assert len(sai.received) == 1  # past the deadline: answered as is, no repair
-    assert worst < 0.1, f"/health waited {worst * 1000:.0f} ms"
     await proxy.close()
     assert any("not validated" in line for line in log_lines(tmp_path))
 
@@ -357,6 +357,20 @@ async def test_stop_sequences_are_capped_in_the_protocols_shape(
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
     assert fragment in error["error"]["message"]
     assert sai.received == []
+
+
+async def test_many_stop_sequences_do_not_stall_the_loop(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    sai.script(Reply(body=["word "] * 20, chunk_delay=0.01))
+    proxy = await make_proxy()
+    await proxy.get("/health")
+    body = {"max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "a"}],
+            "stop_sequences": [f"stop-{i}" for i in range(200_000)]}  # fmt: skip
+    request = asyncio.ensure_future(proxy.post("/v1/messages", data=_raw(body), headers=JSON))
+    worst = await _max_probe_latency(proxy, request)
+    assert worst < 0.1, f"/health waited {worst * 1000:.0f} ms"
+    assert (await request).status == 400
 
 
 async def test_long_stops_and_long_pieces_do_not_stall_the_loop(
