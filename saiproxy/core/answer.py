@@ -392,7 +392,7 @@ async def output_problem(text: str, output: OutputFormat, checker: SchemaChecker
 
     A schema check that does not finish in time counts as passed (and is logged).
     """
-    problem, value = check_json(text, output)
+    problem, _ = check_json(text, output)
     if problem is not None or output.schema is None:
         return problem
-    return await checker.problem(value, output.schema)
+    return await checker.problem(strip_fence(text), output.schema)

@@ -13,9 +13,10 @@ References resolve within the client's schema only: the registry refuses
 every retrieval (no URL, no file), and the request was refused at parse time
 already if it named one (:func:`saiproxy.core.limits.check_output_schema`).
 
-Frames on the pipes: 4-byte big-endian length, then JSON. Request
-``[schema, value]``; reply ``null`` (valid), a string (the problem), or
-``{"unchecked": reason}``.
+Frames on the pipes: 4-byte big-endian length, then the bytes. A request is
+two frames, the schema's JSON and the answer's (the text as SAI wrote it:
+nothing is encoded again on the loop); the reply is one frame of JSON,
+``null`` (valid), a string (the problem), or ``{"unchecked": reason}``.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ class SchemaChecker:
         self._child: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
-    async def problem(self, value: Any, schema: dict[str, Any]) -> str | None:
-        """Return why ``value`` does not follow ``schema``; None if it does or was not checked."""
-        payload = orjson.dumps([schema, value])
+    async def problem(self, answer: str, schema: dict[str, Any]) -> str | None:
+        """Return why the JSON text ``answer`` does not follow ``schema``; None if it does or
+        was not checked (in time)."""
+        encoded_schema, encoded_answer = orjson.dumps(schema), answer.encode()
+        payload = b"".join(
+            (_LENGTH.pack(len(encoded_schema)), encoded_schema,
+             _LENGTH.pack(len(encoded_answer)), encoded_answer)
+        )  # fmt: skip
         try:
             async with asyncio.timeout(self.timeout):
                 async with self._lock:
@@ -68,13 +74,13 @@ class SchemaChecker:
         return reply if isinstance(reply, str) else None
 
     async def _ask(self, payload: bytes) -> Any:
-        child = self._child
-        if child is None or child.returncode is not None:
-            child = self._child = await _spawn()
-        assert child.stdin is not None and child.stdout is not None
         done = False
         try:
-            child.stdin.write(_LENGTH.pack(len(payload)) + payload)
+            child = self._child
+            if child is None or child.returncode is not None:
+                child = self._child = await _spawn()
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(payload)
             await child.stdin.drain()
             size = _LENGTH.unpack(await child.stdout.readexactly(_LENGTH.size))[0]
             reply = orjson.loads(await child.stdout.readexactly(size))
@@ -140,17 +146,20 @@ def check(schema: Any, value: Any) -> Any:
     return f"the answer does not follow the schema at {where}: {error.message[:500]}"
 
 
+def _frame(stream: Any) -> bytes | None:
+    head = stream.read(_LENGTH.size)
+    if len(head) < _LENGTH.size:
+        return None
+    return bytes(stream.read(_LENGTH.unpack(head)[0]))
+
+
 def _serve() -> None:
     import warnings
 
     warnings.simplefilter("ignore")  # an unknown $schema warns; the parent's stderr is a log
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        head = stdin.read(_LENGTH.size)
-        if len(head) < _LENGTH.size:
-            return
-        schema, value = orjson.loads(stdin.read(_LENGTH.unpack(head)[0]))
-        reply = orjson.dumps(check(schema, value))
+    while (schema := _frame(stdin)) is not None and (answer := _frame(stdin)) is not None:
+        reply = orjson.dumps(check(orjson.loads(schema), orjson.loads(answer)))
         stdout.write(_LENGTH.pack(len(reply)) + reply)
         stdout.flush()
 
