@@ -9,9 +9,11 @@ from aiohttp import web
 
 from .auth import AuthChain
 from .core.render import ErrorShape
+from .core.schemacheck import SchemaChecker
+from .core.sse import STREAM as STREAM
 from .core.sse import KeepAlive
 from .metrics import Metrics
-from .sai import SaiClient
+from .sai import CallBudget, SaiClient
 from .settings import Settings
 
 
@@ -41,7 +43,10 @@ SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
 KEEP_ALIVE = web.AppKey("keep_alive", KeepAlive)
 METRICS = web.AppKey("metrics", Metrics)
+SCHEMA_CHECKER = web.AppKey("schema_checker", SchemaChecker)
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
 ERROR_SHAPES = web.AppKey("error_shapes", tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape])
 REQUEST_ID = web.RequestKey("request_id", str)
 OUTCOME = web.RequestKey("outcome", str)
+# The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
+CALL_BUDGET = web.RequestKey("call_budget", CallBudget)

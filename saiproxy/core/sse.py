@@ -22,6 +22,8 @@ SSE_HEADERS: Final = {
     "X-Accel-Buffering": "no",  # nginx would otherwise hold frames back
 }
 COMMENT_PING: Final = b": ping\n\n"
+# The event stream a request has started, once it has (see middlewares.failure_response).
+STREAM: Final = web.RequestKey("stream", web.StreamResponse)
 
 
 class EventStream(web.StreamResponse):
@@ -35,6 +37,9 @@ class EventStream(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         """Send the status line and headers; the body is chunked."""
         self.enable_chunked_encoding()
+        if isinstance(request, web.Request):
+            # From now on a failure must end this stream, never start a response.
+            request[STREAM] = self
         return await super().prepare(request)
 
 
