@@ -13,7 +13,6 @@ statuses.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -51,8 +50,6 @@ USED_FIELDS: Final = frozenset(
     {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "stop_sequences",
      "stream", "metadata", "output_config", "output_format"}
 )  # fmt: skip
-
-log = logging.getLogger("saiproxy.protocols")
 
 STOP_REASONS: Final[dict[Finish, str]] = {
     "stop": "end_turn",
