@@ -239,6 +239,20 @@ async def test_codex_runs_its_shell_tool_through_saiproxy(loop: Loop) -> None:
     loop.record("codex", "@openai/codex", run)
 
 
+def offline_plugin_sdk(config_dir: Path) -> None:
+    """Keep opencode off the npm registry: its plugin SDK counts as installed.
+
+    At start opencode installs ``@opencode-ai/plugin`` (for local plugins)
+    into each config directory, in the background, unless the directory's
+    package.json and package-lock.json already list it. No plugin runs here.
+    """
+    (config_dir / "node_modules").mkdir()
+    dependencies = {"@opencode-ai/plugin": "*"}
+    lock = {"lockfileVersion": 3, "packages": {"": {"dependencies": dependencies}}}
+    (config_dir / "package.json").write_text(json.dumps({"dependencies": dependencies}))
+    (config_dir / "package-lock.json").write_text(json.dumps(lock))
+
+
 def opencode_settings(loop: Loop) -> tuple[str, dict[str, str]]:
     section = doc_section(PAGE, "opencode")
     (config,) = doc_blocks(section, "json")
@@ -256,6 +270,7 @@ async def test_opencode_runs_its_shell_tool_through_saiproxy(loop: Loop, tool: s
     config_dir = home / ".config" / "opencode"
     config_dir.mkdir(parents=True)
     (config_dir / "opencode.json").write_text(config, encoding="utf-8")
+    offline_plugin_sdk(config_dir)
     argv = [agent("opencode"), "run", "--auto", PROMPT]
     run = await loop.run(argv, loop.environment(home, variables), home, work)
     loop.check(run)
