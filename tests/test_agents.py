@@ -42,10 +42,12 @@ from .conftest import NODE_DIR, ROOT, FakeSai, MakeProxy, Reply
 
 PAGE = (ROOT / "docs" / "clients.md").read_text(encoding="utf-8")
 DOC_ROOT = "http://localhost:4000"
+DOC_KEY = "unused"  # the key the documented settings send
 # SAIPROXY_AGENTS_NODE_DIR: run the agents installed there (CI's newest-releases step).
 AGENTS_DIR = Path(os.environ.get("SAIPROXY_AGENTS_NODE_DIR") or NODE_DIR)
 BIN = AGENTS_DIR / "node_modules" / ".bin"
 TIMEOUT = 150.0  # seconds one agent run may take
+REFUSED_GRACE = 5.0  # seconds an agent may go on after saiproxy refused one of its requests
 RECORD = os.environ.get("SAIPROXY_RECORD_AGENTS") == "1"
 PROMPT = f"Create the file {PROOF} in the current directory with your shell tool."
 
@@ -100,20 +102,36 @@ class Loop:
         return env
 
     async def run(self, argv: list[str], env: dict[str, str], home: Path, work: Path) -> Run:
-        """Run an agent in ``work``; kill it (and fail) after TIMEOUT seconds."""
+        """Run an agent in ``work``; kill it (and fail) after TIMEOUT seconds.
+
+        An agent whose request saiproxy refused is stopped after REFUSED_GRACE
+        seconds (agents retry a 4xx for minutes): the test fails at once.
+        """
         process = await asyncio.create_subprocess_exec(
             *argv, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )  # fmt: skip
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), TIMEOUT)
-        except TimeoutError:
-            os.killpg(process.pid, 9)
-            await process.wait()
-            pytest.fail(f"{argv[0]} did not finish in {TIMEOUT:.0f} s\n{self.report()}")
+        output = asyncio.ensure_future(process.communicate())
+        clock = asyncio.get_running_loop().time
+        deadline, refused_at = clock() + TIMEOUT, None
+        while not output.done():
+            await asyncio.wait({output}, timeout=0.25)
+            if refused_at is None and self.recorder.refused():
+                refused_at = clock()
+            stalled = refused_at is not None and clock() - refused_at > REFUSED_GRACE
+            if not output.done() and (clock() > deadline or stalled):
+                os.killpg(process.pid, 9)
+                await output
+                why = (
+                    f"was stopped {REFUSED_GRACE:.0f} s after saiproxy refused a request"
+                    if stalled
+                    else f"did not finish in {TIMEOUT:.0f} s"
+                )
+                pytest.fail(f"{argv[0]} {why}\n{self.report()}")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 9)  # anything it left running in the background
+        stdout, stderr = output.result()
         return Run(home, work, process.returncode or 0, stdout.decode(), stderr.decode())
 
     def dirs(self, name: str) -> tuple[Path, Path]:
@@ -162,7 +180,8 @@ async def loop(
     """The loop with ERROR_MODE=http, as docs/clients.md advises for agents (or the param)."""
     agent_sai = AgentSai()
     sai.answer = agent_sai
-    proxy = await make_proxy(ERROR_MODE=getattr(request, "param", "http"))
+    # The proxy requires a key: the value the settings of docs/clients.md send.
+    proxy = await make_proxy(ERROR_MODE=getattr(request, "param", "http"), PROXY_API_KEYS=DOC_KEY)
     recorder = Recorder(proxy.make_url(""))
     url = str(await recorder.start()).rstrip("/")
     yield Loop(url, agent_sai, recorder, tmp_path)
@@ -228,7 +247,7 @@ async def test_codex_runs_its_shell_tool_through_saiproxy(loop: Loop) -> None:
     codex_home = home / ".codex"
     codex_home.mkdir()
     (codex_home / "config.toml").write_text(codex_config(loop), encoding="utf-8")
-    env = loop.environment(home, {"CODEX_HOME": str(codex_home), "SAIPROXY_API_KEY": "unused"})
+    env = loop.environment(home, {"CODEX_HOME": str(codex_home), "SAIPROXY_API_KEY": DOC_KEY})
     argv = [
         agent("codex"), "exec", "--skip-git-repo-check",
         "--dangerously-bypass-approvals-and-sandbox", "--color", "never", PROMPT,
