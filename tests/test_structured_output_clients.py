@@ -14,6 +14,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from langchain_anthropic import ChatAnthropic
 from pydantic import BaseModel
 
 from .conftest import FakeSai, MakeProxy, Reply, anthropic_url, run_node
@@ -78,15 +79,14 @@ async def test_anthropic_sdk_stream_with_output_format(proxy: Any, sai: FakeSai)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_langchain_anthropic_json_schema(
-    make_proxy: MakeProxy, sai: FakeSai, stream: bool
-) -> None:
-    from langchain_anthropic import ChatAnthropic
-
-    proxy = await make_proxy()
+async def test_langchain_anthropic_json_schema(proxy: Any, sai: FakeSai, stream: bool) -> None:
     sai.script(Reply(body=_pieces(FENCED), chunk_delay=0.005))
     model = ChatAnthropic(  # type: ignore[call-arg]
-        model=MODEL, base_url=anthropic_url(proxy), api_key="unused", max_retries=0
+        model=MODEL,
+        anthropic_api_url=anthropic_url(proxy),
+        anthropic_api_key="unused",
+        max_retries=0,
+        max_tokens=256,
     )
     structured = model.with_structured_output(Weather, method="json_schema")
     if stream:
