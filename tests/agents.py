@@ -2,9 +2,10 @@
 
 SAI's side (:class:`AgentSai`): a call that offers the agent's shell tool
 is answered with a call to it, in saiproxy's calling convention, whose
-command writes :data:`PROOF` (or a call of its file-write tool); once the tool's result comes back
-(``<tool_result`` in the user text) SAI answers with text. A call offering
-no shell tool (an agent's side request: a title, a summary) gets text.
+command writes :data:`PROOF` (or with a call of its file-write tool); once
+the tool's result comes back (``<tool_result`` in the user text) SAI
+answers with text. A call offering no such tool (an agent's side request:
+a title, a summary) gets text.
 
 The recording front (:class:`Recorder`) sits between the agent and the
 proxy on its own loopback port: it forwards every request untouched and
