@@ -17,6 +17,7 @@ from .keys import (
     AUTH_CHAIN,
     ERROR_SHAPES,
     KEEP_ALIVE,
+    LIMITS,
     METRICS,
     OUTCOME,
     REQUEST_ID,
@@ -26,6 +27,9 @@ from .keys import (
     ServingState,
 )
 from .landing import landing
+from .limits.gate import add_limit_headers
+from .limits.limits import Limits, enabled
+from .limits.usage import usage_view
 from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
@@ -101,6 +105,16 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+def _limits_ctx(limits: Limits) -> Callable[[web.Application], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await limits.start()
+        yield
+        await limits.close()  # after the drain: this replica's leases end at once
+
+    return ctx
+
+
 def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
     """Build the saiproxy application; reads nothing but ``settings``."""
     # Outermost first. The front middleware gives every request its ID (so every
@@ -125,6 +139,10 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     if log_setup is not None:
         app.cleanup_ctx.append(_logging_ctx(log_setup))
     app.cleanup_ctx.append(_upstream_ctx)
+    if enabled(settings):
+        app[LIMITS] = limits = Limits(settings, metrics)
+        app.cleanup_ctx.append(_limits_ctx(limits))
+        app.on_response_prepare.append(add_limit_headers)
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
     app.cleanup_ctx.append(lambda _: keep_alive.running())
 
@@ -134,6 +152,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # For people and API tools: open even with PROXY_API_KEYS (see OPEN_PATHS).
     app.router.add_get("/", landing)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/limits/usage", usage_view)
     # Each protocol's routes, and the error shape of the paths under them
     # (first matching prefix wins; OpenAI's shape everywhere else).
     anthropic_errors = anthropic.AnthropicErrors()

@@ -10,6 +10,7 @@ from aiohttp import web
 from .auth import AuthChain
 from .core.render import ErrorShape
 from .core.sse import KeepAlive
+from .limits.limits import Limits
 from .metrics import Metrics
 from .sai import SaiClient
 from .settings import Settings
@@ -41,6 +42,7 @@ SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
 KEEP_ALIVE = web.AppKey("keep_alive", KeepAlive)
 METRICS = web.AppKey("metrics", Metrics)
+LIMITS = web.AppKey("limits", Limits)  # absent when no limit is configured
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
 ERROR_SHAPES = web.AppKey("error_shapes", tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape])
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -178,6 +178,15 @@ def _str(raw: str) -> str:
     return raw.strip()
 
 
+def _store_url(raw: str) -> Secret:
+    """A Valkey or Redis URL (it may hold a password, so it is kept as a secret)."""
+    value = raw.strip()
+    scheme = value.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss", "valkey", "valkeys", "unix"):
+        raise ValueError("must be a redis://, rediss://, valkey://, valkeys:// or unix:// URL")
+    return Secret(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """Where a setting comes from: its environment name (the TOML key is its lower case),
@@ -187,15 +196,35 @@ class Option:
     section: str
     parse: Callable[[str], Any]
     secret: bool = False
+    key: str | None = None  # its TOML key, when not the environment name in lower case
 
     @property
     def toml_key(self) -> str:
         """Return the setting's key in its TOML table."""
-        return self.env.lower()
+        return self.key or self.env.lower()
 
 
-def _opt(env: str, section: str, parse: Callable[[str], Any], *, secret: bool = False) -> Any:
-    return {"option": Option(env, section, parse, secret)}
+def _opt(
+    env: str,
+    section: str,
+    parse: Callable[[str], Any],
+    *,
+    secret: bool = False,
+    key: str | None = None,
+) -> Any:
+    return {"option": Option(env, section, parse, secret, key)}
+
+
+def _limit(env: str, default: int = 0) -> Any:
+    """A limit of the [limits] table: 0 means none; its TOML key drops the LIMITS_ prefix."""
+    return field(
+        default=default,
+        metadata=_opt(env, "limits", _non_negative_int, key=env.removeprefix("LIMITS_").lower()),
+    )
+
+
+def _limits_option(env: str, parse: Callable[[str], Any], *, secret: bool = False) -> Any:
+    return _opt(env, "limits", parse, secret=secret, key=env.removeprefix("LIMITS_").lower())
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +316,40 @@ class Settings:
     tool_repair_retries: int = field(
         default=1, metadata=_opt("TOOL_REPAIR_RETRIES", "upstream", _non_negative_int)
     )
+    # [limits] (docs/limits.md): per client and for the shared SAI credentials; 0 = no limit.
+    limits_url: Secret | None = field(
+        default=None, metadata=_limits_option("LIMITS_URL", _store_url, secret=True)
+    )
+    limits_replicas: int = field(
+        default=1, metadata=_limits_option("LIMITS_REPLICAS", _positive_int)
+    )
+    limits_timeout: float = field(
+        default=0.25, metadata=_limits_option("LIMITS_TIMEOUT", _positive_float)
+    )
+    limits_probe_interval: float = field(
+        default=1.0, metadata=_limits_option("LIMITS_PROBE_INTERVAL", _positive_float)
+    )
+    limits_lease: float = field(
+        default=30.0, metadata=_limits_option("LIMITS_LEASE", _positive_float)
+    )
+    limits_renew_interval: float = field(
+        default=10.0, metadata=_limits_option("LIMITS_RENEW_INTERVAL", _positive_float)
+    )
+    limits_output_reserve: int = field(
+        default=1024, metadata=_limits_option("LIMITS_OUTPUT_RESERVE", _non_negative_int)
+    )
+    limits_budget_period: str = field(
+        default="day", metadata=_limits_option("LIMITS_BUDGET_PERIOD", _choice("day", "month"))
+    )
+    limits_prefix: str = field(default="saiproxy:", metadata=_limits_option("LIMITS_PREFIX", _str))
+    limits_client_rpm: int = _limit("LIMITS_CLIENT_RPM")
+    limits_client_tpm: int = _limit("LIMITS_CLIENT_TPM")
+    limits_client_concurrency: int = _limit("LIMITS_CLIENT_CONCURRENCY")
+    limits_client_budget: int = _limit("LIMITS_CLIENT_BUDGET")
+    limits_global_rpm: int = _limit("LIMITS_GLOBAL_RPM")
+    limits_global_tpm: int = _limit("LIMITS_GLOBAL_TPM")
+    limits_global_concurrency: int = _limit("LIMITS_GLOBAL_CONCURRENCY")
+    limits_global_budget: int = _limit("LIMITS_GLOBAL_BUDGET")
 
     def model_for(self, name: str | None) -> ModelConfig | None:
         """Return the model serving ``name``: unknown names map to the default unless strict."""
@@ -299,7 +362,7 @@ class Settings:
 
     def secrets(self) -> tuple[Secret, ...]:
         """Return every configured secret, for log masking."""
-        values = [self.sai_key, self.sai_cookie, *self.proxy_api_keys]
+        values = [self.sai_key, self.sai_cookie, self.limits_url, *self.proxy_api_keys]
         if self.sai_url.password:
             values.append(Secret(self.sai_url.password))
         return tuple(value for value in values if value is not None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from saiproxy.fake_sai import Received as Received
 from saiproxy.fake_sai import Reply as Reply
 from saiproxy.server import runner_options
 from saiproxy.settings import Settings, load_settings
+
+from .valkey import ValkeyServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "config" / "saiproxy.toml")
@@ -128,3 +130,21 @@ async def run_node(script: str, *args: str, env: dict[str, str] | None = None) -
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()[-2000:]
     return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    """A real Valkey server for the whole session (tests flush it through ``valkey``)."""
+    server = ValkeyServer(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def valkey(valkey_server: ValkeyServer) -> ValkeyServer:
+    """The session's Valkey server, running and empty."""
+    if valkey_server.process is None or valkey_server.process.poll() is not None:
+        valkey_server.start()
+    valkey_server.command("FLUSHALL")
+    return valkey_server

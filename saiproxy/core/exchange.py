@@ -34,6 +34,7 @@ from ..errors import (
     UpstreamError,
 )
 from ..keys import AUTH_CHAIN, KEEP_ALIVE, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS, STATE
+from ..limits import gate
 from ..logs import RESPONSE_FINISHED, event
 from ..sai import SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
@@ -117,7 +118,8 @@ class Exchange:
     # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
     __slots__ = (
         "_body", "call", "chars", "choice", "conversation", "created", "early",
-        "finish_reason", "first_byte", "loop", "model", "model_config", "outcome", "protocol",
+        "finish_reason", "first_byte", "loop", "max_output", "model", "model_config", "outcome",
+        "protocol",
         "request", "request_id", "settings", "started", "status", "suffix", "tool_calls",
         "usage",
     )  # fmt: skip
@@ -154,6 +156,7 @@ class Exchange:
         self.usage = Usage()
         self.tool_calls = 0
         self.choice: int | None = None  # its index when one of several (respond_all)
+        self.max_output: int | None = None  # the answer's token bound the client asked for
 
     @property
     def sai(self) -> SaiClient:
@@ -179,6 +182,7 @@ class Exchange:
         with _Answering(self.request, (self,)):
             try:
                 self._begin()
+                await gate.admit(self.request, (self,))  # the limits, once, before SAI
                 if self.conversation.stream:
                     return await self._stream(renderer)
                 return await self._complete(renderer)
@@ -193,6 +197,7 @@ class Exchange:
             credential = self._prepare()
         finally:
             self._log_received(credential)
+        self.max_output = gate.requested_output(self._body)
         self._body = None  # parsed already; a long stream need not keep the raw JSON
 
     def _note(self, exc: BaseException) -> None:
@@ -489,6 +494,7 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
         try:
             for exchange in exchanges:
                 exchange._begin()
+            await gate.admit(request, exchanges)  # the limits, once, before SAI
         except BaseException as exc:
             for exchange in exchanges:  # e.g. no credential: the request ends for every choice
                 exchange._note(exc)
@@ -566,6 +572,7 @@ class _Answering:
 
     def __exit__(self, *exc_info: object) -> None:
         exchanges = self._exchanges
+        gate.settle(self._request, exchanges)  # however it ended: tokens corrected, lease ended
         self._request[OUTCOME] = next((e.outcome for e in exchanges if e.outcome != "ok"), "ok")
         self._state.in_flight -= 1
         if self._task is not None:
