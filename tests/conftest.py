@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bench.valkey import ValkeyServer
 from saiproxy.app import create_app, log_setup_for
 
 # Re-exported: the tests import them from here.
@@ -18,8 +19,6 @@ from saiproxy.fake_sai import Received as Received
 from saiproxy.fake_sai import Reply as Reply
 from saiproxy.server import runner_options
 from saiproxy.settings import Settings, load_settings
-
-from .valkey import ValkeyServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "config" / "saiproxy.toml")

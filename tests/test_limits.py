@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from bench.valkey import ValkeyServer
 from saiproxy.keys import LIMITS
 from saiproxy.limits.gate import duration
 from saiproxy.limits.identity import digest
 
 from .conftest import FakeSai, MakeProxy, Reply, chat, log_lines
-from .valkey import ValkeyServer
 
 HI = chat(("user", "Hi"))
 TOKENS = {"prompttokens": "10", "completiontokens": "5"}
