@@ -177,8 +177,10 @@ async def test_clients_are_counted_apart_by_hashed_key(
     metrics = await (await proxy.get("/metrics", headers={"x-api-key": "team-a-key"})).text()
     assert f'saiproxy_client_requests_total{{client="{a}"}} 1.0' in metrics
     assert f'saiproxy_client_limited_requests_total{{client="{a}"}} 1.0' in metrics
-    # Never the raw key: not in logs, not in the store's keys.
-    assert not any("team-a-key" in line for line in log_lines(tmp_path))
+    await proxy.close()  # the log writer writes everything queued
+    lines = log_lines(tmp_path)
+    assert any(f'"client": "{a}"' in line and "request limited" in line for line in lines)
+    assert not any("team-a-key" in line for line in lines)  # the key never
 
 
 async def test_user_keys_and_anonymous_and_global(
@@ -237,3 +239,33 @@ async def test_usage_endpoint_loopback_json(
          "output_tokens": 5, "limited": 0}
     ]  # fmt: skip
     json.dumps(data)
+
+
+async def test_limits_table_in_the_toml_file(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    config = tmp_path / "limits.toml"
+    config.write_text('[limits]\nclient_rpm = 1\nbudget_period = "month"\n')
+    proxy = await make_proxy(SAIPROXY_CONFIG=str(config))
+    assert (await proxy.post("/v1/chat/completions", json=HI)).status == 200
+    assert (await proxy.post("/v1/chat/completions", json=HI)).status == 429
+    assert limits_of(proxy).config.period == "month"
+
+
+async def test_store_unreachable_from_the_start_uses_the_local_share(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    from bench.fake_sai import free_port
+
+    proxy = await make_proxy(
+        LIMITS_URL=f"redis://127.0.0.1:{free_port()}/0", LIMITS_CLIENT_RPM="4",
+        LIMITS_REPLICAS="2", LIMITS_PROBE_INTERVAL="30",
+    )  # fmt: skip
+    statuses = []
+    for _ in range(3):
+        response = await proxy.post("/v1/chat/completions", json=HI)
+        statuses.append(response.status)
+        assert response.headers["X-Saiproxy-Limits"] == "fallback"
+    assert statuses == [200, 200, 429]  # 4 / 2 replicas
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'saiproxy_limits_mode{mode="fallback"} 1.0' in metrics
+    await proxy.close()  # the log writer writes everything queued
+    assert any("limits store unreachable" in line for line in log_lines(tmp_path))

@@ -89,11 +89,11 @@ class LocalLimiter:
                 deny, wait = "requests", scope.requests[used_r - rules.rpm] + WINDOW_MS - now
             cost = rules.token_cost(ask.reserve)
             used_t = scope.token_sum
-            times = list(scope.tokens.values())
-            reset_t = times[0][0] + WINDOW_MS - now if times else 0
+            oldest = next(iter(scope.tokens.values()), None)
+            reset_t = oldest[0] + WINDOW_MS - now if oldest is not None else 0
             if rules.tpm and used_t + cost > rules.tpm and deny is None:
                 deny, wait, left = "tokens", WINDOW_MS, used_t
-                for at, tokens in times:
+                for at, tokens in scope.tokens.values():
                     left -= tokens
                     if left + cost <= rules.tpm:
                         wait = at + WINDOW_MS - now
