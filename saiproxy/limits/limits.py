@@ -233,6 +233,9 @@ class Limits:
         while True:
             await asyncio.sleep(self.settings.limits_probe_interval)
             try:
+                # Connections to a server that went away are dead: start afresh, so that
+                # once the probe succeeds no request meets a stale one.
+                await self.shared.redis.connection_pool.disconnect()
                 await self._call(self.shared.redis.ping())
                 await self._call(self.shared.renew(self._lease_pairs()))
             except Exception:
