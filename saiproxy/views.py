@@ -10,7 +10,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from . import __version__
-from .core.exchange import json_response
+from .bodies import json_response
 from .errors import ModelNotFound
 from .keys import METRICS, SETTINGS, STATE
 from .metrics import metrics_response

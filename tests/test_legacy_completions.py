@@ -450,6 +450,48 @@ async def test_logs_per_prompt(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Pa
     assert all(line["outcome"] == "ok" for line in finished)
 
 
+def _finish_lines(tmp_path: Path, request_id: str) -> dict[int, dict[str, Any]]:
+    """Return the request's finish lines by choice."""
+    lines = [json.loads(line) for line in log_lines(tmp_path)]
+    return {
+        line["choice"]: line
+        for line in lines
+        if line.get("request_id") == request_id and line["message"].endswith("response finished")
+    }
+
+
+async def test_logs_how_each_choice_ended(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    """One finish line per choice: the one that failed, and the one it stopped (``cancelled``)."""
+    proxy = await make_proxy(ERROR_MODE="http", MAX_RETRIES="0")
+    sai.route("slow", Reply(body="late", delay=2))
+    sai.route("bad", Reply(status=401))
+    response = await proxy.post(
+        URL, json={"prompt": ["slow", "bad"]}, headers={"X-Request-ID": "ended-1"}
+    )
+    assert response.status == 401
+    # Streamed: the stream started, so the failure is in-band and the status stays 200.
+    sai.route("ok", Reply(body=["o", "k", "!"], chunk_delay=0.3))
+    sai.route("bad", Reply(body=["partial ", "more"], chunk_delay=0.05, reset_after=1))
+    response = await proxy.post(
+        URL, json={"prompt": ["ok", "bad"], "stream": True}, headers={"X-Request-ID": "ended-2"}
+    )
+    assert response.status == 200
+    await response.read()
+    await asyncio.sleep(0.3)  # the log listener writes in the background
+    statuses = {
+        choice: (line["status"], line["outcome"], line["finish_reason"])
+        for choice, line in _finish_lines(tmp_path, "ended-1").items()
+    }
+    assert statuses == {0: (401, "cancelled", None), 1: (401, "invalid_api_key", None)}
+    statuses = {
+        choice: (line["status"], line["outcome"], line["finish_reason"])
+        for choice, line in _finish_lines(tmp_path, "ended-2").items()
+    }
+    assert statuses == {0: (200, "cancelled", None), 1: (200, "upstream_error", "error")}
+
+
 async def test_client_disconnect_cancels_every_prompt(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.route("a", Reply(body=["tick "] * 200, chunk_delay=0.05))

@@ -4,8 +4,12 @@ protocols/<name>.py   parse a request into a Conversation; render an Answer,
       │               its stream and errors in the protocol's own shapes
       ▼
 core/exchange.py      credentials, early context check, the SAI call with
-      │               retries and fallback, error policy (ERROR_MODE), logs,
-      │               metrics; drives the non-streamed and streamed answers
+      │               retries and fallback, error policy (ERROR_MODE), repair,
+      │               tokens, logs, metrics; answers non-streamed requests
+      ├─ core/relay.py     the streamed answer: keep-alive, relay, in-stream failures
+      ├─ core/fanout.py    several conversations in one response (one choice each)
+      ├─ core/ending.py    how an answer ended (status, outcome, finish): one value
+      ├─ core/inflight.py  in-flight and open-stream counts, shutdown's cut
       ├─ core/prompt.py    Conversation → SAI payload (tool and output instructions)
       └─ core/answer.py    SAI's text → prose, tool calls, stop sequences, JSON
       ▼

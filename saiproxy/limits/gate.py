@@ -1,7 +1,7 @@
 """The hook: a client request is admitted once, before any SAI call, and settled when it ends.
 
 :func:`admit` after the exchanges are prepared, :func:`settle` when the
-request ends (the exchange's ``_Answering`` exit, whatever ended it). A refusal is
+request ends (the exchange's ``conclude``, whatever ended it). A refusal is
 a :class:`RateLimited` (429, rendered in the path's protocol's shape); the
 rate-limit headers go on every answer of a limited path, streams included
 (they are set before the first byte).

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from ..bodies import json_response, read_json
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
@@ -28,7 +29,7 @@ from ..core.conversation import (
     Turn,
     check_count,
 )
-from ..core.exchange import Exchange, json_response, read_json
+from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
 from ..errors import ContextTooLong, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
 from ..keys import SETTINGS

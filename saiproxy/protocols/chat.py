@@ -8,8 +8,9 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from ..bodies import read_json
 from ..core.conversation import MAX_MESSAGES, Answer, Conversation, ToolCall, Turn, check_count
-from ..core.exchange import Exchange, read_json
+from ..core.exchange import Exchange
 from ..errors import InvalidRequest, UpstreamError
 from . import openai
 

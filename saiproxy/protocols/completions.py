@@ -1,7 +1,7 @@
 """OpenAI legacy Completions: ``POST /v1/completions``, one choice per prompt, streamed or not.
 
 A prompt is sent to SAI as the user text of a conversation of its own. Several
-prompts are answered concurrently (:func:`~saiproxy.core.exchange.respond_all`);
+prompts are answered concurrently (:func:`~saiproxy.core.fanout.respond_all`);
 streamed, their chunks interleave, each with its ``index``. ``suffix`` asks for
 the middle between prompt and suffix (fill-in-the-middle) by instruction,
 since SAI templates only take text.
@@ -16,8 +16,10 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from ..bodies import read_json
 from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
-from ..core.exchange import Exchange, read_json, respond_all
+from ..core.exchange import Exchange
+from ..core.fanout import respond_all
 from ..errors import InvalidRequest, UpstreamError
 from . import openai
 

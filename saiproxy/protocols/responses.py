@@ -21,6 +21,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from ..bodies import read_json
 from ..core.conversation import (
     MAX_MESSAGES,
     Answer,
@@ -30,7 +31,7 @@ from ..core.conversation import (
     Usage,
     check_count,
 )
-from ..core.exchange import Exchange, read_json
+from ..core.exchange import Exchange
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from . import openai
 
