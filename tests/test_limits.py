@@ -15,7 +15,7 @@ from saiproxy.keys import LIMITS
 from saiproxy.limits.gate import duration
 from saiproxy.limits.identity import digest
 
-from .conftest import FakeSai, MakeProxy, Reply, chat, log_lines
+from .conftest import CONFIG, FakeSai, MakeProxy, Reply, chat, log_lines
 
 HI = chat(("user", "Hi"))
 TOKENS = {"prompttokens": "10", "completiontokens": "5"}
@@ -269,3 +269,47 @@ async def test_store_unreachable_from_the_start_uses_the_local_share(
     assert 'saiproxy_limits_mode{mode="fallback"} 1.0' in metrics
     await proxy.close()  # the log writer writes everything queued
     assert any("limits store unreachable" in line for line in log_lines(tmp_path))
+
+
+async def _usage_cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    import os
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "saiproxy", "usage", *args,
+        env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_usage_command_reads_the_store_or_the_process(
+    make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str], tmp_path: Path
+) -> None:
+    sai.default = Reply(headers=TOKENS)
+    proxy = await make_proxy(LIMITS_CLIENT_RPM="1", PROXY_API_KEYS="cli-key", **store)
+    for _ in range(2):
+        await proxy.post("/v1/chat/completions", json=HI, headers={"x-api-key": "cli-key"})
+    await asyncio.sleep(0.1)
+    env = {
+        "SAIPROXY_CONFIG": CONFIG,
+        "PORT": str(proxy.port),
+        "PROXY_API_KEYS": "cli-key",
+        **store,
+    }
+    code, out, err = await _usage_cli(env, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    client = f"key-{digest('cli-key')}"
+    assert data["rows"] == [
+        {"date": _today(), "client": client, "requests": 1, "input_tokens": 10,
+         "output_tokens": 5, "limited": 1}
+    ]  # fmt: skip
+    assert data["source"] == (
+        "the limits store" if store else f"the proxy on 127.0.0.1:{proxy.port}"
+    )
+    code, out, _ = await _usage_cli(env)
+    assert code == 0 and client in out and "requests" in out.splitlines()[1]
+    assert "cli-key" not in out
