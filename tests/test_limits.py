@@ -313,3 +313,23 @@ async def test_usage_command_reads_the_store_or_the_process(
     code, out, _ = await _usage_cli(env)
     assert code == 0 and client in out and "requests" in out.splitlines()[1]
     assert "cli-key" not in out
+
+
+async def test_scripts_flushed_from_the_store_are_sent_again(
+    make_proxy: MakeProxy, sai: FakeSai, valkey: ValkeyServer
+) -> None:
+    sai.default = Reply(headers=TOKENS)
+    proxy = await make_proxy(LIMITS_URL=valkey.url, LIMITS_CLIENT_TPM="1000")
+    first = await proxy.post("/v1/chat/completions", json={**HI, "max_tokens": 100})
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(1000 - 101)
+    await asyncio.sleep(0.1)
+    valkey.command("SCRIPT", "FLUSH")  # as after a restart: EVALSHA answers NOSCRIPT
+    second = await proxy.post("/v1/chat/completions", json={**HI, "max_tokens": 100})
+    assert second.status == 200
+    assert second.headers["X-Saiproxy-Limits"] == "shared"
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - 15 - 101)
+    await asyncio.sleep(0.1)
+    valkey.command("SCRIPT", "FLUSH")
+    third = await proxy.post("/v1/chat/completions", json={**HI, "max_tokens": 100})
+    # The second's correction went through although the script had to be loaded again.
+    assert third.headers["x-ratelimit-remaining-tokens"] == str(1000 - 30 - 101)

@@ -133,6 +133,7 @@ class Limits:
         self._renewing: set[str] | None = None
         self._released_while_renewing: list[tuple[str, str]] = []
         self._tasks: set[asyncio.Task[object]] = set()
+        self._settling: list[tuple[Ask, Verdict, int, int]] = []
         self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self.last_switch = time.monotonic()
@@ -179,13 +180,25 @@ class Limits:
         leased = self.leases.pop(grant.ask.id, None)
         if leased is not None and self._renewing is not None and grant.ask.id in self._renewing:
             self._released_while_renewing += [(scope, grant.ask.id) for scope in leased]
-        work = grant.limiter.settle(grant.ask, grant.verdict, input_tokens, output_tokens)
         if grant.limiter is self.local:
-            task = asyncio.get_running_loop().create_task(work)
-        else:
-            task = asyncio.get_running_loop().create_task(self._quietly(work))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self.local.settle_now(grant.ask, grant.verdict, input_tokens, output_tokens)
+            return
+        # Sent in the background, together with the other requests ending meanwhile: one
+        # pipelined round trip for all of them.
+        self._settling.append((grant.ask, grant.verdict, input_tokens, output_tokens))
+        if len(self._settling) == 1:
+            task = asyncio.get_running_loop().create_task(self._settle_batch())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _settle_batch(self) -> None:
+        assert self.shared is not None
+        await asyncio.sleep(0)  # the requests ending in this turn of the loop join
+        batch, self._settling = self._settling, []
+        try:
+            await self._call(self.shared.settle_many(batch))
+        except Exception as error:
+            self._failed(error)  # their leases expire by themselves
 
     def _count(self, grant: Grant) -> None:
         client = grant.ask.client.id

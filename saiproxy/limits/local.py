@@ -128,6 +128,10 @@ class LocalLimiter:
     async def settle(
         self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
     ) -> None:
+        self.settle_now(ask, verdict, input_tokens, output_tokens)
+
+    def settle_now(self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int) -> None:
+        """:meth:`settle`, at once: nothing here waits."""
         actual = input_tokens + output_tokens
         for name, rules in ask.scopes:
             scope = self._scope(name)

@@ -62,17 +62,25 @@ local function days_from_civil(y, m, d)
 end
 local function tokens_of(member) return tonumber(string.match(member, ':(%d+)$')) end
 """
+# Few arguments are cheaper to send than many (the client encodes each one): the prefix,
+# then every other argument as one space-separated string.
+_ARGUMENTS: Final = """
+local A = {ARGV[1]}
+for word in string.gmatch(ARGV[2], '[^ ]+') do A[#A + 1] = word end
+"""
 
-# ARGV: prefix, id, lease ms, reserve, period (day|month), usage client, scope count, then per
-# scope: name, rpm, tpm, concurrency, budget, token cost.
+# A (the arguments: ARGV[1] the prefix, then ARGV[2]'s words): prefix, id, lease ms, reserve,
+# period (day|month), usage client (- for none), scope count, then per scope: name, rpm, tpm,
+# concurrency, budget, token cost.
 # Returns: granted (1|0), reason, wait ms, date, period, then per scope
 # rpm, requests used, requests reset ms, tpm, tokens used, tokens reset ms (before this one).
 ADMIT: Final = _lua(
     _CALENDAR
+    + _ARGUMENTS
     + """
-local P, id = ARGV[1], ARGV[2]
-local lease_ms, reserve = tonumber(ARGV[3]), tonumber(ARGV[4])
-local who, n = ARGV[6], tonumber(ARGV[7])
+local P, id = A[1], A[2]
+local lease_ms, reserve = tonumber(A[3]), tonumber(A[4])
+local who, n = A[6], tonumber(A[7])
 local W = __WINDOW__
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + fl(tonumber(t[2]) / 1000)
@@ -80,7 +88,7 @@ local day = fl(now / 86400000)
 local y, m, d = civil(day)
 local date = string.format('%04d-%02d-%02d', y, m, d)
 local period, period_end = date, (day + 1) * 86400000
-if ARGV[5] == 'month' then
+if A[5] == 'month' then
   period = string.format('%04d-%02d', y, m)
   if m == 12 then y, m = y + 1, 1 else m = m + 1 end
   period_end = days_from_civil(y, m, 1) * 86400000
@@ -90,9 +98,9 @@ local out = {}
 local deny, wait = '', 0
 for i = 0, n - 1 do
   local b = 8 + i * 6
-  local name = ARGV[b]
-  local rpm, tpm = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local conc, budget, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+  local name = A[b]
+  local rpm, tpm = tonumber(A[b + 1]), tonumber(A[b + 2])
+  local conc, budget, cost = tonumber(A[b + 3]), tonumber(A[b + 4]), tonumber(A[b + 5])
   local rk, tk = P .. 'r:' .. name, P .. 't:' .. name
   local sk, ck = P .. 'ts:' .. name, P .. 'c:' .. name
   local r_used, r_reset, t_used, t_reset = 0, 0, 0, 0
@@ -143,7 +151,7 @@ for i = 0, n - 1 do
 end
 local head
 if deny ~= '' then
-  if who ~= '' then
+  if who ~= '-' then
     redis.call('HINCRBY', uk, who .. ':limited', 1)
     redis.call('PEXPIRE', uk, __USAGE_MS__)
   end
@@ -151,9 +159,9 @@ if deny ~= '' then
 else
   for i = 0, n - 1 do
     local b = 8 + i * 6
-    local name = ARGV[b]
-    local rpm, tpm = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-    local conc, budget, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+    local name = A[b]
+    local rpm, tpm = tonumber(A[b + 1]), tonumber(A[b + 2])
+    local conc, budget, cost = tonumber(A[b + 3]), tonumber(A[b + 4]), tonumber(A[b + 5])
     if rpm > 0 then
       local rk = P .. 'r:' .. name
       redis.call('ZADD', rk, now, id)
@@ -177,7 +185,7 @@ else
       redis.call('PEXPIREAT', bk, period_end + 86400000)
     end
   end
-  if who ~= '' then
+  if who ~= '-' then
     redis.call('HINCRBY', uk, who .. ':requests', 1)
     redis.call('PEXPIRE', uk, __USAGE_MS__)
   end
@@ -188,37 +196,38 @@ return head
 """
 )
 
-# ARGV: prefix, id, reserve, actual tokens, input, output, period, date, usage client,
-# scope count, then per scope: name, token cost, has tpm, has budget, has concurrency.
+# A: prefix, id, reserve, actual tokens, input, output, period, date, usage client (- for
+# none), scope count, then per scope: name, token cost, has tpm, has budget, has concurrency.
 SETTLE: Final = _lua(
     _CALENDAR
+    + _ARGUMENTS
     + """
-local P, id = ARGV[1], ARGV[2]
-local reserve, actual = tonumber(ARGV[3]), tonumber(ARGV[4])
-local period, date, who, n = ARGV[7], ARGV[8], ARGV[9], tonumber(ARGV[10])
+local P, id = A[1], A[2]
+local reserve, actual = tonumber(A[3]), tonumber(A[4])
+local period, date, who, n = A[7], A[8], A[9], tonumber(A[10])
 for i = 0, n - 1 do
   local b = 11 + i * 5
-  local name = ARGV[b]
-  if ARGV[b + 2] == '1' then
+  local name = A[b]
+  if A[b + 2] == '1' then
     local tk, sk = P .. 't:' .. name, P .. 'ts:' .. name
-    local held = id .. ':' .. ARGV[b + 1]
+    local held = id .. ':' .. A[b + 1]
     local score = redis.call('ZSCORE', tk, held)
     if score then
       redis.call('ZREM', tk, held)
       redis.call('ZADD', tk, score, id .. ':' .. actual)
-      redis.call('INCRBY', sk, actual - tonumber(ARGV[b + 1]))
+      redis.call('INCRBY', sk, actual - tonumber(A[b + 1]))
     end
   end
-  if ARGV[b + 3] == '1' then
+  if A[b + 3] == '1' then
     local bk = P .. 'b:' .. name .. ':' .. period
     if redis.call('EXISTS', bk) == 1 then redis.call('INCRBY', bk, actual - reserve) end
   end
-  if ARGV[b + 4] == '1' then redis.call('ZREM', P .. 'c:' .. name, id) end
+  if A[b + 4] == '1' then redis.call('ZREM', P .. 'c:' .. name, id) end
 end
-if who ~= '' then
+if who ~= '-' then
   local uk = P .. 'usage:' .. date
-  redis.call('HINCRBY', uk, who .. ':input', tonumber(ARGV[5]))
-  redis.call('HINCRBY', uk, who .. ':output', tonumber(ARGV[6]))
+  redis.call('HINCRBY', uk, who .. ':input', tonumber(A[5]))
+  redis.call('HINCRBY', uk, who .. ':output', tonumber(A[6]))
   redis.call('PEXPIRE', uk, __USAGE_MS__)
 end
 return 1
@@ -242,8 +251,9 @@ return 1
 RENEW_CHUNK: Final = 1000
 
 
-def _sha(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()
+_SHAS: Final = {
+    script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, SETTLE, RENEW)
+}
 
 
 def connect(url: str, timeout: float) -> Redis:
@@ -269,25 +279,28 @@ class SharedLimiter:
         self.prefix = prefix
         self.period = period
         self.lease_ms = int(lease * 1000)
+        self._prefix = prefix.encode()
 
     async def _run(self, script: str, args: Sequence[Any]) -> Any:
         """EVALSHA, and EVAL when the server does not know the script (a restart, a flush)."""
         try:
-            return await self.redis.evalsha(_sha(script), 0, *args)
+            return await self.redis.evalsha(_SHAS[script], 0, *args)
         except NoScriptError:
             return await self.redis.eval(script, 0, *args)
 
+    def _words(self, values: Sequence[object]) -> list[bytes]:
+        return [self._prefix, " ".join(map(str, values)).encode()]
+
     async def admit(self, ask: Ask) -> Verdict:
-        args: list[Any] = [
-            self.prefix, ask.id, self.lease_ms, ask.reserve, self.period,
-            ask.client.id, len(ask.scopes),
+        words: list[object] = [
+            ask.id, self.lease_ms, ask.reserve, self.period, ask.client.id or "-", len(ask.scopes),
         ]  # fmt: skip
         for name, rules in ask.scopes:
-            args += [
+            words += [
                 name, rules.rpm, rules.tpm, rules.concurrency, rules.budget,
                 rules.token_cost(ask.reserve),
             ]  # fmt: skip
-        reply = await self._run(ADMIT, args)
+        reply = await self._run(ADMIT, self._words(words))
         granted = int(reply[0]) == 1
         reason = _text(reply[1]) or None
         figures: Figures | None = None
@@ -318,17 +331,45 @@ class SharedLimiter:
     async def settle(
         self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
     ) -> None:
-        actual = input_tokens + output_tokens
-        args: list[Any] = [
-            self.prefix, ask.id, ask.reserve, actual, input_tokens, output_tokens,
-            verdict.period_id, verdict.date, ask.client.id, len(ask.scopes),
+        await self.settle_many([(ask, verdict, input_tokens, output_tokens)])
+
+    async def settle_many(self, ended: Sequence[tuple[Ask, Verdict, int, int]]) -> None:
+        """Settle requests that ended (ask, verdict, input, output tokens): one pipeline."""
+        pending = [self._words(self._settle_words(*one)) for one in ended]
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for args in pending:
+                    pipe.evalsha(_SHAS[SETTLE], 0, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            # Only those the server did not know the script for are sent again (after a
+            # restart); any other failure is the store's, for the breaker.
+            failed = [args for args, reply in zip(pending, replies, strict=True)
+                      if isinstance(reply, NoScriptError)]  # fmt: skip
+            other = next((r for r in replies if isinstance(r, Exception)
+                          and not isinstance(r, NoScriptError)), None)  # fmt: skip
+            if other is not None:
+                raise other
+            if not failed:
+                return
+            if attempt == 1:
+                await self.redis.script_load(SETTLE)
+            pending = failed
+        raise NoScriptError("SETTLE could not be loaded")
+
+    @staticmethod
+    def _settle_words(
+        ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
+    ) -> list[object]:
+        words: list[object] = [
+            ask.id, ask.reserve, input_tokens + output_tokens, input_tokens, output_tokens,
+            verdict.period_id, verdict.date, ask.client.id or "-", len(ask.scopes),
         ]  # fmt: skip
         for name, rules in ask.scopes:
-            args += [
+            words += [
                 name, rules.token_cost(ask.reserve), int(bool(rules.tpm)),
                 int(bool(rules.budget)), int(bool(rules.concurrency)),
             ]  # fmt: skip
-        await self._run(SETTLE, args)
+        return words
 
     async def renew(self, leases: Sequence[tuple[str, str]]) -> None:
         """Push the expiry of this replica's leases (scope, id) forward: one pipelined batch,
@@ -340,7 +381,7 @@ class SharedLimiter:
                 args: list[Any] = [self.prefix, self.lease_ms]
                 for scope, lease in leases[start : start + RENEW_CHUNK]:
                     args += [scope, lease]
-                pipe.evalsha(_sha(RENEW), 0, *args)
+                pipe.evalsha(_SHAS[RENEW], 0, *args)
             try:
                 await pipe.execute()
             except NoScriptError:
