@@ -333,3 +333,25 @@ async def test_scripts_flushed_from_the_store_are_sent_again(
     third = await proxy.post("/v1/chat/completions", json={**HI, "max_tokens": 100})
     # The second's correction went through although the script had to be loaded again.
     assert third.headers["x-ratelimit-remaining-tokens"] == str(1000 - 30 - 101)
+
+
+async def test_several_prompts_are_one_admission(
+    make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str]
+) -> None:
+    sai.default = Reply(headers=TOKENS)
+    proxy = await make_proxy(LIMITS_CLIENT_RPM="1", LIMITS_CLIENT_TPM="10000", **store)
+    body = {"model": "sai-model", "prompt": ["one", "two"], "max_tokens": 50}
+    first = await proxy.post("/v1/completions", json=body)
+    assert first.status == 200
+    assert len((await first.json())["choices"]) == 2
+    # One request: both prompts' reservations (1 + 50 each).
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(10000 - 102)
+    assert first.headers["x-ratelimit-remaining-requests"] == "0"
+    refused = await proxy.post("/v1/completions", json=body)
+    assert refused.status == 429
+    assert len(sai.received) == 2
+    await asyncio.sleep(0.1)
+    rows = await limits_of(proxy).usage([_today()])
+    assert [(r.requests, r.input_tokens, r.output_tokens, r.limited) for r in rows] == [
+        (1, 20, 10, 1)
+    ]
