@@ -39,7 +39,7 @@ from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
 from .protocols.responses import responses
-from .sai import SaiClient
+from .sai import SaiClient, client_timeout
 from .settings import Settings
 from .views import health, model, models, prometheus, readiness
 
@@ -89,13 +89,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(
         limit=settings.upstream_connections, limit_per_host=0, keepalive_timeout=30
     )
-    # sock_read bounds both the wait for SAI's headers and every silence in its
-    # body, so a stream that keeps flowing is never cut; total stays unlimited.
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
-    )
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
+        connector=connector,
+        timeout=client_timeout(settings),
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN], app[METRICS])
         yield

@@ -34,7 +34,7 @@ from . import __version__
 from .auth import AuthChain, Credential, SystemHandler
 from .errors import UpstreamError
 from .metrics import Metrics
-from .sai import SaiClient
+from .sai import SaiClient, client_timeout
 from .settings import ModelConfig, Settings, SettingsError, load_settings
 
 PROBE_PROMPT: Final = "saiproxy check: reply with the single word OK."
@@ -189,12 +189,9 @@ async def run_probes(
         settings, max_retries=0, request_timeout=min(settings.request_timeout, probe_timeout)
     )
     no_fallback = AuthChain([], None)
-    client_timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
-    )
     results: list[Probe] = []
     async with aiohttp.ClientSession(
-        timeout=client_timeout, cookie_jar=aiohttp.DummyCookieJar()
+        timeout=client_timeout(settings), cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
         client = SaiClient(session, settings, no_fallback, Metrics())
         for credential in system_credentials(settings):
