@@ -206,6 +206,20 @@ async def test_configuration_error_exits_2_with_one_line(sai: FakeSai, tmp_path:
     assert sai.received == []
 
 
+async def test_unknown_config_keys_are_reported(sai: FakeSai, tmp_path: Path) -> None:
+    env = check_env(sai, tmp_path)
+    config = Path(env["SAIPROXY_CONFIG"])
+    await asyncio.to_thread(config.write_text, TWO_MODELS + "\n[server]\nprot = 4001\n")
+    status, out, err = await run_check(env)
+    assert status == 2
+    assert out == ""
+    assert err.splitlines() == [
+        f"saiproxy: configuration error: {config}: unknown key 'prot' in [server] "
+        "(did you mean 'port'?)"
+    ]
+    assert sai.received == []
+
+
 async def test_the_console_script(sai: FakeSai, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("saiproxy")
     if not script.exists():

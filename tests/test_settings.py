@@ -172,6 +172,51 @@ def test_startup_validation_exits_2_with_one_line(env: dict[str, str], variable:
     assert "secret-k-9" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("toml", "named", "closest"),
+    [
+        ("[server]\nprot = 4001\n", "'prot' in [server]", "did you mean 'port'?"),
+        ("[serverr]\nport = 4001\n", "table 'serverr'", "did you mean 'server'?"),
+        ("[upstream]\ntemplate_id = 't'\n", "'template_id' in [upstream]", "'sai_template_id'"),
+        ("[server]\nmax_retries = 1\n", "'max_retries' in [server]", "belongs in [upstream]"),
+        ("defualt_model = 'a'\n", "key 'defualt_model'", "did you mean 'default_model'?"),
+        ("[models.m]\ntemplate = 't'\n", "'template' in [models.m]", "'template_id'"),
+    ],
+)
+def test_unknown_config_keys_exit_2_naming_the_closest(
+    tmp_path: Path, toml: str, named: str, closest: str
+) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text(toml)
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "SAIPROXY_CONFIG": str(config)})
+    assert named in caught.value.problem and closest in caught.value.problem
+    result = _run_cli({**BASE, "SAIPROXY_CONFIG": str(config)})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert str(config) in line and named in line and closest in line
+
+
+def test_every_key_the_shipped_config_shows_is_known(tmp_path: Path) -> None:
+    # Its commented examples too: uncommented, each must be a key saiproxy reads.
+    lines = []
+    for line in Path(CONFIG).read_text().splitlines():
+        example = line.removeprefix("# ")
+        lines.append(example if line.startswith("# ") and " = " in example else line)
+    uncommented = tmp_path / "uncommented.toml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    assert "sai_url = " in uncommented.read_text()
+    settings = load_settings({**BASE, "SAIPROXY_CONFIG": str(uncommented), "SAI_URL": ""})
+    assert str(settings.sai_url) == "https://sai.example.com"
+
+
+def test_known_config_keys_come_from_the_settings() -> None:
+    from saiproxy.settings import OPTIONS, unknown_toml_keys
+
+    for option in OPTIONS.values():
+        assert unknown_toml_keys({option.section: {option.toml_key: "x"}}) == [], option.env
+
+
 def test_env_example_and_readme_document_every_variable() -> None:
     from saiproxy.settings import OPTIONS
 
