@@ -234,8 +234,18 @@ async def test_secrets_in_sai_answers_never_reach_the_output(sai: FakeSai, tmp_p
     sai.default = Reply(headers={"model": SYSTEM_KEY})
     status, out, _ = await run_check(check_env(sai, tmp_path))
     assert status == 0
-    assert "(SAI model [secret])" in out
+    assert "(SAI model ***)" in out
     assert_no_secret(out)
+
+
+async def test_a_short_secret_does_not_mangle_the_output(sai: FakeSai, tmp_path: Path) -> None:
+    # One masker for logs and the command line: values shorter than its minimum
+    # are no secrets worth masking, and masking them would garble every line.
+    status, out, _ = await run_check(check_env(sai, tmp_path, SAI_KEY="k", SAI_COOKIE="he"))
+    assert status == 0
+    assert "credentials SAI_KEY, SAI_COOKIE" in out.splitlines()[0]
+    assert "***" not in out
+    assert out.splitlines()[-1] == "summary: 4 of 4 probes passed, all passed"
 
 
 async def test_timeout_is_one_attempt(sai: FakeSai, tmp_path: Path) -> None:
