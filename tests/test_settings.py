@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -227,9 +228,82 @@ def test_env_example_and_readme_document_every_variable() -> None:
     for name in sorted(names):
         assert f"\n{name}=" in documented, name
         assert f"`{name}`" in readme, name
-    for option in OPTIONS.values():
-        row = f"| `{option.env}` | `[{option.section}]` `{option.toml_key}` |"
-        assert row in reference, option.env
+    del reference  # docs/configuration.md is checked whole below
+
+
+def _documented_default(value: Any) -> str:
+    """Return a built-in default as docs/configuration.md writes it."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, tuple):
+        return f"`{','.join(str(item) for item in value)}`" if value else "unset"
+    return f"`{value}`"
+
+
+def test_the_configuration_reference_is_the_settings_table() -> None:
+    # A real Markdown table (header, separator, one row per setting) whose
+    # variable, table, key and default are the settings' own; its meanings
+    # are not copied from row to row.
+    from dataclasses import MISSING, fields
+
+    from saiproxy.settings import OPTIONS, Settings
+
+    lines = (ROOT / "docs" / "configuration.md").read_text().splitlines()
+    start = lines.index("| variable | TOML table and key | default | meaning |")
+    assert lines[start + 1] == "|---|---|---|---|"
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        assert len(cells) == 4, line
+        rows.append(cells)
+    defaults = {f.name: f.default for f in fields(Settings)}
+    expected = {}
+    for name, option in OPTIONS.items():
+        default = defaults[name]
+        shown = None if default is None or default is MISSING else _documented_default(default)
+        expected[f"`{option.env}`"] = (f"`[{option.section}]` `{option.toml_key}`", shown)
+    variables = [row[0] for row in rows]
+    assert len(variables) == len(set(variables)), "a setting documented twice"
+    assert set(variables) == set(expected)
+    for variable, where, default, meaning in rows:
+        expected_where, expected_default = expected[variable]
+        assert where == expected_where, variable
+        if expected_default is None:  # no built-in value: the row says what is needed
+            assert not default.startswith("`"), variable
+        else:
+            assert default == expected_default, variable
+        assert meaning, variable
+    meanings = [row[3] for row in rows]
+    assert len(set(meanings)) == len(meanings), "a meaning copied from another row"
+
+
+def test_the_readme_settings_table_shows_the_built_in_defaults() -> None:
+    from dataclasses import MISSING, fields
+
+    from saiproxy.settings import OPTIONS, Settings
+
+    defaults = {f.name: f.default for f in fields(Settings)}
+    by_variable = {option.env: defaults[name] for name, option in OPTIONS.items()}
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| variable | default | meaning |")
+    checked = 0
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        variables, shown, _ = (cell.strip() for cell in line.strip("|").split(" | "))
+        names = [name.strip("`") for name in variables.split(", ")]
+        values = shown.split(", ")  # one per variable, or one for all
+        values = values if len(values) == len(names) else [shown] * len(names)
+        for name, value in zip(names, values, strict=True):
+            default = by_variable[name]
+            if default is not None and default is not MISSING:
+                assert value == _documented_default(default), name
+                checked += 1
+    assert checked >= 25
 
 
 def test_env_example_loads(tmp_path: Path) -> None:
