@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .auth import AuthChain
-from .core.render import ErrorShape
-from .core.sse import KeepAlive
 from .metrics import Metrics
 from .sai import SaiClient
 from .settings import Settings
+
+if TYPE_CHECKING:
+    # The core imports this module; this one names the core's types for the
+    # type checker only, so at run time no import runs back up into core/.
+    from .core.render import ErrorShape
+    from .core.sse import KeepAlive
 
 
 @dataclass(slots=True)
@@ -39,9 +44,11 @@ SETTINGS = web.AppKey("settings", Settings)
 AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
-KEEP_ALIVE = web.AppKey("keep_alive", KeepAlive)
+KEEP_ALIVE: web.AppKey[KeepAlive] = web.AppKey("keep_alive")
 METRICS = web.AppKey("metrics", Metrics)
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
-ERROR_SHAPES = web.AppKey("error_shapes", tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape])
+ERROR_SHAPES: web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]] = web.AppKey(
+    "error_shapes"
+)
 REQUEST_ID = web.RequestKey("request_id", str)
 OUTCOME = web.RequestKey("outcome", str)

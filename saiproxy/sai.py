@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
-from .auth import AuthChain, Credential
+from .auth import UNCLEAN_HEADER_TEXT, AuthChain, Credential
 from .errors import (
     ContextTooLong,
     UpstreamAnswerTooLarge,
@@ -43,9 +43,6 @@ RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.IGNORECASE)
 ERROR_BODY_LIMIT: Final = 64 * 1024
 BACKOFF_CAP: Final = 10.0
-# aiohttp decodes header bytes as UTF-8 with surrogate escapes; anything that is
-# not clean text (undecodable bytes, control characters) must not reach a caller.
-_UNCLEAN: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def clean_header_value(value: str) -> str:
@@ -54,7 +51,7 @@ def clean_header_value(value: str) -> str:
         return value  # the usual case, at the cost of two C scans
     if not value.isascii():
         value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return _UNCLEAN.sub(" ", value)
+    return UNCLEAN_HEADER_TEXT.sub(" ", value)
 
 
 class CleanHeaders(Mapping[str, str]):
@@ -129,11 +126,7 @@ class SaiAnswer:
 
     text: str
     headers: CleanHeaders  # cleaned, like SaiStream.headers
-    opened_at: float
-
-    def header(self, name: str) -> str | None:
-        """Return one cleaned response header, or None."""
-        return self.headers.get(name)
+    first_byte_at: float  # when the body's first byte arrived (an empty body: when it ended)
 
 
 class SaiStream:
@@ -146,7 +139,8 @@ class SaiStream:
 
     __slots__ = (
         "_complete", "_decoder", "_ended", "_headers", "_idle", "_last", "_loop", "_max_bytes",
-        "_received", "_split", "_timeout", "_watchdog", "call", "opened_at", "response",
+        "_received", "_split", "_timeout", "_watchdog", "call", "first_piece_at", "opened_at",
+        "response",
     )  # fmt: skip
 
     def __init__(
@@ -174,6 +168,7 @@ class SaiStream:
             loop.call_at(self._last + timeout, self._check_idle) if timeout else None
         )
         self.opened_at = time.monotonic()
+        self.first_piece_at: float | None = None  # noted by read_text, not by the relay
         self._headers: CleanHeaders | None = None
 
     @property
@@ -182,10 +177,6 @@ class SaiStream:
         if self._headers is None:
             self._headers = CleanHeaders(self.response.headers)
         return self._headers
-
-    def header(self, name: str) -> str | None:
-        """Return one cleaned response header (``model``, ``prompttokens``, ...), or None."""
-        return self.headers.get(name)
 
     def _check_idle(self) -> None:
         """End a body that stayed silent for REQUEST_TIMEOUT; else look again when it could have.
@@ -264,8 +255,10 @@ class SaiStream:
 
     async def read_text(self) -> str:
         """Return the whole body as text, once it has all arrived (at most MAX_ANSWER_BYTES)."""
-        pieces = []
+        pieces: list[str] = []
         while (piece := await self.piece()) is not None:
+            if not pieces:
+                self.first_piece_at = time.monotonic()
             pieces.append(piece)
         return "".join(pieces)
 
@@ -351,7 +344,7 @@ class SaiClient:
                 except (UpstreamTimeout, UpstreamUnavailable) as error:
                     await self._before_retry(call, error)
                     continue
-            return SaiAnswer(text, stream.headers, stream.opened_at)
+            return SaiAnswer(text, stream.headers, stream.first_piece_at or time.monotonic())
 
     async def _before_retry(self, call: SaiCall, error: UpstreamError) -> None:
         if call.retries >= self._settings.max_retries:

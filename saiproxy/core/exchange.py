@@ -198,7 +198,7 @@ class Exchange:
     async def _answer(self) -> Answer:
         conversation = self.conversation
         fetched = await self.sai.fetch(self._known_call())
-        self.first_byte = fetched.opened_at
+        self.first_byte = fetched.first_byte_at  # of SAI's body, as a stream's first piece
         self.model = fetched.headers.get("model") or self.model
         self.count(fetched.headers, len(fetched.text))
         text = fetched.text
