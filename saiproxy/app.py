@@ -12,6 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
 from .auth import AuthChain
+from .core.schemacheck import SchemaChecker
 from .core.sse import KeepAlive
 from .keys import (
     AUTH_CHAIN,
@@ -21,6 +22,7 @@ from .keys import (
     OUTCOME,
     REQUEST_ID,
     SAI,
+    SCHEMA_CHECKER,
     SETTINGS,
     STATE,
     ServingState,
@@ -98,6 +100,15 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _schema_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process's schema checker; its child process (started on first use) stops with it."""
+    app[SCHEMA_CHECKER] = checker = SchemaChecker(app[SETTINGS].schema_check_timeout)
+    try:
+        yield
+    finally:
+        await checker.close()
+
+
 def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
     """Build the saiproxy application; reads nothing but ``settings``."""
     # Outermost first. The front middleware gives every request its ID (so every
@@ -122,6 +133,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     if log_setup is not None:
         app.cleanup_ctx.append(_logging_ctx(log_setup))
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_schema_ctx)
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
     app.cleanup_ctx.append(lambda _: keep_alive.running())
 

@@ -3,7 +3,8 @@
 Each handler looks in one place and either returns a :class:`Credential` or
 passes. The chain tries them in ``AUTH_CHAIN`` order. After SAI answers, the
 chain decides what happens next: a 401 stops everything; a 429 moves to the
-shared ``SAI_COOKIE`` once, if it is configured and not yet used.
+shared ``SAI_COOKIE`` once, if it is configured, named in ``AUTH_CHAIN`` and
+not yet used.
 
 Credentials are logged by kind, source and length only; the value lives in a
 :class:`~saiproxy.settings.Secret` and is revealed only to build SAI's header.
@@ -211,7 +212,12 @@ class AuthChain:
             AuthHandlerName.SYSTEM_KEY: SystemHandler("key", settings.sai_key),
             AuthHandlerName.SYSTEM_COOKIE: cookie,
         }
-        return cls([handlers[name] for name in settings.auth_chain], cookie.credential)
+        # The 429 fallback is the chain's last resort, so only a chain that names
+        # the shared cookie may fall back to it.
+        fallback = (
+            cookie.credential if AuthHandlerName.SYSTEM_COOKIE in settings.auth_chain else None
+        )
+        return cls([handlers[name] for name in settings.auth_chain], fallback)
 
     def select(self, request: web.Request, body: Mapping[str, Any]) -> Credential:
         """Return the first credential a handler finds; raise NoCredential if none does."""
@@ -225,7 +231,7 @@ class AuthChain:
         )
 
     def after_rate_limit(self, tried: Sequence[Credential]) -> Credential | None:
-        """Return the credential to try after a 429: SAI_COOKIE once, if configured."""
+        """Return the credential to try after a 429: SAI_COOKIE once, if configured and chained."""
         cookie = self._cookie
         if cookie is None or cookie in tried:
             return None

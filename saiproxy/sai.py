@@ -94,6 +94,26 @@ class _Transient(Exception):
         self.error = error
 
 
+class CallBudget:
+    """The SAI calls one client request may still make beyond one per prompt (all its prompts').
+
+    Retries, 429 fallbacks and structured-output repairs each take one; with
+    none left, the failure at hand is the answer (REQUEST_EXTRA_CALLS).
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, extra: int) -> None:
+        self.left = extra
+
+    def take(self) -> bool:
+        """Take one call from the budget; return False when none is left."""
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
 @dataclass(slots=True)
 class SaiCall:
     """One client request's journey through SAI: credentials tried, attempts made."""
@@ -108,6 +128,7 @@ class SaiCall:
     tried: list[Credential] = field(default_factory=list)
     last_status: int | str | None = None  # of the last attempt: HTTP status, or what failed
     last_latency_ms: float | None = None
+    budget: CallBudget | None = None  # shared by the client request's calls; None: unbounded
 
     def summary(self) -> dict[str, Any]:
         """Return the call's facts for the finish line: attempts and how the last one went."""
@@ -317,10 +338,18 @@ class SaiClient:
         return url
 
     def new_call(
-        self, model: ModelConfig, payload: bytes, credential: Credential, request_id: str
+        self,
+        model: ModelConfig,
+        payload: bytes,
+        credential: Credential,
+        request_id: str,
+        budget: CallBudget | None = None,
     ) -> SaiCall:
-        """Prepare the call for one client request."""
-        return SaiCall(self._urls[model.name], payload, credential, request_id, model.template_id)
+        """Prepare the call for one client request (retries and fallbacks draw on ``budget``)."""
+        return SaiCall(
+            self._urls[model.name], payload, credential, request_id, model.template_id,
+            budget=budget,
+        )  # fmt: skip
 
     async def open(self, call: SaiCall) -> SaiStream:
         """Send the call until SAI answers 200; retry, fall back, or raise UpstreamError."""
@@ -350,6 +379,12 @@ class SaiClient:
         if call.retries >= self._settings.max_retries:
             log.warning(
                 "upstream failed, no retries left",
+                extra={"attempt": call.attempts, "error": error.code},
+            )
+            raise error
+        if call.budget is not None and not call.budget.take():
+            log.warning(
+                "upstream failed, the request's SAI calls are spent (REQUEST_EXTRA_CALLS)",
                 extra={"attempt": call.attempts, "error": error.code},
             )
             raise error
@@ -395,6 +430,14 @@ class SaiClient:
             raise _Transient(
                 UpstreamTimeout(self._settings.request_timeout, call.attempts)
             ) from None
+        except aiohttp.ClientResponseError as exc:
+            # SAI's answer could not be parsed (a NUL in a header, a broken status
+            # line): asking again gets the same answer, so it is not retried.
+            self._log_attempt(call, "bad_answer", started)
+            raise UpstreamUnavailable(
+                f"SAI's answer could not be read (malformed HTTP, {type(exc).__name__})",
+                call.attempts,
+            ) from None
         except aiohttp.ClientError as exc:
             self._log_attempt(call, "connection_error", started)
             raise _Transient(
@@ -427,7 +470,7 @@ class SaiClient:
             return UpstreamAuthRejected(credential.label, credential.fix_when_rejected)
         if status == 429:
             fallback = self._chain.after_rate_limit(call.tried)
-            if fallback is None:
+            if fallback is None or (call.budget is not None and not call.budget.take()):
                 return UpstreamRateLimited(credential.label, retry_after)
             log.info(
                 "rate limited; falling back", extra={"from": credential.label, "to": fallback.label}

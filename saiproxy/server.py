@@ -16,7 +16,7 @@ from . import __version__
 from .app import AccessLogger, create_app, log_setup_for
 from .keys import STATE, ServingState
 from .malformed import ProxyRunner
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,25 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, GC_MIDDLE_THRESHOLD, gc.get_threshold()[2])
 
 
+def check_open_relay(settings: Settings) -> None:
+    """Refuse to serve beyond loopback without PROXY_API_KEYS, unless ALLOW_OPEN_RELAY says so.
+
+    Anyone who reaches such a port spends the shared SAI credentials: that
+    must be a decision, not an empty secret.
+    """
+    if settings.proxy_api_keys or settings.allow_open_relay or is_loopback(settings.host):
+        return
+    raise SettingsError(
+        "PROXY_API_KEYS",
+        f"is empty while HOST={settings.host} listens beyond loopback: anyone who reaches "
+        "the port would use the shared SAI credentials. Set PROXY_API_KEYS, listen on "
+        "127.0.0.1, or set ALLOW_OPEN_RELAY=true to serve without keys on purpose",
+    )
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT (or ``stop``), then drain and return."""
+    check_open_relay(settings)
     raise_open_file_limit()
     app = create_app(settings, log_setup=log_setup_for(settings))
     # drain() gives answers their budget; what aiohttp waits for afterwards is
@@ -117,8 +134,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     )
     if not settings.proxy_api_keys and not is_loopback(settings.host):
         log.warning(
-            "listening beyond loopback without PROXY_API_KEYS: anyone who can reach "
-            "this port uses the shared SAI credentials",
+            "listening beyond loopback without PROXY_API_KEYS (ALLOW_OPEN_RELAY=true): "
+            "anyone who can reach this port uses the shared SAI credentials",
             extra={"host": settings.host, "port": settings.port},
         )
 

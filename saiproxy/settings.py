@@ -288,6 +288,24 @@ class Settings:
     tool_repair_retries: int = field(
         default=1, metadata=_opt("TOOL_REPAIR_RETRIES", "upstream", _non_negative_int)
     )
+    # SAI calls one client request may make beyond one per prompt: retries, 429
+    # fallbacks and structured-output repairs of all its prompts together.
+    request_extra_calls: int = field(
+        default=4, metadata=_opt("REQUEST_EXTRA_CALLS", "upstream", _non_negative_int)
+    )
+    prompt_concurrency: int = field(
+        default=4, metadata=_opt("PROMPT_CONCURRENCY", "upstream", _positive_int)
+    )
+    max_json_depth: int = field(
+        default=64, metadata=_opt("MAX_JSON_DEPTH", "server", _positive_int)
+    )
+    max_schema_bytes: int = field(
+        default=128 * 1024, metadata=_opt("MAX_SCHEMA_BYTES", "server", _positive_int)
+    )
+    schema_check_timeout: float = field(
+        default=2.0, metadata=_opt("SCHEMA_CHECK_TIMEOUT", "server", _positive_float)
+    )
+    allow_open_relay: bool = field(default=False, metadata=_opt("ALLOW_OPEN_RELAY", "auth", _bool))
 
     def model_for(self, name: str | None) -> ModelConfig | None:
         """Return the model serving ``name``: unknown names map to the default unless strict."""

@@ -229,13 +229,15 @@ async def test_scripts_run_and_the_first_requests(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
+        # Up to a minute: the script reinstalls first when setup.cfg changed.
         async with aiohttp.ClientSession() as session:
-            for _ in range(200):
+            for _ in range(600):
                 with contextlib.suppress(aiohttp.ClientError):
                     async with session.get(f"http://127.0.0.1:{port}/health") as health:
                         if health.status == 200:
                             break
-                await asyncio.sleep(0.05)
+                assert process.returncode is None, "./scripts/run stopped"
+                await asyncio.sleep(0.1)
         asked, streamed = commands(block("README.md", '"content": "Stream it"').code)
         target = {"env": {}, "cwd": ROOT}
         answer = json.loads(await shell(asked.replace(DOCUMENTED, f"127.0.0.1:{port}"), **target))
