@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from saiproxy.core import schemacheck
-from saiproxy.core.answer import AnswerFilter, Rejected, check_json, output_problem, strip_fence
+from saiproxy.core.answer import AnswerFilter, Rejected, output_problem, strip_fence
 from saiproxy.core.conversation import Conversation, OutputFormat, Tool, ToolChoice, Turn
 from saiproxy.core.schemacheck import SchemaChecker
 
@@ -188,9 +188,12 @@ async def test_check_json_against_a_schema() -> None:
         assert await output_problem('```json\n{"n": 3}\n```', output, checker) is None
         assert "not valid JSON" in (await output_problem("three", output, checker) or "")
         assert "schema at n" in (await output_problem('{"n": "3"}', output, checker) or "")
+        assert await output_problem("[1]", OutputFormat(), checker) == (
+            "the answer is not a JSON object"
+        )
+        assert await output_problem('{"n": 1}', OutputFormat(), checker) is None
     finally:
         await checker.close()
-    assert check_json("[1]", OutputFormat()) == ("the answer is not a JSON object", [1])
 
 
 @pytest.mark.parametrize(

@@ -320,6 +320,30 @@ async def test_validation_never_stalls_the_loop(
     assert any("not validated" in line for line in log_lines(tmp_path))
 
 
+@pytest.mark.parametrize("schema", [None, {"type": "object"}], ids=["json_object", "json_schema"])
+async def test_a_large_structured_answer_is_judged_off_the_loop(
+    make_proxy: MakeProxy, sai: FakeSai, schema: dict[str, Any] | None
+) -> None:
+    # A fenced 3.6 MB answer: the fence, the parse and the check take time, more than
+    # the rest of its way through the proxy (which any answer that long takes).
+    answer = "```json\n" + json.dumps({"a": [{"i": 1}] * 400_000}) + "\n```"
+    sai.script(Reply(body=answer))
+    proxy = await make_proxy()
+    await proxy.post(CHAT, json=_with_schema(CHAT, {"type": "object"}))  # the checker starts
+    sai.script(Reply(body=answer))
+    format_ = (
+        {"type": "json_object"}
+        if schema is None
+        else {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    )
+    body = chat(("user", "json please"), response_format=format_)
+    request = asyncio.ensure_future(proxy.post(CHAT, json=body))
+    worst = await _max_probe_latency(proxy, request)
+    assert worst < 0.1, f"/health waited {worst * 1000:.0f} ms"
+    response = await request
+    assert (await response.json())["choices"][0]["message"]["content"].startswith('{"a": [')
+
+
 async def test_an_oversized_output_schema_is_a_400(make_proxy: MakeProxy, sai: FakeSai) -> None:
     schema = {"type": "object",
               "properties": {f"p{i:05d}": {"type": "string"} for i in range(12_000)}}  # fmt: skip

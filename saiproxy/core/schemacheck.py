@@ -1,4 +1,4 @@
-"""Checking an answer against the client's JSON schema, in a process of its own, with a deadline.
+"""Judging a structured-output answer, in a process of its own, with a deadline.
 
 A schema is the client's code: ``uniqueItems`` over thousands of objects is
 quadratic, a ``pattern`` such as ``^(a+)+$`` backtracks exponentially, and
@@ -13,10 +13,15 @@ References resolve within the client's schema only: the registry refuses
 every retrieval (no URL, no file), and the request was refused at parse time
 already if it named one (:func:`saiproxy.core.limits.check_output_schema`).
 
+The whole judgement happens there: the code fence stripped, the JSON parsed
+(a 20 MB fenced answer took 0.6 s in the fence's regular expression and
+0.3 s to parse), an object required when there is no schema, the schema
+followed when there is one.
+
 Frames on the pipes: 4-byte big-endian length, then the bytes. A request is
-two frames, the schema's JSON and the answer's (the text as SAI wrote it:
-nothing is encoded again on the loop); the reply is one frame of JSON,
-``null`` (valid), a string (the problem), or ``{"unchecked": reason}``.
+two frames, the schema's JSON (``null``: any object) and the answer's text as
+SAI wrote it; the reply is one frame of JSON, ``null`` (valid), a string (the
+problem), or ``{"unchecked": reason}``.
 """
 
 from __future__ import annotations
@@ -48,9 +53,9 @@ class SchemaChecker:
         self._child: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
-    async def problem(self, answer: str, schema: dict[str, Any]) -> str | None:
-        """Return why the JSON text ``answer`` does not follow ``schema``; None if it does or
-        was not checked (in time)."""
+    async def problem(self, answer: str, schema: dict[str, Any] | None) -> str | None:
+        """Return why ``answer`` is not JSON following ``schema`` (None: any object); None if
+        it is, or if it was not judged (in time)."""
         encoded_schema, encoded_answer = orjson.dumps(schema), answer.encode()
         payload = b"".join(
             (_LENGTH.pack(len(encoded_schema)), encoded_schema,
@@ -124,6 +129,20 @@ def _refuse(uri: str) -> Any:
     raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
 
 
+def judge(schema: Any, answer: str) -> Any:
+    """Judge an answer as the child does: JSON (fence stripped), an object or following
+    ``schema``; return the reply."""
+    from .answer import strip_fence
+
+    try:
+        value = orjson.loads(strip_fence(answer))
+    except orjson.JSONDecodeError as exc:
+        return f"the answer is not valid JSON ({exc})"
+    if schema is None:
+        return None if isinstance(value, dict) else "the answer is not a JSON object"
+    return check(schema, value)
+
+
 def check(schema: Any, value: Any) -> Any:
     """Validate ``value`` against ``schema`` as the child does; return the reply."""
     import jsonschema
@@ -159,7 +178,7 @@ def _serve() -> None:
     warnings.simplefilter("ignore")  # an unknown $schema warns; the parent's stderr is a log
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while (schema := _frame(stdin)) is not None and (answer := _frame(stdin)) is not None:
-        reply = orjson.dumps(check(orjson.loads(schema), orjson.loads(answer)))
+        reply = orjson.dumps(judge(orjson.loads(schema), answer.decode("utf-8", "replace")))
         stdout.write(_LENGTH.pack(len(reply)) + reply)
         stdout.flush()
 
