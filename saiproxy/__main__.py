@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from . import __version__, check, trace, workers
 from .demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
-from .server import ListenError, serve
+from .server import ListenError, check_open_relay, serve
 from .settings import SettingsError, load_settings, setting
 
 
@@ -48,6 +48,7 @@ async def _run(demo: bool) -> int:
         )
     try:
         settings = load_settings(env)
+        check_open_relay(settings)  # before any worker starts
         if settings.workers > 1 and not workers.is_worker():
             # Workers get the settings' sources, demo upstream included.
             return await workers.supervise(settings.workers, env)

@@ -12,6 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
 from .auth import AuthChain
+from .core.schemacheck import SchemaChecker
 from .core.sse import KeepAlive
 from .keys import (
     AUTH_CHAIN,
@@ -22,6 +23,7 @@ from .keys import (
     OUTCOME,
     REQUEST_ID,
     SAI,
+    SCHEMA_CHECKER,
     SETTINGS,
     STATE,
     ServingState,
@@ -43,7 +45,7 @@ from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
 from .protocols.responses import responses
-from .sai import SaiClient
+from .sai import SaiClient, client_timeout
 from .settings import Settings
 from .views import health, model, models, prometheus, readiness
 
@@ -93,13 +95,10 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(
         limit=settings.upstream_connections, limit_per_host=0, keepalive_timeout=30
     )
-    # sock_read bounds both the wait for SAI's headers and every silence in its
-    # body, so a stream that keeps flowing is never cut; total stays unlimited.
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
-    )
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
+        connector=connector,
+        timeout=client_timeout(settings),
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN], app[METRICS])
         yield
@@ -113,6 +112,15 @@ def _limits_ctx(limits: Limits) -> Callable[[web.Application], AbstractAsyncCont
         await limits.close()  # after the drain: this replica's leases end at once
 
     return ctx
+
+
+async def _schema_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process's schema checker; its child process (started on first use) stops with it."""
+    app[SCHEMA_CHECKER] = checker = SchemaChecker(app[SETTINGS].schema_check_timeout)
+    try:
+        yield
+    finally:
+        await checker.close()
 
 
 def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
@@ -143,6 +151,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         app[LIMITS] = limits = Limits(settings, metrics)
         app.cleanup_ctx.append(_limits_ctx(limits))
         app.on_response_prepare.append(add_limit_headers)
+    app.cleanup_ctx.append(_schema_ctx)
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
     app.cleanup_ctx.append(lambda _: keep_alive.running())
 

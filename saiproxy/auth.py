@@ -3,7 +3,8 @@
 Each handler looks in one place and either returns a :class:`Credential` or
 passes. The chain tries them in ``AUTH_CHAIN`` order. After SAI answers, the
 chain decides what happens next: a 401 stops everything; a 429 moves to the
-shared ``SAI_COOKIE`` once, if it is configured and not yet used.
+shared ``SAI_COOKIE`` once, if it is configured, named in ``AUTH_CHAIN`` and
+not yet used.
 
 Credentials are logged by kind, source and length only; the value lives in a
 :class:`~saiproxy.settings.Secret` and is revealed only to build SAI's header.
@@ -26,9 +27,11 @@ log = logging.getLogger(__name__)
 
 COOKIE_MARKER: Final = "Cookies"
 USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")
-# Control characters cannot go into SAI's header (CR/LF would split it) and
-# surrogates are bytes that were not UTF-8: such a value is the client's error.
-_UNSENDABLE: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# What is not clean header text: control characters (CR/LF would split a
+# header) and surrogates (aiohttp's escapes for bytes that were not UTF-8).
+# A user credential with any is the client's error; SAI's header values are
+# cleaned of them (sai.clean_header_value).
+UNCLEAN_HEADER_TEXT: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 Kind = Literal["key", "cookie"]
 
@@ -113,7 +116,7 @@ class _UserValue:
             log.info("user credential ignored: not a string", extra={"source": source})
             return None
         value = raw.strip()
-        if _UNSENDABLE.search(value):
+        if UNCLEAN_HEADER_TEXT.search(value):
             log.info("user credential refused: control characters", extra={"source": source})
             raise InvalidRequest(
                 f"The SAI credential in {source} contains control characters or bytes "
@@ -209,7 +212,12 @@ class AuthChain:
             AuthHandlerName.SYSTEM_KEY: SystemHandler("key", settings.sai_key),
             AuthHandlerName.SYSTEM_COOKIE: cookie,
         }
-        return cls([handlers[name] for name in settings.auth_chain], cookie.credential)
+        # The 429 fallback is the chain's last resort, so only a chain that names
+        # the shared cookie may fall back to it.
+        fallback = (
+            cookie.credential if AuthHandlerName.SYSTEM_COOKIE in settings.auth_chain else None
+        )
+        return cls([handlers[name] for name in settings.auth_chain], fallback)
 
     def select(self, request: web.Request, body: Mapping[str, Any]) -> Credential:
         """Return the first credential a handler finds; raise NoCredential if none does."""
@@ -223,7 +231,7 @@ class AuthChain:
         )
 
     def after_rate_limit(self, tried: Sequence[Credential]) -> Credential | None:
-        """Return the credential to try after a 429: SAI_COOKIE once, if configured."""
+        """Return the credential to try after a 429: SAI_COOKIE once, if configured and chained."""
         cookie = self._cookie
         if cookie is None or cookie in tried:
             return None

@@ -16,7 +16,8 @@
         ├── UpstreamUnavailable     5xx, 3xx, connection failure after retries
         │   └── UpstreamAnswerTooLarge  the answer grew past MAX_ANSWER_BYTES
         ├── UpstreamTimeout         no answer within REQUEST_TIMEOUT after retries
-        └── ShutdownCut             the process is stopping: the answer was cut short
+        ├── ShutdownCut             the process is stopping: the answer was cut short
+        └── StreamBroken            saiproxy itself failed after the stream started
 
 A ``ProxyError`` renders as HTTP with :meth:`ProxyError.body`; an
 ``UpstreamError`` in ``message`` mode renders as assistant text with
@@ -230,4 +231,19 @@ class ShutdownCut(UpstreamError):
         super().__init__(
             "This saiproxy instance is restarting and had to cut the answer short. "
             "Please send the request again."
+        )
+
+
+class StreamBroken(UpstreamError):
+    """saiproxy failed while relaying an answer whose stream had started: it ends in-band."""
+
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+    finish_reason = "length"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "saiproxy failed while relaying the answer, which is cut short here; "
+            "the request ID finds the cause in the logs."
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import random
@@ -14,7 +15,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
-from .keys import ERROR_SHAPES, OUTCOME, REQUEST_ID
+from .keys import ERROR_SHAPES, OUTCOME, REQUEST_ID, STREAM
 from .logs import request_id_var
 from .metrics import Metrics
 from .settings import Secret
@@ -84,7 +85,18 @@ def _render(request: web.Request, error: ProxyError) -> web.Response:
 
 async def failure_response(request: web.Request, failure: Exception) -> web.StreamResponse:
     """Render a failure as an error object of the path's protocol: the one place errors
-    become HTTP. aiohttp's redirects (below 400) are raised again."""
+    become HTTP. aiohttp's redirects (below 400) are raised again.
+
+    A request whose event stream has started already has its response: a
+    second one would land inside its body. The failure is logged and that
+    stream ends there (the exchange reports failures in-band before this).
+    """
+    started: web.StreamResponse | None = request.get(STREAM)
+    if started is not None and started.prepared:
+        log.error("the request failed after its stream started", exc_info=failure)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await started.write_eof()
+        return started
     if isinstance(failure, ProxyError):
         if failure.status >= 500:
             log.error("request failed", extra={"status": failure.status, "code": failure.code})

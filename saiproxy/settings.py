@@ -7,9 +7,10 @@ file under the secrets directory (``/run/secrets/``) is read from that file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -316,6 +317,24 @@ class Settings:
     tool_repair_retries: int = field(
         default=1, metadata=_opt("TOOL_REPAIR_RETRIES", "upstream", _non_negative_int)
     )
+    # SAI calls one client request may make beyond one per prompt: retries, 429
+    # fallbacks and structured-output repairs of all its prompts together.
+    request_extra_calls: int = field(
+        default=4, metadata=_opt("REQUEST_EXTRA_CALLS", "upstream", _non_negative_int)
+    )
+    prompt_concurrency: int = field(
+        default=4, metadata=_opt("PROMPT_CONCURRENCY", "upstream", _positive_int)
+    )
+    max_json_depth: int = field(
+        default=64, metadata=_opt("MAX_JSON_DEPTH", "server", _positive_int)
+    )
+    max_schema_bytes: int = field(
+        default=128 * 1024, metadata=_opt("MAX_SCHEMA_BYTES", "server", _positive_int)
+    )
+    schema_check_timeout: float = field(
+        default=2.0, metadata=_opt("SCHEMA_CHECK_TIMEOUT", "server", _positive_float)
+    )
+    allow_open_relay: bool = field(default=False, metadata=_opt("ALLOW_OPEN_RELAY", "auth", _bool))
     # [limits] (docs/limits.md): per client and for the shared SAI credentials; 0 = no limit.
     limits_url: Secret | None = field(
         default=None, metadata=_limits_option("LIMITS_URL", _store_url, secret=True)
@@ -387,6 +406,61 @@ _DEFAULTS: Final[Mapping[str, Any]] = {
 }
 
 
+# What the TOML file may hold besides the options' tables: the top-level keys
+# read by load_settings, and the keys of each [models.NAME] table.
+DEFAULT_MODEL_KEY: Final = "default_model"
+MODELS_TABLE: Final = "models"
+MODEL_KEYS: Final = ("template_id", "model_override")
+
+
+def known_toml_keys() -> dict[str, frozenset[str]]:
+    """Return every table of the TOML file and the keys it may hold, from the definitions.
+
+    Derived from :data:`OPTIONS` (each option's table and key), so a setting
+    added there is known here at once.
+    """
+    tables: dict[str, set[str]] = {}
+    for option in OPTIONS.values():
+        tables.setdefault(option.section, set()).add(option.toml_key)
+    return {name: frozenset(keys) for name, keys in tables.items()}
+
+
+def _closest(name: str, known: Collection[str]) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def unknown_toml_keys(toml: Mapping[str, Any]) -> list[str]:
+    """Return a line for every key or table of ``toml`` no setting reads, with the closest
+    known name (a misspelt key would otherwise be ignored without a word)."""
+    tables = known_toml_keys()
+    top = {*tables, MODELS_TABLE, DEFAULT_MODEL_KEY}
+    problems: list[str] = []
+    for key, value in toml.items():
+        if key not in top:
+            what = "table" if isinstance(value, Mapping) else "key"
+            problems.append(f"unknown {what} {key!r}{_closest(key, top)}")
+        elif key in tables and isinstance(value, Mapping):
+            for inner in value:
+                if inner not in tables[key]:
+                    elsewhere = [name for name, keys in tables.items() if inner in keys]
+                    hint = (
+                        f" (it belongs in [{elsewhere[0]}])"
+                        if elsewhere
+                        else _closest(inner, tables[key])
+                    )
+                    problems.append(f"unknown key {inner!r} in [{key}]{hint}")
+        elif key == MODELS_TABLE and isinstance(value, Mapping):
+            for model, entry in value.items():
+                if isinstance(entry, Mapping):
+                    problems.extend(
+                        f"unknown key {inner!r} in [models.{model}]{_closest(inner, MODEL_KEYS)}"
+                        for inner in entry
+                        if inner not in MODEL_KEYS
+                    )
+    return problems
+
+
 class _Source:
     """Where raw values come from: environment, secret files, TOML."""
 
@@ -443,9 +517,13 @@ class _Source:
             raise SettingsError(name, f"cannot read secret file {path} ({exc.strerror})") from None
 
 
+def _config_path(env: Mapping[str, str]) -> str:
+    return env.get("SAIPROXY_CONFIG") or DEFAULT_CONFIG_PATH
+
+
 def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
     explicit = env.get("SAIPROXY_CONFIG")
-    path = Path(explicit or DEFAULT_CONFIG_PATH)
+    path = Path(_config_path(env))
     if not path.exists():
         if explicit:
             raise SettingsError("SAIPROXY_CONFIG", f"file {path} does not exist")
@@ -458,19 +536,20 @@ def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _load_models(toml: Mapping[str, Any], default_template: str | None) -> dict[str, ModelConfig]:
-    table = toml.get("models", {})
+    table = toml.get(MODELS_TABLE, {})
     if not isinstance(table, Mapping):
         raise SettingsError("[models]", "must be a table of model tables")
     models: dict[str, ModelConfig] = {}
     for name, entry in table.items():
         if not isinstance(entry, Mapping):
             raise SettingsError(f"[models.{name}]", "must be a table")
-        template = str(entry.get("template_id") or "").strip() or default_template
+        template_key, override_key = MODEL_KEYS
+        template = str(entry.get(template_key) or "").strip() or default_template
         if not template:
             raise SettingsError(
                 "SAI_TEMPLATE_ID", f"is required: model {name!r} names no template_id"
             )
-        override = str(entry.get("model_override") or "").strip() or None
+        override = str(entry.get(override_key) or "").strip() or None
         models[name] = ModelConfig(name, template, override)
     return models
 
@@ -495,6 +574,9 @@ def load_settings(
     """Build validated settings from the environment and the config file."""
     env = os.environ if env is None else env
     toml = _load_toml(env)
+    unknown = unknown_toml_keys(toml)
+    if unknown:
+        raise SettingsError(_config_path(env), "; ".join(unknown))
     source = _Source(env, toml, secrets_dir)
     values: dict[str, Any] = {}
     for attr, option in OPTIONS.items():
@@ -509,7 +591,7 @@ def load_settings(
 
     template = values.get("sai_template_id")
     models = _load_models(toml, template)
-    default_model = str(toml.get("default_model") or _DEFAULTS["default_model"])
+    default_model = str(toml.get(DEFAULT_MODEL_KEY) or _DEFAULTS["default_model"])
     if not models:
         if not template:
             raise SettingsError("SAI_TEMPLATE_ID", "is required (no model names a template_id)")

@@ -8,6 +8,7 @@ a person looks for: latency, time to first byte, tokens.
 from __future__ import annotations
 
 import json
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -25,6 +26,9 @@ from .logs import (
 )
 from .settings import SettingsError, setting
 
+# Longer lines are skipped: saiproxy's own are far shorter (fields are cut), and
+# a file that is one endless line must not be read into memory whole.
+MAX_LINE_CHARS: Final = 1024 * 1024
 _SHOWN_FIRST: Final = ("time", "level", "logger", "message", "request_id", "taskName")
 _SUMMARY: Final = (
     ("status", "status {}"),
@@ -44,17 +48,31 @@ def default_files(log_dir: str) -> list[Path]:
     return sorted(Path(log_dir).glob(FILE_GLOB))
 
 
+def _lines(handle: TextIO) -> Iterator[str]:
+    """Yield the file's lines; a line longer than MAX_LINE_CHARS is skipped, never held whole."""
+    while line := handle.readline(MAX_LINE_CHARS):
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := handle.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+            continue
+        yield line
+
+
 def find(request_id: str, files: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Yield (file, record) for every JSON line of the request."""
+    """Yield (file, record) for every JSON line of the request, from regular files only."""
     needle = json_field("request_id", request_id)
     for path in files:
         try:
+            # A device or a FIFO would be read forever or block: only regular files.
+            if not stat.S_ISREG(path.stat().st_mode):
+                print(f"saiproxy trace: skipping {path}: not a regular file", file=sys.stderr)
+                continue
             handle = path.open(encoding="utf-8", errors="replace")
         except OSError as exc:
             print(f"saiproxy trace: cannot read {path}: {exc.strerror}", file=sys.stderr)
             continue
         with handle:
-            for line in handle:
+            for line in _lines(handle):
                 if needle not in line:
                     continue
                 try:
@@ -88,13 +106,15 @@ def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextI
     for _, record in found:
         moment = parse_time(record.get("time"))
         offset = (moment - start).total_seconds() * 1000 if moment and start else 0.0
-        message = str(record.get("message", "")).removeprefix(tag)
-        logger = str(record.get("logger", "")).removeprefix(LOGGER_PREFIX)
+        # Any field may hold any JSON value (a line may not even be saiproxy's).
+        message = _text(record.get("message", "")).removeprefix(tag)
+        logger = _text(record.get("logger", "")).removeprefix(LOGGER_PREFIX)
+        level = _text(record.get("level", "?"))
         # Lines are JSON-decoded: a raw newline or terminal escape sent by a
         # client would reach the terminal unless escaped here.
         print(
             escape_controls(
-                f"  {record.get('time', '?')}  +{offset:8.1f} ms  {record.get('level', '?'):<7} "
+                f"  {_text(record.get('time', '?'))}  +{offset:8.1f} ms  {level:<7} "
                 f"{logger:<8}  {message}"
             ),
             file=out,

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bench.valkey import ValkeyServer
 from saiproxy.app import create_app, log_setup_for
+from saiproxy.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, demo_sai
 
 # Re-exported: the tests import them from here.
 from saiproxy.fake_sai import FakeSai as FakeSai
@@ -74,6 +75,31 @@ def make_proxy(
         await server.start_server(**options)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(server)
         return client
+
+    return factory
+
+
+@pytest.fixture
+async def demo_url() -> AsyncIterator[str]:
+    """Serve the demo upstream (``saiproxy --demo``'s) on a loopback port."""
+    server = TestServer(demo_sai().app, host="127.0.0.1")
+    await server.start_server(access_log=None)
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@pytest.fixture
+def make_demo_proxy(make_proxy: MakeProxy, demo_url: str) -> MakeProxy:
+    """Start a proxy configured as ``saiproxy --demo`` configures it; keywords override."""
+
+    async def factory(**env: str | None) -> TestClient[web.Request, web.Application]:
+        demo = {
+            "SAI_URL": demo_url,
+            "SAI_KEY": DEMO_KEY,
+            "SAI_COOKIE": DEMO_COOKIE,
+            "SAI_TEMPLATE_ID": DEMO_TEMPLATE,
+        }
+        return await make_proxy(**{**demo, **env})
 
     return factory
 

@@ -8,8 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from saiproxy.core.answer import AnswerFilter, Rejected, check_json, strip_fence
+from saiproxy.core import schemacheck
+from saiproxy.core.answer import AnswerFilter, Rejected, output_problem, strip_fence
 from saiproxy.core.conversation import Conversation, OutputFormat, Tool, ToolChoice, Turn
+from saiproxy.core.schemacheck import SchemaChecker
 
 WEATHER = Tool("get_weather", "Weather of a city", "function", {"type": "object"})
 PATCH = Tool("apply_patch", "Apply a patch", "custom")
@@ -178,10 +180,55 @@ def test_a_json_answer_loses_its_code_fence_at_every_split_point(answer: str) ->
         assert prose.strip() == expected, pieces
 
 
-def test_check_json_against_a_schema() -> None:
+async def test_check_json_against_a_schema() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     output = OutputFormat(schema, "count")
-    assert check_json('```json\n{"n": 3}\n```', output) is None
-    assert "not valid JSON" in (check_json("three", output) or "")
-    assert "schema" in (check_json('{"n": "3"}', output) or "")
-    assert check_json("[1]", OutputFormat()) == "the answer is not a JSON object"
+    checker = SchemaChecker(timeout=20)
+    try:
+        assert await output_problem('```json\n{"n": 3}\n```', output, checker) is None
+        assert "not valid JSON" in (await output_problem("three", output, checker) or "")
+        assert "schema at n" in (await output_problem('{"n": "3"}', output, checker) or "")
+        assert await output_problem("[1]", OutputFormat(), checker) == (
+            "the answer is not a JSON object"
+        )
+        assert await output_problem('{"n": 1}', OutputFormat(), checker) is None
+    finally:
+        await checker.close()
+
+
+@pytest.mark.parametrize(
+    ("schema", "value", "valid"),
+    [
+        ({"$ref": "#/$defs/n", "$defs": {"n": {"type": "integer"}}}, 3, True),
+        ({"$ref": "#/$defs/n", "$defs": {"n": {"type": "integer"}}}, "3", False),
+        ({"$ref": "http://127.0.0.1:9/x"}, 3, None),  # never fetched: not checked
+        ({"$ref": "#/nowhere"}, 3, None),
+        ({"type": "object", "properties": {"a": {"$ref": "#"}}}, {"a": {"a": {}}}, True),
+        ({"type": "string", "pattern": "^a+$"}, "aaa", True),
+        ({"type": "array", "uniqueItems": True}, [1, 1], False),
+        ({"enum": list(range(5_000))}, 4_999, True),
+        ({"type": 5}, 1, None),  # not a schema: not checked
+    ],
+)
+def test_schema_checks_resolve_inside_the_schema_only(
+    schema: dict[str, Any], value: Any, valid: bool | None
+) -> None:
+    reply = schemacheck.check(schema, value)
+    if valid is None:
+        assert isinstance(reply, dict) and "unchecked" in reply
+    else:
+        assert (reply is None) is valid, reply
+
+
+def test_partial_stop_matches_a_naive_search() -> None:
+    from saiproxy.core.answer import _partial_stop
+
+    def naive(text: str, stop: str) -> int:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                return size
+        return 0
+
+    for text in ("", "a", "xab", "abab", "aaaa", "ab" * 50 + "a"):
+        for stop in ("ab", "aab", "abab", "aaaab", "ba", "x" * 3, "ab" * 30 + "c"):
+            assert _partial_stop(text, stop) == naive(text, stop), (text, stop)

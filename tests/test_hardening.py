@@ -20,9 +20,11 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 
-from saiproxy import trace
+from saiproxy import malformed, trace
 from saiproxy.logs import LogSetup, write_failures
+from saiproxy.malformed import ProxyRunner
 from saiproxy.server import serve
 from saiproxy.settings import load_settings
 
@@ -318,6 +320,20 @@ async def test_requests_aiohttp_cannot_parse_answer_in_the_openai_shape(
     assert any(line["message"].endswith("malformed request refused") for line in lines)
 
 
+async def test_the_private_aiohttp_api_malformed_py_relies_on_still_fits() -> None:
+    # saiproxy/malformed.py is the one place aiohttp's private API is used; a
+    # release that changes it must fail here, by name, not only in the test above.
+    runner = ProxyRunner(web.Application())
+    await runner.setup()
+    try:
+        assert malformed.fits(web.Server(runner.server.request_handler)), (
+            "this aiohttp release changed the private API saiproxy/malformed.py relies on"
+        )
+        assert type(runner.server).__module__ == "saiproxy.malformed"
+    finally:
+        await runner.cleanup()
+
+
 # --- 6. logs clients cannot forge or flood -----------------------------------------------------
 
 
@@ -436,7 +452,7 @@ async def test_a_stalled_request_body_is_a_408(make_proxy: MakeProxy, sai: FakeS
 async def test_listening_beyond_loopback_without_proxy_keys_warns(
     sai: FakeSai, tmp_path: Path, host: str, warned: bool
 ) -> None:
-    async with serving(_env(sai, tmp_path, HOST=host)):
+    async with serving(_env(sai, tmp_path, HOST=host, ALLOW_OPEN_RELAY="true")):
         pass
     warnings = [line for line in map(json.loads, log_lines(tmp_path)) if line["level"] == "WARNING"]
     assert len(warnings) == (1 if warned else 0)

@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -114,12 +115,18 @@ def _shape(path: str) -> Callable[[Any], bool]:
     return _anthropic_shape if path.startswith("/v1/messages") else _openai_shape
 
 
+STRUCTURED = json.dumps(
+    {"a": "a" * 24 + "!", "b": [{"x": i} for i in range(300)], "c": 4_999, "d": {"d": {"d": 1}}}
+)
+
+
 def _fast_sai() -> tuple[str, Callable[[], None]]:
     """Start a fake SAI that answers every call at once, in a thread; return its URL and stop."""
 
     async def execute(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(text="ok", headers={"prompttokens": "1", "completiontokens": "1"})
+        # Asked for JSON, it answers an object the generated schemas judge in every way.
+        text = STRUCTURED if b"# Output format" in await request.read() else "ok"
+        return web.Response(text=text, headers={"prompttokens": "1", "completiontokens": "1"})
 
     app = web.Application()
     app.router.add_post("/api/templates/{template}/execute", execute)
@@ -153,7 +160,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     sai_url, stop_sai = _fast_sai()
     tmp_path: Path = tmp_path_factory.mktemp("properties")
     proxy = Proxy(tmp_path, SAI_URL=sai_url, SAI_KEY="k-prop", SAI_TEMPLATE_ID="t",
-                  MAX_RETRIES="0", REQUEST_TIMEOUT="5")  # fmt: skip
+                  MAX_RETRIES="0", REQUEST_TIMEOUT="5", SCHEMA_CHECK_TIMEOUT="0.3")  # fmt: skip
     try:
         proxy.wait_ready()
         yield proxy
@@ -220,6 +227,83 @@ def test_any_json_body(live: Proxy, path: str, body: Any) -> None:
 def test_streaming_flags_with_any_value(live: Proxy, extra: dict[str, Any]) -> None:
     for path in ("/v1/chat/completions", "/v1/completions"):
         _check(live, path, {**SEEDS[path], **extra})
+
+
+def _nested(depth: int, leaf: Any, kinds: list[bool]) -> Any:
+    value = leaf
+    for level in range(depth):
+        value = {"k": value} if kinds[level % len(kinds)] else [value]
+    return value
+
+
+DEPTHS = st.integers(min_value=60, max_value=300)  # around MAX_JSON_DEPTH (64) and far past it
+BOUNDED = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.mark.parametrize("path", list(SEEDS))
+@BOUNDED
+@given(
+    where=st.lists(st.integers(min_value=0, max_value=50), max_size=5),
+    depth=DEPTHS,
+    kinds=st.lists(st.booleans(), min_size=1, max_size=3),
+    leaf=JSON_VALUES,
+)
+def test_nesting_anywhere_past_the_limit(
+    live: Proxy, path: str, where: list[int], depth: int, kinds: list[bool], leaf: Any
+) -> None:
+    body = _replace(SEEDS[path], where, _nested(depth, leaf, kinds))
+    status, raw = _post(live, path, json.dumps(body).encode())
+    assert status < 500, (status, raw[:500])
+    if status >= 400:
+        assert _shape(path)(json.loads(raw)), raw[:500]
+
+
+SUBSCHEMAS = st.sampled_from([
+    {"type": "string", "pattern": "^(a+)+$"},  # backtracks: only the deadline stops it
+    {"type": "string", "pattern": "[unclosed"},
+    {"type": "array", "uniqueItems": True},
+    {"type": "array", "uniqueItems": True, "items": {"type": "object"}},
+    {"enum": list(range(5_000))},
+    {"enum": [{"x": i} for i in range(2_000)]},
+    {"$ref": "#"},
+    {"$ref": "#/$defs/loop"},
+    {"$ref": "#/$defs/missing"},
+    {"$ref": "http://127.0.0.1:9/schema"},
+    {"$ref": "file:///etc/passwd"},
+    {"$dynamicRef": "#meta"},
+    {"$ref": "other.json"},
+    {"format": "regex", "type": "string"},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/loop"}},
+])  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+@BOUNDED
+@given(
+    properties=st.dictionaries(st.sampled_from("abcd"), SUBSCHEMAS, max_size=4),
+    defs=st.dictionaries(st.sampled_from(["loop", "x"]), SUBSCHEMAS, max_size=2),
+    extra=st.sampled_from([{}, {"$schema": "http://127.0.0.1:9/meta"}, {"$id": "urn:x"},
+                           {"uniqueItems": True}, {"required": ["a", "zz"]}]),
+)  # fmt: skip
+def test_hostile_output_schemas(
+    live: Proxy, path: str, properties: dict[str, Any], defs: dict[str, Any], extra: Any
+) -> None:
+    schema = {"type": "object", "properties": properties, "$defs": defs, **extra}
+    if path == "/v1/chat/completions":
+        spec = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        body = {**SEEDS[path], "response_format": spec, "tools": None}
+    else:
+        body = {**SEEDS[path], "text": {"format": {"type": "json_schema", "name": "s",
+                                                   "schema": schema}}, "tools": None}  # fmt: skip
+    started = time.monotonic()
+    status, raw = _post(live, path, json.dumps(body).encode())
+    assert status < 500, (status, raw[:500])
+    if status >= 400:
+        assert _shape(path)(json.loads(raw)), raw[:500]
+    # Two checks at most (the answer, one repair), each within SCHEMA_CHECK_TIMEOUT.
+    assert time.monotonic() - started < 10
 
 
 def test_the_process_is_healthy_after_all_that(live: Proxy) -> None:

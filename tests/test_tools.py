@@ -166,8 +166,10 @@ async def test_unrecognised_calls_stay_text_are_logged_and_counted(
         assert f'saiproxy_tool_calls_unrecognised_total{{reason="{reason}"}}' in metrics
     await asyncio.sleep(0.2)  # lines are written a batch at a time
     lines = [json.loads(line) for line in log_lines(tmp_path)]
-    reasons = [r["reason"] for r in lines if "tool call not recognised" in r["message"]]
-    assert sorted(reasons) == ["bad_json", "bad_json", "unknown_tool"]
+    found = [r for r in lines if "tool calls not recognised" in r["message"]]
+    assert [r["count"] for r in found] == [1, 1, 1]  # one line per answer
+    assert sorted(reason for r in found for reason in r["reasons"]) == [
+        "bad_json", "bad_json", "unknown_tool"]  # fmt: skip
 
 
 async def test_streamed_tool_call_split_mid_tag(make_proxy: MakeProxy, sai: FakeSai) -> None:

@@ -20,7 +20,9 @@ from typing import Any, Final
 import orjson
 
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, new_call_id
+from .limits import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .prompt import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from .schemacheck import SchemaChecker
 
 _JSON_CALLS_KEY: Final = '"tool_calls"'
 _JSON_CALLS_START: Final = re.compile(r'(?:```(?:json)?\s*)?\{\s*"tool_calls"\s*:')
@@ -87,6 +89,22 @@ def _block_start(text: str) -> int:
     return tag
 
 
+def _partial_stop(text: str, stop: str) -> int:
+    """Return the length of the longest end of ``text`` that begins ``stop`` (not all of it).
+
+    Only the places where ``stop``'s first character occurs are tried, from
+    the longest possible end; each try is one C comparison, so a long piece
+    costs its last ``len(stop)`` characters, not its length times the stop's.
+    """
+    first = stop[0]
+    index = text.find(first, max(0, len(text) - len(stop) + 1))
+    while index >= 0:
+        if stop.startswith(text[index:]):
+            return len(text) - index
+        index = text.find(first, index + 1)
+    return 0
+
+
 class _CallParser:
     """Turns call blocks into ToolCalls, checking names and arguments against the offer."""
 
@@ -116,6 +134,11 @@ class _CallParser:
             arguments = {}
         if not isinstance(arguments, dict):
             return Rejected("bad_arguments", f"the arguments of {name!r} are not a JSON object")
+        if depth_exceeds(arguments, MAX_ARGUMENT_DEPTH):
+            return Rejected(
+                "bad_arguments",
+                f"the arguments of {name!r} nest deeper than {MAX_ARGUMENT_DEPTH} levels",
+            )
         return ToolCall(new_call_id(), name, "function", orjson.dumps(arguments).decode())
 
     def tags(self, block: str) -> tuple[list[ToolCall], str]:
@@ -306,10 +329,7 @@ class AnswerFilter:
             return text[:found]
         keep = 0
         for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(text)), keep, -1):
-                if text.endswith(stop[:size]):
-                    keep = size
-                    break
+            keep = max(keep, _partial_stop(text, stop))
         self._stop_tail = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -352,21 +372,11 @@ def strip_fence(text: str) -> str:
     return fenced.group(1) if fenced else text.strip()
 
 
-def check_json(text: str, output: OutputFormat) -> str | None:
-    """Return why ``text`` is not the JSON the client asked for, or None when it is."""
-    try:
-        value = orjson.loads(strip_fence(text))
-    except orjson.JSONDecodeError as exc:
-        return f"the answer is not valid JSON ({exc})"
-    if output.schema is None:
-        return None if isinstance(value, dict) else "the answer is not a JSON object"
-    import jsonschema  # imported on first use: most requests never need it
+async def output_problem(text: str, output: OutputFormat, checker: SchemaChecker) -> str | None:
+    """Return why ``text`` is not the JSON the client asked for, or None when it is.
 
-    try:
-        jsonschema.validate(value, output.schema)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(part) for part in exc.absolute_path) or "the top level"
-        return f"the answer does not follow the schema at {where}: {exc.message}"
-    except jsonschema.SchemaError:
-        return None  # the client's schema is not one we can check: take the JSON as it is
-    return None
+    Judged off the event loop (a long answer's fence, parse and schema check
+    all take time): a judgement that does not come in time counts as passed
+    (and is logged).
+    """
+    return await checker.problem(text, output.schema)

@@ -30,15 +30,25 @@ from aiohttp import web
 from ..auth import Credential
 from ..bodies import json_response
 from ..errors import ContextTooLong, ModelNotFound, UpstreamError
-from ..keys import AUTH_CHAIN, METRICS, OUTCOME, REQUEST_ID, SAI, SETTINGS
+from ..keys import (
+    AUTH_CHAIN,
+    CALL_BUDGET,
+    METRICS,
+    OUTCOME,
+    REQUEST_ID,
+    SAI,
+    SCHEMA_CHECKER,
+    SETTINGS,
+)
 from ..limits import gate
 from ..logs import RESPONSE_FINISHED, event
-from ..sai import SaiCall, SaiClient, SaiStream
+from ..sai import CallBudget, SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
-from .answer import AnswerFilter, Rejected, check_json
+from .answer import AnswerFilter, Rejected, output_problem
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .ending import ERROR_HEADER, Ending
 from .inflight import InFlight, cut_short
+from .limits import check_output_schema
 from .prompt import estimate_tokens, header_tokens, sai_payload
 from .relay import respond_streamed
 from .render import Renderer
@@ -48,6 +58,12 @@ log = logging.getLogger("saiproxy.exchange")
 Policy = Literal["raise", "in_band", "explain"]
 
 _SUFFIXES = itertools.count(secrets.randbits(40))
+# Where each protocol takes the output format, for the 400 that names it.
+_OUTPUT_PARAMS = {
+    "chat": "response_format",
+    "responses": "text.format",
+    "messages": "output_format",
+}
 
 
 def unique_suffix() -> str:
@@ -61,8 +77,8 @@ class Exchange:
     # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
     __slots__ = (
         "_body", "call", "chars", "choice", "conversation", "created", "early", "first_byte",
-        "loop", "max_output", "model", "model_config", "protocol", "request", "request_id",
-        "settings", "started", "suffix", "usage",
+        "loop", "max_output", "model", "model_config", "protocol", "rejected",
+        "rejected_detail", "request", "request_id", "settings", "started", "suffix", "usage",
     )  # fmt: skip
 
     def __init__(
@@ -94,6 +110,9 @@ class Exchange:
         self.usage = Usage()
         self.choice: int | None = None  # its index when one of several (fanout.respond_all)
         self.max_output: int | None = None  # the answer's token bound the client asked for
+        # Call blocks left as text, by reason, and the first one's detail: one log line at the end.
+        self.rejected: dict[str, int] = {}
+        self.rejected_detail = ""
 
     @property
     def sai(self) -> SaiClient:
@@ -147,6 +166,11 @@ class Exchange:
 
     def _prepare(self) -> dict[str, Any]:
         """Decide the early outcome, or the credential and the SAI call; return credential facts."""
+        output = self.conversation.output
+        if output is not None and output.schema is not None:
+            check_output_schema(
+                output.schema, self.settings.max_schema_bytes, _OUTPUT_PARAMS.get(self.protocol, "")
+            )
         payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000))
         estimated = estimate_tokens(self.chars)
         if estimated > self.settings.max_context_tokens:
@@ -160,7 +184,15 @@ class Exchange:
         # orjson's result keeps a 4 KB buffer whatever the length; the payload lives as
         # long as the call (retries need it), so it is kept as an exact-size copy.
         body = bytes(memoryview(orjson.dumps(payload)))
-        return self.sai.new_call(self.model_config, body, credential, self.request_id)
+        return self.sai.new_call(self.model_config, body, credential, self.request_id, self.budget)
+
+    @property
+    def budget(self) -> CallBudget:
+        """Return the SAI calls the client request may still make beyond one per prompt."""
+        budget = self.request.get(CALL_BUDGET)
+        if budget is None:
+            budget = self.request[CALL_BUDGET] = CallBudget(self.settings.request_extra_calls)
+        return budget
 
     def policy(self, *, prepared: bool) -> Policy:
         """Return what an upstream failure becomes: the one place ERROR_MODE is read.
@@ -202,12 +234,12 @@ class Exchange:
     async def _answer(self) -> Answer:
         conversation = self.conversation
         fetched = await self.sai.fetch(self._known_call())
-        self.first_byte = fetched.opened_at
+        self.first_byte = fetched.first_byte_at  # of SAI's body, as a stream's first piece
         self.model = fetched.headers.get("model") or self.model
         self.count(fetched.headers, len(fetched.text))
         text = fetched.text
         output = conversation.output
-        if output is not None and (problem := check_json(text, output)) is not None:
+        if output is not None and (problem := await self._output_problem(text)) is not None:
             text = await self._repair(text, problem)
         answer_filter = AnswerFilter(conversation, self._rejected)
         prose = answer_filter.feed(text) + answer_filter.close()
@@ -218,6 +250,13 @@ class Exchange:
         output = self.conversation.output
         assert output is not None and self.call is not None
         for attempt in range(self.settings.tool_repair_retries):
+            if not self.budget.take():
+                log.warning(
+                    "structured output invalid; the request's SAI calls are spent "
+                    "(REQUEST_EXTRA_CALLS), answered as is",
+                    extra={"problem": problem[:200]},
+                )
+                return text
             log.info(
                 "structured output invalid, asking again",
                 extra={"problem": problem[:200], "repair": attempt + 1},
@@ -239,7 +278,7 @@ class Exchange:
             fetched = await self.sai.fetch(self._new_call(payload, self.call.credential))
             text = fetched.text
             self.count(fetched.headers, len(text), prompt_chars=chars)
-            problem_again = check_json(text, output)
+            problem_again = await self._output_problem(text)
             if problem_again is None:
                 return text
             problem = problem_again
@@ -247,6 +286,11 @@ class Exchange:
             "structured output still invalid, answered as is", extra={"problem": problem[:200]}
         )
         return text
+
+    async def _output_problem(self, text: str) -> str | None:
+        output = self.conversation.output
+        assert output is not None
+        return await output_problem(text, output, self.request.app[SCHEMA_CHECKER])
 
     # --- streamed (the relay, core/relay.py, drives these)
 
@@ -306,10 +350,22 @@ class Exchange:
     def _rejected(self, rejected: Rejected) -> None:
         metrics = self.request.app[METRICS]
         metrics.child(metrics.tool_calls_unrecognised, rejected.reason).inc()
-        log.warning(
-            "tool call not recognised, left as text",
-            extra={"reason": rejected.reason, "detail": rejected.detail[:300]},
-        )
+        if not self.rejected:
+            self.rejected_detail = rejected.detail[:300]
+        self.rejected[rejected.reason] = self.rejected.get(rejected.reason, 0) + 1
+
+    def _log_rejected(self) -> None:
+        """Log the call blocks left as text: one line per answer, however many there were."""
+        if self.rejected:
+            log.warning(
+                "tool calls not recognised, left as text",
+                extra={
+                    "count": sum(self.rejected.values()),
+                    "reasons": self.rejected,
+                    "detail": self.rejected_detail,
+                    **self._choice_field(),
+                },
+            )
 
     def _choice_field(self) -> dict[str, int]:
         return {"choice": self.choice} if self.choice is not None else {}
@@ -370,6 +426,10 @@ class Exchange:
         if self.first_byte is not None:
             metrics.child(metrics.ttfb, stream).observe(self.first_byte - self.started)
         usage = self.usage
+        # Raised, the early outcome's traceback holds this exchange's frames: a
+        # cycle that would keep the whole conversation until the collector runs.
+        self.early = None
+        self._log_rejected()
         event(
             log,
             RESPONSE_FINISHED,

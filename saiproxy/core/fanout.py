@@ -131,7 +131,8 @@ class _FanOut:
         work: Callable[[int, Exchange], Awaitable[_T]],
         ending_of: Callable[[_T], Ending],
     ) -> list[_T]:
-        """Run ``work`` for every exchange concurrently and return the results, in order.
+        """Run ``work`` for every exchange concurrently (PROMPT_CONCURRENCY at most at once);
+        return the results, in order.
 
         Each exchange's ending is noted as its work ends. The first failure,
         or an ending that stops the stream (raised as :class:`_Stopped`),
@@ -140,10 +141,14 @@ class _FanOut:
         """
         endings = self.endings
         stopped_by: list[Ending] = []  # the ending that stopped the others, once one did
+        # At most PROMPT_CONCURRENCY of them call SAI at once: one small request
+        # must not turn into as many concurrent SAI calls as it has prompts.
+        slots = asyncio.Semaphore(self.exchanges[0].settings.prompt_concurrency)
 
         async def one(index: int, exchange: Exchange) -> _T:
             try:
-                result = await work(index, exchange)
+                async with slots:
+                    result = await work(index, exchange)
             except asyncio.CancelledError:
                 endings[index] = (
                     Ending(stopped_by[0].status, "cancelled") if stopped_by else CLIENT_GONE

@@ -15,7 +15,9 @@ from xml.sax.saxutils import quoteattr
 
 import orjson
 
+from . import toolcache
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
+from .limits import MAX_ARGUMENT_DEPTH, depth_exceeds
 
 TOOL_CALL_OPEN: Final = "<tool_call>"
 TOOL_CALL_CLOSE: Final = "</tool_call>"
@@ -28,9 +30,12 @@ def call_block(call: ToolCall) -> str:
         body["input"] = call.input
     else:
         try:
-            body["arguments"] = orjson.loads(call.arguments)
+            arguments = orjson.loads(call.arguments)
         except orjson.JSONDecodeError:
-            body["arguments"] = call.arguments  # as the client sent it; SAI reads text
+            arguments = call.arguments  # as the client sent it; SAI reads text
+        # Arguments nested too deep to write back out go as the client's text too.
+        too_deep = depth_exceeds(arguments, MAX_ARGUMENT_DEPTH)
+        body["arguments"] = call.arguments if too_deep else arguments
     return TOOL_CALL_OPEN + orjson.dumps(body).decode() + TOOL_CALL_CLOSE
 
 
@@ -131,31 +136,26 @@ def output_instructions(output: OutputFormat | None) -> str:
     return "\n".join(lines)
 
 
-_ToolKey = tuple[int, str, str | None, bool]
-_TOOL_PARTS: dict[_ToolKey, tuple[tuple[Tool, ...], str, str]] = {}
-_TOOL_PARTS_LIMIT: Final = 256
-
-
 def tool_parts(conversation: Conversation) -> tuple[str, str]:
     """Return the tool instructions and ``inputs.tools`` (empty strings when none are offered).
 
-    Kept by the tools tuple (the parser hands out one tuple per distinct tool
-    list) and the choice: an agent's calls repeat them, and building them is
-    most of what offering tools costs per request.
+    Kept by the tools tuple (the parsers hand out one tuple per distinct tool
+    list, see core/toolcache.py) and the choice: an agent's calls repeat them,
+    and building them is most of what offering tools costs per request.
     """
     tools, choice = conversation.tools, conversation.tool_choice
     if not tools or choice.mode == "none":
         return "", ""
     key = (id(tools), choice.mode, choice.name, conversation.parallel_tool_calls)
-    found = _TOOL_PARTS.get(key)
+    found = toolcache.PARTS.get(key)
     if found is not None and found[0] is tools:
         return found[1], found[2]
     offered = conversation.offered_tools
     instructions = tool_instructions(conversation)
     payload = orjson.dumps([chat_tool(tool) for tool in offered]).decode() if offered else ""
-    if len(_TOOL_PARTS) >= _TOOL_PARTS_LIMIT:
-        _TOOL_PARTS.clear()
-    _TOOL_PARTS[key] = (tools, instructions, payload)
+    # The entry keeps the tools alive too: charged as their parsed JSON.
+    size = len(instructions) + len(payload) * (1 + toolcache.PARSED_WEIGHT)
+    toolcache.PARTS.put(key, (tools, instructions, payload), size)
     return instructions, payload
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from ..errors import UpstreamError
+from ..errors import StreamBroken, UpstreamError
 from ..keys import KEEP_ALIVE
 from ..sai import SaiStream
 from .conversation import Answer
@@ -56,6 +56,10 @@ async def respond_streamed(
             ending = await stream.failed(
                 cut_short(exchange.request, exchange.loop), relayed=stream.relayed
             )
+        except Exception as exc:
+            if isinstance(exc, UpstreamError) or not response.prepared:
+                raise  # a real status still (nothing was sent), or the policy's to raise
+            ending = await stream.broke(exc)
         await response.write_eof()
         return response, ending
 
@@ -149,6 +153,15 @@ class Stream:
         await response.write(renderer.finish(answer))
         return Ending.answered(answer)
 
+    async def broke(self, exc: Exception) -> Ending:
+        """End a started stream that saiproxy failed to relay: in-band, never a new response."""
+        log.error("the stream failed after it started; ended in-band", exc_info=exc)
+        try:
+            return await self.failed(StreamBroken(), relayed=self.relayed)
+        except Exception:  # the renderer failed again: the stream just ends
+            log.error("the stream could not report its failure", exc_info=True)
+            return Ending.in_band(StreamBroken())
+
     async def relay(self, upstream: SaiStream) -> Ending:
         """Forward SAI's body piece by piece as prose, then the calls and the finish."""
         exchange, renderer, response = self.exchange, self.renderer, self.response
@@ -158,7 +171,6 @@ class Stream:
         async with upstream:
             exchange.opened(upstream)
             await self.start(exchange.model)
-            upstream.watch(exchange.loop)
             # The loop every token goes through: one await per piece.
             read, text_of, text = upstream.read_chunk, upstream.text_of, renderer.text
             try:

@@ -16,6 +16,8 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
+from ..keys import STREAM
+
 SSE_HEADERS: Final = {
     hdrs.CONTENT_TYPE: "text/event-stream",
     hdrs.CACHE_CONTROL: "no-cache",
@@ -35,6 +37,9 @@ class EventStream(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         """Send the status line and headers; the body is chunked."""
         self.enable_chunked_encoding()
+        if isinstance(request, web.Request):
+            # From now on a failure must end this stream, never start a response.
+            request[STREAM] = self
         return await super().prepare(request)
 
 

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from ..bodies import json_response, read_json
+from ..core import limits, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
@@ -116,7 +117,8 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object", param="metadata")
-    tools = _tools(body.get("tools"))
+    raw_tools = body.get("tools")
+    tools = toolcache.parsed_tools(raw_tools, "anthropic", _tools) if raw_tools is not None else ()
     choice, parallel = _tool_choice(body.get("tool_choice"), tools)
     return Conversation(
         turns,
@@ -346,7 +348,7 @@ def _stop_sequences(value: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise InvalidRequest("'stop_sequences' must be an array of strings", param="stop_sequences")
-    return tuple(item for item in value if item)
+    return limits.stop_sequences(value, "stop_sequences", limits.ANTHROPIC_MAX_STOPS)
 
 
 # --- the answer

@@ -20,11 +20,11 @@ from ..bodies import read_json
 from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
 from ..core.exchange import Exchange
 from ..core.fanout import respond_all
+from ..core.sse import COMMENT_PING
 from ..errors import InvalidRequest, UpstreamError
 from . import openai
 
 DONE: Final = b"data: [DONE]\n\n"
-PING: Final = b": ping\n\n"
 MAX_PROMPTS: Final = 16  # each prompt is a SAI call of its own, all at once
 FILL_MARKER: Final = "{{FILL_HERE}}"
 FILL_INSTRUCTION: Final = (
@@ -96,13 +96,16 @@ def parse(body: Any) -> Parsed:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
     prompts = _prompts(body.get("prompt"))
-    n = body.get("n")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidRequest("'n' must be a positive integer", param="n")
-        if n > 1:
+    for name in ("n", "best_of"):
+        # Each would multiply the SAI calls of every prompt; SAI gives one answer a call.
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{name}' must be a positive integer", param=name)
+        if value > 1:
             raise InvalidRequest(
-                "Only n=1 is supported: SAI returns one answer per prompt", param="n"
+                f"Only {name}=1 is supported: SAI returns one answer per prompt", param=name
             )
     if body.get("logprobs") is not None:
         raise InvalidRequest(
@@ -175,7 +178,7 @@ class ChoiceRenderer:
         return self._frame(self._echo, None) if self._echo else b""
 
     def ping(self) -> bytes:
-        return PING
+        return COMMENT_PING
 
     def text(self, piece: str) -> bytes:
         return self._frame(piece, None)

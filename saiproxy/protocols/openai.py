@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
 
+from ..core import limits, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     Finish,
@@ -143,29 +143,22 @@ def tool(spec: Any, param: str, *, flat: bool) -> Tool:
     return Tool(name, description, "custom", format=_schema(body.get("format"), f"{param}.format"))
 
 
-_TOOLS_CACHE: dict[tuple[bytes, bool], tuple[Tool, ...]] = {}
-_TOOLS_CACHE_LIMIT: Final = 256
-
-
 def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool, ...]:
     """Parse the offered tools.
 
     An agent sends the same tools with every call: the parsed tuple is kept by
-    the tools' JSON, so the same tools are parsed once and are the same object
-    (the prompt builder keeps their instructions by it too).
+    the tools' content (core/toolcache.py), so the same tools are parsed once
+    and are the same object (the prompt builder keeps their instructions by it).
     """
     if value is None:
         return ()
     if not isinstance(value, list):
         raise InvalidRequest(f"'{param}' must be an array of tools", param=param)
-    key = (orjson.dumps(value), flat)
-    found = _TOOLS_CACHE.get(key)
-    if found is None:
-        found = tuple(tool(spec, f"{param}[{i}]", flat=flat) for i, spec in enumerate(value))
-        if len(_TOOLS_CACHE) >= _TOOLS_CACHE_LIMIT:
-            _TOOLS_CACHE.clear()
-        _TOOLS_CACHE[key] = found
-    return found
+    return toolcache.parsed_tools(
+        value,
+        f"openai-flat-{param}" if flat else f"openai-{param}",
+        lambda specs: tuple(tool(spec, f"{param}[{i}]", flat=flat) for i, spec in enumerate(specs)),
+    )
 
 
 def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) -> ToolChoice:
@@ -214,15 +207,13 @@ def json_format(spec: Any, param: str, *, flat: bool = False) -> OutputFormat | 
 
 
 def stop_sequences(value: Any, param: str = "stop") -> tuple[str, ...]:
-    """Parse ``stop``: a string or a list of up to 4 strings."""
+    """Parse ``stop``: a string or a list of up to 4 strings (of MAX_STOP_CHARS at most)."""
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value else ()
+        return limits.stop_sequences([value], param, limits.OPENAI_MAX_STOPS)
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        if len(value) > 4:
-            raise InvalidRequest(f"'{param}' takes at most 4 sequences", param=param)
-        return tuple(item for item in value if item)
+        return limits.stop_sequences(value, param, limits.OPENAI_MAX_STOPS)
     raise InvalidRequest(f"'{param}' must be a string or an array of strings", param=param)
 
 

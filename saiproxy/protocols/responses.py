@@ -32,11 +32,11 @@ from ..core.conversation import (
     check_count,
 )
 from ..core.exchange import Exchange
+from ..core.sse import COMMENT_PING
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from . import openai
 
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
-PING: Final = b": ping\n\n"
 # Items that carry no text SAI could use: the model's own hidden reasoning.
 SKIPPED_ITEMS: Final = frozenset({"reasoning"})
 # Present and not null, these need state saiproxy does not keep.
@@ -359,7 +359,7 @@ class ResponsesRenderer:
         )
 
     def ping(self) -> bytes:
-        return PING
+        return COMMENT_PING
 
     def _open_message(self) -> bytes:
         self._pieces = []
