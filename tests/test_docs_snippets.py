@@ -80,6 +80,8 @@ RUN_HERE: dict[tuple[str, str], str] = {
     ("docs/architecture.md", "──► SAI client"): "test_the_layouts_name_every_module",
     ("docs/configuration.md", "[models.sai-opus]"): "test_the_models_table",
     ("docs/configuration.md", "unknown key 'prot'"): "test_the_unknown_key_line",
+    ("docs/configuration.md", "[limits]\nurl ="): "test_the_limits_table",
+    ("README.md", "LIMITS_CLIENT_RPM=60"): "test_the_limits_table",
     ("docs/demo.md", '"content": "Hello!"'): "test_the_demo_page",
     ("docs/demo.md", "# 429 with no fallback left"): "test_the_demo_page",
     ("docs/operations.md", "saiproxy trace a1b2c3d4 "): "test_finding_a_requests_lines",
@@ -105,6 +107,8 @@ NOT_HERE: dict[tuple[str, str], str] = {
     ("docs/clients.md", "import litellm"): "LiteLLM is no test dependency",
     ("docs/clients.md", "curl -s"): "tests/test_docs_clients.py",
     ("docs/operations.md", "docker service create"): "needs a Docker Swarm and a registry",
+    ("docs/limits.md", "$ saiproxy usage"): "an example's figures; tests/test_limits.py runs "
+    "saiproxy usage against the store and the process and checks what it prints",
     ("docs/operations.md", "docker run --rm"): "needs a Docker engine and a registry",
 }
 
@@ -362,6 +366,33 @@ async def test_the_models_table(make_demo_proxy: MakeProxy, tmp_path: Path) -> N
             )
         ).json()
         assert answer["model"] == "claude-opus"  # the demo SAI names the override it got
+
+
+async def test_the_limits_table(make_demo_proxy: MakeProxy, tmp_path: Path) -> None:
+    # docs/configuration.md's [limits] table, as written (its store is unreachable here:
+    # each replica then enforces its share, 60 / 8 requests per minute).
+    config = tmp_path / "limits.toml"
+    text = block("docs/configuration.md", "[limits]\nurl =").code
+    config.write_text(text.replace("redis://valkey:6379/0", f"redis://127.0.0.1:{free_port()}/0"))
+    proxy = await make_demo_proxy(SAIPROXY_CONFIG=str(config))
+    statuses = []
+    for _ in range(8):
+        response = await proxy.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}
+        )
+        statuses.append(response.status)
+    assert statuses == [200] * 7 + [429]
+    assert response.headers["X-Saiproxy-Limits"] == "fallback"
+    # The README's command: the same limits in the process.
+    (command,) = commands(block("README.md", "LIMITS_CLIENT_RPM=60").code)
+    assignments = dict(word.split("=") for word in command.split() if "=" in word)
+    proxy = await make_demo_proxy(**assignments)
+    for _ in range(4):
+        response = await proxy.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}
+        )
+    assert response.headers["x-ratelimit-remaining-requests"] == "56"
+    assert response.headers["X-Saiproxy-Limits"] == "local"
 
 
 # --- README and docs/operations.md: logs, trace, check
