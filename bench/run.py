@@ -30,6 +30,14 @@ from bench import load, responses
 from bench.fake_sai import free_port, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
+SMOKE_NOTE = "(a smoke run only checks that the benchmark works: too small to judge targets)"
+
+
+def verdict(met: bool, *, smoke: bool = False) -> str:
+    """Return how a target fared: MET or MISS; a smoke run is too small to judge (--)."""
+    if smoke:
+        return "--  "
+    return "MET " if met else "MISS"
 
 
 @dataclass(frozen=True)
@@ -416,7 +424,9 @@ async def main_async(smoke: bool, only: list[str]) -> int:
     if checks:
         print()
         for target, figure, met in checks:
-            print(f"{'MET ' if met else 'MISS'}  {target:<44} {figure}")
+            print(f"{verdict(met, smoke=smoke)}  {target:<44} {figure}")
+        if smoke:
+            print(SMOKE_NOTE)
     errors = sum(r["errors"] for r in rows if r["via"] == "saiproxy")
     print(f"\n{len(rows)} measurements, {errors} proxy errors")
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
-from bench.run import ROOT, Usage, stop, wait_ready
+from bench.run import ROOT, SMOKE_NOTE, Usage, stop, verdict, wait_ready
 
 PIECE_CHARS = 5
 
@@ -184,7 +184,9 @@ async def main_async(args: argparse.Namespace) -> int:
     print(f"{args.streams} streams x {args.pieces} pieces at {args.rate}/s")
     checks = report(rows, args.pieces)
     for target, measured, met in checks:
-        print(f"{'MET ' if met else 'MISS'}  {target}: {measured}")
+        print(f"{verdict(met, smoke=args.smoke)}  {target}: {measured}")
+    if args.smoke:
+        print(SMOKE_NOTE)
     return 0 if all(row["errors"] == 0 for row in rows) else 1
 
 

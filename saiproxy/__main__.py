@@ -1,5 +1,6 @@
 """Command line: ``saiproxy [--demo]`` serves; ``saiproxy trace <id> [FILES...]`` reads logs;
-``saiproxy check [--json]`` probes SAI with the system credentials before a rollout."""
+``saiproxy check [--json]`` probes SAI with the system credentials before a rollout;
+``saiproxy usage [--json]`` prints each client's use per day (docs/limits.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible reverse proxy in front of SAI. "
         "'saiproxy trace <request-id> [LOG FILES...]' prints one request's timeline; "
         "'saiproxy check [--json]' validates the configuration and probes SAI with each "
-        "system credential.",
+        "system credential; 'saiproxy usage [--json]' prints each client's use per day.",
     )
     parser.add_argument("--version", action="version", version=f"saiproxy {__version__}")
     parser.add_argument(
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         return trace.main(argv[1:])
     if argv[:1] == ["check"]:
         return check.main(argv[1:])
+    if argv[:1] == ["usage"]:
+        from .limits import usage
+
+        return usage.main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

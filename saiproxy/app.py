@@ -18,6 +18,7 @@ from .keys import (
     AUTH_CHAIN,
     ERROR_SHAPES,
     KEEP_ALIVE,
+    LIMITS,
     METRICS,
     OUTCOME,
     REQUEST_ID,
@@ -28,6 +29,9 @@ from .keys import (
     ServingState,
 )
 from .landing import landing
+from .limits.gate import add_limit_headers
+from .limits.limits import Limits, enabled
+from .limits.usage import usage_view
 from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
@@ -41,7 +45,7 @@ from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
 from .protocols.responses import responses
-from .sai import SaiClient
+from .sai import SaiClient, client_timeout
 from .settings import Settings
 from .views import health, model, models, prometheus, readiness
 
@@ -91,16 +95,23 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(
         limit=settings.upstream_connections, limit_per_host=0, keepalive_timeout=30
     )
-    # sock_read bounds both the wait for SAI's headers and every silence in its
-    # body, so a stream that keeps flowing is never cut; total stays unlimited.
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
-    )
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
+        connector=connector,
+        timeout=client_timeout(settings),
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN], app[METRICS])
         yield
+
+
+def _limits_ctx(limits: Limits) -> Callable[[web.Application], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        await limits.start()
+        yield
+        await limits.close()  # after the drain: this replica's leases end at once
+
+    return ctx
 
 
 async def _schema_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -136,6 +147,10 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     if log_setup is not None:
         app.cleanup_ctx.append(_logging_ctx(log_setup))
     app.cleanup_ctx.append(_upstream_ctx)
+    if enabled(settings):
+        app[LIMITS] = limits = Limits(settings, metrics)
+        app.cleanup_ctx.append(_limits_ctx(limits))
+        app.on_response_prepare.append(add_limit_headers)
     app.cleanup_ctx.append(_schema_ctx)
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
     app.cleanup_ctx.append(lambda _: keep_alive.running())
@@ -146,6 +161,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # For people and API tools: open even with PROXY_API_KEYS (see OPEN_PATHS).
     app.router.add_get("/", landing)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/limits/usage", usage_view)
     # Each protocol's routes, and the error shape of the paths under them
     # (first matching prefix wins; OpenAI's shape everywhere else).
     anthropic_errors = anthropic.AnthropicErrors()

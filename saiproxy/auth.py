@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 
 COOKIE_MARKER: Final = "Cookies"
 USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")
-# Control characters cannot go into SAI's header (CR/LF would split it) and
-# surrogates are bytes that were not UTF-8: such a value is the client's error.
-_UNSENDABLE: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+# What is not clean header text: control characters (CR/LF would split a
+# header) and surrogates (aiohttp's escapes for bytes that were not UTF-8).
+# A user credential with any is the client's error; SAI's header values are
+# cleaned of them (sai.clean_header_value).
+UNCLEAN_HEADER_TEXT: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 Kind = Literal["key", "cookie"]
 
@@ -114,7 +116,7 @@ class _UserValue:
             log.info("user credential ignored: not a string", extra={"source": source})
             return None
         value = raw.strip()
-        if _UNSENDABLE.search(value):
+        if UNCLEAN_HEADER_TEXT.search(value):
             log.info("user credential refused: control characters", extra={"source": source})
             raise InvalidRequest(
                 f"The SAI credential in {source} contains control characters or bytes "

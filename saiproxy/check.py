@@ -8,8 +8,9 @@ fallback, so every line reports what that one credential gets from SAI.
 Exit 0 when every probe passed, 1 otherwise: usable as a pre-deploy step.
 
 Nothing printed comes from a secret: probes are named by credential kind,
-and the output is scrubbed of every configured secret value before it is
-written, as a second line of defence.
+and the output goes through the logs' masker (every configured secret value
+of at least MIN_SECRET_LENGTH characters) before it is written, as a second
+line of defence.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import orjson
 from . import __version__
 from .auth import AuthChain, Credential, SystemHandler
 from .errors import UpstreamError
+from .logs import Masker
 from .metrics import Metrics
-from .sai import SaiClient
+from .sai import SaiClient, client_timeout
 from .settings import ModelConfig, Settings, SettingsError, load_settings
 
 PROBE_PROMPT: Final = "saiproxy check: reply with the single word OK."
@@ -189,12 +191,9 @@ async def run_probes(
         settings, max_retries=0, request_timeout=min(settings.request_timeout, probe_timeout)
     )
     no_fallback = AuthChain([], None)
-    client_timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout, sock_read=settings.request_timeout
-    )
     results: list[Probe] = []
     async with aiohttp.ClientSession(
-        timeout=client_timeout, cookie_jar=aiohttp.DummyCookieJar()
+        timeout=client_timeout(settings), cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
         client = SaiClient(session, settings, no_fallback, Metrics())
         for credential in system_credentials(settings):
@@ -207,17 +206,14 @@ async def run_probes(
 
 
 class _Scrubbed:
-    """A text stream that replaces every configured secret before writing."""
+    """A text stream that masks every configured secret before writing, as the logs do."""
 
-    def __init__(self, out: IO[str], secret_values: Sequence[str]) -> None:
+    def __init__(self, out: IO[str], masker: Masker) -> None:
         self._out = out
-        # Longest first, so a secret that contains another is replaced whole.
-        self._secrets = sorted((s for s in secret_values if s), key=len, reverse=True)
+        self._masker = masker
 
     def line(self, text: str) -> None:
-        for value in self._secrets:
-            text = text.replace(value, "[secret]")
-        self._out.write(text + "\n")
+        self._out.write(self._masker.mask_unique(text) + "\n")
         self._out.flush()
 
 
@@ -288,7 +284,7 @@ def main(
     # The client's own log lines (rejected credential, failed attempt) repeat what
     # the probe lines say; without a handler Python would print them bare to stderr.
     logging.getLogger("saiproxy").addHandler(logging.NullHandler())
-    writer = _Scrubbed(out, [secret.reveal() for secret in settings.secrets()])
+    writer = _Scrubbed(out, Masker(secret.reveal() for secret in settings.secrets()))
     credentials = system_credentials(settings)
     if not args.json:
         writer.line(

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .auth import AuthChain
-from .core.render import ErrorShape
-from .core.schemacheck import SchemaChecker
-from .core.sse import STREAM as STREAM
-from .core.sse import KeepAlive
 from .metrics import Metrics
 from .sai import CallBudget, SaiClient
 from .settings import Settings
+
+if TYPE_CHECKING:
+    # The core imports this module; this one names the core's types for the
+    # type checker only, so at run time no import runs back up into core/.
+    from .core.render import ErrorShape
+    from .core.schemacheck import SchemaChecker
+    from .core.sse import KeepAlive
+    from .limits.limits import Limits
 
 
 @dataclass(slots=True)
@@ -41,12 +46,18 @@ SETTINGS = web.AppKey("settings", Settings)
 AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
 SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
-KEEP_ALIVE = web.AppKey("keep_alive", KeepAlive)
+KEEP_ALIVE: web.AppKey[KeepAlive] = web.AppKey("keep_alive")
 METRICS = web.AppKey("metrics", Metrics)
-SCHEMA_CHECKER = web.AppKey("schema_checker", SchemaChecker)
+LIMITS: web.AppKey[Limits] = web.AppKey("limits")  # absent when no limit is configured
+SCHEMA_CHECKER: web.AppKey[SchemaChecker] = web.AppKey("schema_checker")
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
-ERROR_SHAPES = web.AppKey("error_shapes", tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape])
+ERROR_SHAPES: web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]] = web.AppKey(
+    "error_shapes"
+)
 REQUEST_ID = web.RequestKey("request_id", str)
+# The event stream a request has started, once it has (core/sse.py sets it; see
+# middlewares.failure_response).
+STREAM = web.RequestKey("stream", web.StreamResponse)
 OUTCOME = web.RequestKey("outcome", str)
 # The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
 CALL_BUDGET = web.RequestKey("call_budget", CallBudget)

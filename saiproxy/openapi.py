@@ -426,6 +426,32 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/limits/usage": {
+                "get": {
+                    "summary": "Each client's use per day (loopback callers only; 404 otherwise "
+                    "or without limits); what `saiproxy usage` reads",
+                    "tags": ["Operations"],
+                    "parameters": [
+                        {
+                            "name": "days",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 40},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Rows of date, client ID, requests, input and "
+                            "output tokens, refused requests",
+                            "content": {JSON: {"schema": {"type": "object"}}},
+                        },
+                        "404": {
+                            "description": "Not a loopback caller, or no limits configured",
+                            "content": {JSON: {"schema": _ref("OpenAIError")}},
+                        },
+                    },
+                }
+            },
         },
         "components": {
             "securitySchemes": {

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
-from .auth import AuthChain, Credential
+from .auth import UNCLEAN_HEADER_TEXT, AuthChain, Credential
 from .errors import (
     ContextTooLong,
     UpstreamAnswerTooLarge,
@@ -43,9 +43,6 @@ RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.IGNORECASE)
 ERROR_BODY_LIMIT: Final = 64 * 1024
 BACKOFF_CAP: Final = 10.0
-# aiohttp decodes header bytes as UTF-8 with surrogate escapes; anything that is
-# not clean text (undecodable bytes, control characters) must not reach a caller.
-_UNCLEAN: Final = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def clean_header_value(value: str) -> str:
@@ -54,7 +51,7 @@ def clean_header_value(value: str) -> str:
         return value  # the usual case, at the cost of two C scans
     if not value.isascii():
         value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return _UNCLEAN.sub(" ", value)
+    return UNCLEAN_HEADER_TEXT.sub(" ", value)
 
 
 class CleanHeaders(Mapping[str, str]):
@@ -76,6 +73,17 @@ class CleanHeaders(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._raw)
+
+
+def client_timeout(settings: Settings) -> aiohttp.ClientTimeout:
+    """Return the upstream session's timeouts: connecting only.
+
+    REQUEST_TIMEOUT bounds the wait for SAI's headers and every silence in its
+    body (:class:`SaiClient`, :class:`SaiStream`), at a fraction of the cost
+    per piece of aiohttp's ``sock_read``; so a stream that keeps flowing is
+    never cut, and the whole answer has no limit.
+    """
+    return aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
 
 
 class _Transient(Exception):
@@ -139,11 +147,7 @@ class SaiAnswer:
 
     text: str
     headers: CleanHeaders  # cleaned, like SaiStream.headers
-    opened_at: float
-
-    def header(self, name: str) -> str | None:
-        """Return one cleaned response header, or None."""
-        return self.headers.get(name)
+    first_byte_at: float  # when the body's first byte arrived (an empty body: when it ended)
 
 
 class SaiStream:
@@ -155,14 +159,16 @@ class SaiStream:
     """
 
     __slots__ = (
-        "_complete", "_decoder", "_ended", "_headers", "_last", "_loop", "_max_bytes",
-        "_received", "_split", "_timeout", "_watchdog", "call", "opened_at", "response",
+        "_complete", "_decoder", "_ended", "_headers", "_idle", "_last", "_loop", "_max_bytes",
+        "_received", "_split", "_timeout", "_watchdog", "call", "first_piece_at", "opened_at",
+        "response",
     )  # fmt: skip
 
     def __init__(
         self,
         response: aiohttp.ClientResponse,
         call: SaiCall,
+        loop: asyncio.AbstractEventLoop,
         timeout: float,
         max_bytes: int = 32 * 1024 * 1024,
     ) -> None:
@@ -175,10 +181,15 @@ class SaiStream:
         self._received = 0
         self._decoder: codecs.IncrementalDecoder | None = None  # made for a split character
         self._split = False  # the decoder holds the start of a character
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._last = 0.0
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._loop = loop
+        self._last = loop.time()
+        self._idle = False  # the watchdog found the body silent too long, and closed it
+        # The body's idle timeout: one timer per answer, not one per piece (see _check_idle).
+        self._watchdog: asyncio.TimerHandle | None = (
+            loop.call_at(self._last + timeout, self._check_idle) if timeout else None
+        )
         self.opened_at = time.monotonic()
+        self.first_piece_at: float | None = None  # noted by read_text, not by the relay
         self._headers: CleanHeaders | None = None
 
     @property
@@ -188,34 +199,22 @@ class SaiStream:
             self._headers = CleanHeaders(self.response.headers)
         return self._headers
 
-    def header(self, name: str) -> str | None:
-        """Return one cleaned response header (``model``, ``prompttokens``, ...), or None."""
-        return self.headers.get(name)
-
-    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Take over the idle timeout of the body from aiohttp, at a fraction of the cost.
-
-        aiohttp bounds the silence between two reads by cancelling and
-        re-arming a timer for every chunk that arrives; a token stream brings
-        thousands a second. Here one timer per answer wakes once per
-        REQUEST_TIMEOUT and re-arms itself for what is left of the silence,
-        while each piece only notes the time.
-        """
-        protocol = self.response.connection.protocol if self.response.connection else None
-        if protocol is None or not self._timeout:
-            return
-        protocol.read_timeout = None
-        protocol.start_timeout()  # with no timeout set, this disarms aiohttp's timer
-        self._loop = loop
-        self._last = loop.time()
-        self._watchdog = loop.call_at(self._last + self._timeout, self._check_idle)
-
     def _check_idle(self) -> None:
-        assert self._loop is not None
+        """End a body that stayed silent for REQUEST_TIMEOUT; else look again when it could have.
+
+        Bounding the silence between two reads the usual way (aiohttp's
+        ``sock_read``) cancels and re-arms a timer for every chunk that
+        arrives; a token stream brings thousands a second. Here one timer per
+        answer wakes once per REQUEST_TIMEOUT and re-arms itself for what is
+        left of the silence, while each piece only notes the time
+        (:meth:`text_of`). A silent body is closed: the pending read fails,
+        and :meth:`body_error` calls it a timeout.
+        """
         deadline = self._last + self._timeout
         if self._loop.time() >= deadline:
             self._watchdog = None
-            self.response.content.set_exception(TimeoutError())
+            self._idle = True
+            self.response.close()
         else:
             self._watchdog = self._loop.call_at(deadline, self._check_idle)
 
@@ -238,8 +237,7 @@ class SaiStream:
         UTF-8 is decoded incrementally, so a character split across network
         chunks comes out whole. Past MAX_ANSWER_BYTES this raises an UpstreamError.
         """
-        if self._loop is not None:
-            self._last = self._loop.time()
+        self._last = self._loop.time()
         if not chunk:
             if self._ended:
                 return None
@@ -278,14 +276,16 @@ class SaiStream:
 
     async def read_text(self) -> str:
         """Return the whole body as text, once it has all arrived (at most MAX_ANSWER_BYTES)."""
-        pieces = []
+        pieces: list[str] = []
         while (piece := await self.piece()) is not None:
+            if not pieces:
+                self.first_piece_at = time.monotonic()
             pieces.append(piece)
         return "".join(pieces)
 
     def body_error(self, exc: BaseException) -> UpstreamError:
         """Return the UpstreamError for a body that stalled or broke off."""
-        if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        if self._idle or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
             return UpstreamTimeout(self._timeout, self.call.attempts)
         return UpstreamUnavailable(
             f"the answer broke off ({type(exc).__name__})", self.call.attempts
@@ -323,6 +323,8 @@ class SaiClient:
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._session = session
+        # Looked up once: on Python 3.11 every lookup is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._settings = settings
         self._chain = chain
         self._metrics = metrics
@@ -371,7 +373,7 @@ class SaiClient:
                 except (UpstreamTimeout, UpstreamUnavailable) as error:
                     await self._before_retry(call, error)
                     continue
-            return SaiAnswer(text, stream.headers, stream.opened_at)
+            return SaiAnswer(text, stream.headers, stream.first_piece_at or time.monotonic())
 
     async def _before_retry(self, call: SaiCall, error: UpstreamError) -> None:
         if call.retries >= self._settings.max_retries:
@@ -417,9 +419,12 @@ class SaiClient:
         try:
             # Never follow a redirect: it would repeat the call, credential
             # included, to wherever SAI's answer points. A 3xx is a failure.
-            response = await self._session.post(
-                call.url, data=call.payload, headers=headers, allow_redirects=False
-            )
+            # REQUEST_TIMEOUT bounds the wait for SAI's headers here; the body's
+            # silences are bounded by the answer's own watchdog (SaiStream).
+            async with asyncio.timeout(self._settings.request_timeout or None):
+                response = await self._session.post(
+                    call.url, data=call.payload, headers=headers, allow_redirects=False
+                )
         except (TimeoutError, aiohttp.ServerTimeoutError):
             self._log_attempt(call, "timeout", started)
             raise _Transient(
@@ -443,7 +448,11 @@ class SaiClient:
         self._log_attempt(call, status, started)
         if status == 200:
             return SaiStream(
-                response, call, self._settings.request_timeout, self._settings.max_answer_bytes
+                response,
+                call,
+                self._loop,
+                self._settings.request_timeout,
+                self._settings.max_answer_bytes,
             )
         try:
             body = await self._error_body(response)
@@ -482,10 +491,10 @@ class SaiClient:
             return _Transient(error)
         return error
 
-    @staticmethod
-    async def _error_body(response: aiohttp.ClientResponse) -> str:
+    async def _error_body(self, response: aiohttp.ClientResponse) -> str:
         try:
-            raw = await response.content.read(ERROR_BODY_LIMIT)
+            async with asyncio.timeout(self._settings.request_timeout or None):
+                raw = await response.content.read(ERROR_BODY_LIMIT)
         except (TimeoutError, aiohttp.ClientError):
             return ""
         return raw.decode("utf-8", "replace")

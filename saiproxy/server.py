@@ -14,72 +14,11 @@ from aiohttp import web
 
 from . import __version__
 from .app import AccessLogger, create_app, log_setup_for
-from .errors import MalformedRequest
 from .keys import STATE, ServingState
-from .logs import bound
-from .middlewares import REQUEST_ID_HEADER, error_response, new_request_id
+from .malformed import ProxyRunner
 from .settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
-
-
-class _RequestHandler(web.RequestHandler):
-    """aiohttp's connection handler, answering requests it cannot parse as OpenAI errors.
-
-    A bad request line, bad or oversized headers or broken framing never reach
-    the application (its middlewares included): aiohttp answers them itself,
-    in plain text, after logging an ERROR with a traceback. They are the
-    client's mistake: one INFO line, and the error shape every client expects.
-    """
-
-    __slots__ = ()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500 or request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)
-        text = str(getattr(exc, "message", None) or message or "").strip()
-        reason = bound(text.splitlines()[0], 200) if text else "bad request"
-        request_id = new_request_id()
-        log.info(
-            "malformed request refused",
-            extra={
-                "request_id": request_id,
-                "status": status,
-                "error": type(exc).__name__ if exc is not None else None,
-                "reason": reason,
-                "remote": request.remote,
-            },
-        )
-        response = error_response(MalformedRequest(f"Malformed HTTP request: {reason}", status))
-        response.headers[REQUEST_ID_HEADER] = request_id
-        response.force_close()
-        return response
-
-
-class _Server(web.Server):
-    """aiohttp's low-level server, making :class:`_RequestHandler` connections."""
-
-    def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class ProxyRunner(web.AppRunner):
-    """The AppRunner production uses: aiohttp's own error answers in the OpenAI shape."""
-
-    __slots__ = ()
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp offers no option for the connection handler's class; the
-        # server it built is the same object with that one method changed.
-        server.__class__ = _Server
-        return server
 
 
 CUT_GRACE = 1.0  # seconds a cut answer gets to write its ending (at most a quarter of the budget)

@@ -7,9 +7,10 @@ file under the secrets directory (``/run/secrets/``) is read from that file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -178,6 +179,15 @@ def _str(raw: str) -> str:
     return raw.strip()
 
 
+def _store_url(raw: str) -> Secret:
+    """A Valkey or Redis URL (it may hold a password, so it is kept as a secret)."""
+    value = raw.strip()
+    scheme = value.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss", "valkey", "valkeys", "unix"):
+        raise ValueError("must be a redis://, rediss://, valkey://, valkeys:// or unix:// URL")
+    return Secret(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """Where a setting comes from: its environment name (the TOML key is its lower case),
@@ -187,15 +197,35 @@ class Option:
     section: str
     parse: Callable[[str], Any]
     secret: bool = False
+    key: str | None = None  # its TOML key, when not the environment name in lower case
 
     @property
     def toml_key(self) -> str:
         """Return the setting's key in its TOML table."""
-        return self.env.lower()
+        return self.key or self.env.lower()
 
 
-def _opt(env: str, section: str, parse: Callable[[str], Any], *, secret: bool = False) -> Any:
-    return {"option": Option(env, section, parse, secret)}
+def _opt(
+    env: str,
+    section: str,
+    parse: Callable[[str], Any],
+    *,
+    secret: bool = False,
+    key: str | None = None,
+) -> Any:
+    return {"option": Option(env, section, parse, secret, key)}
+
+
+def _limit(env: str, default: int = 0) -> Any:
+    """A limit of the [limits] table: 0 means none; its TOML key drops the LIMITS_ prefix."""
+    return field(
+        default=default,
+        metadata=_opt(env, "limits", _non_negative_int, key=env.removeprefix("LIMITS_").lower()),
+    )
+
+
+def _limits_option(env: str, parse: Callable[[str], Any], *, secret: bool = False) -> Any:
+    return _opt(env, "limits", parse, secret=secret, key=env.removeprefix("LIMITS_").lower())
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +335,40 @@ class Settings:
         default=2.0, metadata=_opt("SCHEMA_CHECK_TIMEOUT", "server", _positive_float)
     )
     allow_open_relay: bool = field(default=False, metadata=_opt("ALLOW_OPEN_RELAY", "auth", _bool))
+    # [limits] (docs/limits.md): per client and for the shared SAI credentials; 0 = no limit.
+    limits_url: Secret | None = field(
+        default=None, metadata=_limits_option("LIMITS_URL", _store_url, secret=True)
+    )
+    limits_replicas: int = field(
+        default=1, metadata=_limits_option("LIMITS_REPLICAS", _positive_int)
+    )
+    limits_timeout: float = field(
+        default=0.25, metadata=_limits_option("LIMITS_TIMEOUT", _positive_float)
+    )
+    limits_probe_interval: float = field(
+        default=1.0, metadata=_limits_option("LIMITS_PROBE_INTERVAL", _positive_float)
+    )
+    limits_lease: float = field(
+        default=30.0, metadata=_limits_option("LIMITS_LEASE", _positive_float)
+    )
+    limits_renew_interval: float = field(
+        default=10.0, metadata=_limits_option("LIMITS_RENEW_INTERVAL", _positive_float)
+    )
+    limits_output_reserve: int = field(
+        default=1024, metadata=_limits_option("LIMITS_OUTPUT_RESERVE", _non_negative_int)
+    )
+    limits_budget_period: str = field(
+        default="day", metadata=_limits_option("LIMITS_BUDGET_PERIOD", _choice("day", "month"))
+    )
+    limits_prefix: str = field(default="saiproxy:", metadata=_limits_option("LIMITS_PREFIX", _str))
+    limits_client_rpm: int = _limit("LIMITS_CLIENT_RPM")
+    limits_client_tpm: int = _limit("LIMITS_CLIENT_TPM")
+    limits_client_concurrency: int = _limit("LIMITS_CLIENT_CONCURRENCY")
+    limits_client_budget: int = _limit("LIMITS_CLIENT_BUDGET")
+    limits_global_rpm: int = _limit("LIMITS_GLOBAL_RPM")
+    limits_global_tpm: int = _limit("LIMITS_GLOBAL_TPM")
+    limits_global_concurrency: int = _limit("LIMITS_GLOBAL_CONCURRENCY")
+    limits_global_budget: int = _limit("LIMITS_GLOBAL_BUDGET")
 
     def model_for(self, name: str | None) -> ModelConfig | None:
         """Return the model serving ``name``: unknown names map to the default unless strict."""
@@ -317,7 +381,7 @@ class Settings:
 
     def secrets(self) -> tuple[Secret, ...]:
         """Return every configured secret, for log masking."""
-        values = [self.sai_key, self.sai_cookie, *self.proxy_api_keys]
+        values = [self.sai_key, self.sai_cookie, self.limits_url, *self.proxy_api_keys]
         if self.sai_url.password:
             values.append(Secret(self.sai_url.password))
         return tuple(value for value in values if value is not None)
@@ -340,6 +404,61 @@ OPTIONS: Final[Mapping[str, Option]] = {
 _DEFAULTS: Final[Mapping[str, Any]] = {
     f.name: f.default for f in fields(Settings) if f.default is not MISSING
 }
+
+
+# What the TOML file may hold besides the options' tables: the top-level keys
+# read by load_settings, and the keys of each [models.NAME] table.
+DEFAULT_MODEL_KEY: Final = "default_model"
+MODELS_TABLE: Final = "models"
+MODEL_KEYS: Final = ("template_id", "model_override")
+
+
+def known_toml_keys() -> dict[str, frozenset[str]]:
+    """Return every table of the TOML file and the keys it may hold, from the definitions.
+
+    Derived from :data:`OPTIONS` (each option's table and key), so a setting
+    added there is known here at once.
+    """
+    tables: dict[str, set[str]] = {}
+    for option in OPTIONS.values():
+        tables.setdefault(option.section, set()).add(option.toml_key)
+    return {name: frozenset(keys) for name, keys in tables.items()}
+
+
+def _closest(name: str, known: Collection[str]) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def unknown_toml_keys(toml: Mapping[str, Any]) -> list[str]:
+    """Return a line for every key or table of ``toml`` no setting reads, with the closest
+    known name (a misspelt key would otherwise be ignored without a word)."""
+    tables = known_toml_keys()
+    top = {*tables, MODELS_TABLE, DEFAULT_MODEL_KEY}
+    problems: list[str] = []
+    for key, value in toml.items():
+        if key not in top:
+            what = "table" if isinstance(value, Mapping) else "key"
+            problems.append(f"unknown {what} {key!r}{_closest(key, top)}")
+        elif key in tables and isinstance(value, Mapping):
+            for inner in value:
+                if inner not in tables[key]:
+                    elsewhere = [name for name, keys in tables.items() if inner in keys]
+                    hint = (
+                        f" (it belongs in [{elsewhere[0]}])"
+                        if elsewhere
+                        else _closest(inner, tables[key])
+                    )
+                    problems.append(f"unknown key {inner!r} in [{key}]{hint}")
+        elif key == MODELS_TABLE and isinstance(value, Mapping):
+            for model, entry in value.items():
+                if isinstance(entry, Mapping):
+                    problems.extend(
+                        f"unknown key {inner!r} in [models.{model}]{_closest(inner, MODEL_KEYS)}"
+                        for inner in entry
+                        if inner not in MODEL_KEYS
+                    )
+    return problems
 
 
 class _Source:
@@ -398,9 +517,13 @@ class _Source:
             raise SettingsError(name, f"cannot read secret file {path} ({exc.strerror})") from None
 
 
+def _config_path(env: Mapping[str, str]) -> str:
+    return env.get("SAIPROXY_CONFIG") or DEFAULT_CONFIG_PATH
+
+
 def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
     explicit = env.get("SAIPROXY_CONFIG")
-    path = Path(explicit or DEFAULT_CONFIG_PATH)
+    path = Path(_config_path(env))
     if not path.exists():
         if explicit:
             raise SettingsError("SAIPROXY_CONFIG", f"file {path} does not exist")
@@ -413,19 +536,20 @@ def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _load_models(toml: Mapping[str, Any], default_template: str | None) -> dict[str, ModelConfig]:
-    table = toml.get("models", {})
+    table = toml.get(MODELS_TABLE, {})
     if not isinstance(table, Mapping):
         raise SettingsError("[models]", "must be a table of model tables")
     models: dict[str, ModelConfig] = {}
     for name, entry in table.items():
         if not isinstance(entry, Mapping):
             raise SettingsError(f"[models.{name}]", "must be a table")
-        template = str(entry.get("template_id") or "").strip() or default_template
+        template_key, override_key = MODEL_KEYS
+        template = str(entry.get(template_key) or "").strip() or default_template
         if not template:
             raise SettingsError(
                 "SAI_TEMPLATE_ID", f"is required: model {name!r} names no template_id"
             )
-        override = str(entry.get("model_override") or "").strip() or None
+        override = str(entry.get(override_key) or "").strip() or None
         models[name] = ModelConfig(name, template, override)
     return models
 
@@ -450,6 +574,9 @@ def load_settings(
     """Build validated settings from the environment and the config file."""
     env = os.environ if env is None else env
     toml = _load_toml(env)
+    unknown = unknown_toml_keys(toml)
+    if unknown:
+        raise SettingsError(_config_path(env), "; ".join(unknown))
     source = _Source(env, toml, secrets_dir)
     values: dict[str, Any] = {}
     for attr, option in OPTIONS.items():
@@ -464,7 +591,7 @@ def load_settings(
 
     template = values.get("sai_template_id")
     models = _load_models(toml, template)
-    default_model = str(toml.get("default_model") or _DEFAULTS["default_model"])
+    default_model = str(toml.get(DEFAULT_MODEL_KEY) or _DEFAULTS["default_model"])
     if not models:
         if not template:
             raise SettingsError("SAI_TEMPLATE_ID", "is required (no model names a template_id)")

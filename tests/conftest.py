@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from bench.valkey import ValkeyServer
 from saiproxy.app import create_app, log_setup_for
+from saiproxy.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, demo_sai
 
 # Re-exported: the tests import them from here.
 from saiproxy.fake_sai import FakeSai as FakeSai
@@ -78,6 +80,31 @@ def make_proxy(
 
 
 @pytest.fixture
+async def demo_url() -> AsyncIterator[str]:
+    """Serve the demo upstream (``saiproxy --demo``'s) on a loopback port."""
+    server = TestServer(demo_sai().app, host="127.0.0.1")
+    await server.start_server(access_log=None)
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@pytest.fixture
+def make_demo_proxy(make_proxy: MakeProxy, demo_url: str) -> MakeProxy:
+    """Start a proxy configured as ``saiproxy --demo`` configures it; keywords override."""
+
+    async def factory(**env: str | None) -> TestClient[web.Request, web.Application]:
+        demo = {
+            "SAI_URL": demo_url,
+            "SAI_KEY": DEMO_KEY,
+            "SAI_COOKIE": DEMO_COOKIE,
+            "SAI_TEMPLATE_ID": DEMO_TEMPLATE,
+        }
+        return await make_proxy(**{**demo, **env})
+
+    return factory
+
+
+@pytest.fixture
 async def proxy(make_proxy: MakeProxy) -> TestClient[web.Request, web.Application]:
     return await make_proxy()
 
@@ -128,3 +155,21 @@ async def run_node(script: str, *args: str, env: dict[str, str] | None = None) -
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()[-2000:]
     return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    """A real Valkey server for the whole session (tests flush it through ``valkey``)."""
+    server = ValkeyServer(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def valkey(valkey_server: ValkeyServer) -> ValkeyServer:
+    """The session's Valkey server, running and empty."""
+    if valkey_server.process is None or valkey_server.process.poll() is not None:
+        valkey_server.start()
+    valkey_server.command("FLUSHALL")
+    return valkey_server

@@ -206,6 +206,20 @@ async def test_configuration_error_exits_2_with_one_line(sai: FakeSai, tmp_path:
     assert sai.received == []
 
 
+async def test_unknown_config_keys_are_reported(sai: FakeSai, tmp_path: Path) -> None:
+    env = check_env(sai, tmp_path)
+    config = Path(env["SAIPROXY_CONFIG"])
+    await asyncio.to_thread(config.write_text, TWO_MODELS + "\n[server]\nprot = 4001\n")
+    status, out, err = await run_check(env)
+    assert status == 2
+    assert out == ""
+    assert err.splitlines() == [
+        f"saiproxy: configuration error: {config}: unknown key 'prot' in [server] "
+        "(did you mean 'port'?)"
+    ]
+    assert sai.received == []
+
+
 async def test_the_console_script(sai: FakeSai, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("saiproxy")
     if not script.exists():
@@ -220,8 +234,18 @@ async def test_secrets_in_sai_answers_never_reach_the_output(sai: FakeSai, tmp_p
     sai.default = Reply(headers={"model": SYSTEM_KEY})
     status, out, _ = await run_check(check_env(sai, tmp_path))
     assert status == 0
-    assert "(SAI model [secret])" in out
+    assert "(SAI model ***)" in out
     assert_no_secret(out)
+
+
+async def test_a_short_secret_does_not_mangle_the_output(sai: FakeSai, tmp_path: Path) -> None:
+    # One masker for logs and the command line: values shorter than its minimum
+    # are no secrets worth masking, and masking them would garble every line.
+    status, out, _ = await run_check(check_env(sai, tmp_path, SAI_KEY="k", SAI_COOKIE="he"))
+    assert status == 0
+    assert "credentials SAI_KEY, SAI_COOKIE" in out.splitlines()[0]
+    assert "***" not in out
+    assert out.splitlines()[-1] == "summary: 4 of 4 probes passed, all passed"
 
 
 async def test_timeout_is_one_attempt(sai: FakeSai, tmp_path: Path) -> None:

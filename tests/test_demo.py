@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
-from saiproxy.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, MAGIC, demo_sai
+from saiproxy.demo import MAGIC
 
 from .conftest import MakeProxy, chat
 
@@ -23,31 +21,6 @@ WEATHER = {
 }
 
 
-@pytest.fixture
-async def demo_url() -> AsyncIterator[str]:
-    server = TestServer(demo_sai().app, host="127.0.0.1")
-    await server.start_server(access_log=None)
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
-
-
-@pytest.fixture
-def demo_proxy(make_proxy: MakeProxy, demo_url: str) -> MakeProxy:
-    """A proxy configured as ``saiproxy --demo`` configures it, in http error mode."""
-
-    async def factory(**env: str | None) -> Any:
-        settings: dict[str, str | None] = {
-            "SAI_URL": demo_url,
-            "SAI_KEY": DEMO_KEY,
-            "SAI_COOKIE": DEMO_COOKIE,
-            "SAI_TEMPLATE_ID": DEMO_TEMPLATE,
-            "ERROR_MODE": "http",
-        }
-        return await make_proxy(**{**settings, **env})
-
-    return factory
-
-
 async def _post(proxy: Any, text: str, **extra: Any) -> tuple[int, Any, Any]:
     response = await proxy.post(URL, json=chat(("user", text), **extra))
     return response.status, response.headers, await response.json()
@@ -56,6 +29,16 @@ async def _post(proxy: Any, text: str, **extra: Any) -> tuple[int, Any, Any]:
 async def _events(proxy: Any, text: str) -> list[bytes]:
     response = await proxy.post(URL, json=chat(("user", text), stream=True))
     return [line async for line in response.content if line.strip()]
+
+
+@pytest.fixture
+def demo_proxy(make_demo_proxy: MakeProxy) -> MakeProxy:
+    """A proxy configured as ``saiproxy --demo`` configures it, in http error mode."""
+
+    async def factory(**env: str | None) -> Any:
+        return await make_demo_proxy(**{"ERROR_MODE": "http", **env})
+
+    return factory
 
 
 async def test_a_plain_message_is_echoed(demo_proxy: MakeProxy) -> None:

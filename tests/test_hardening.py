@@ -20,9 +20,11 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 
-from saiproxy import trace
+from saiproxy import malformed, trace
 from saiproxy.logs import LogSetup, write_failures
+from saiproxy.malformed import ProxyRunner
 from saiproxy.server import serve
 from saiproxy.settings import load_settings
 
@@ -316,6 +318,20 @@ async def test_requests_aiohttp_cannot_parse_answer_in_the_openai_shape(
     assert [line["level"] for line in lines if line["level"] in ("ERROR", "CRITICAL")] == []
     assert not any("exc_info" in line for line in lines)
     assert any(line["message"].endswith("malformed request refused") for line in lines)
+
+
+async def test_the_private_aiohttp_api_malformed_py_relies_on_still_fits() -> None:
+    # saiproxy/malformed.py is the one place aiohttp's private API is used; a
+    # release that changes it must fail here, by name, not only in the test above.
+    runner = ProxyRunner(web.Application())
+    await runner.setup()
+    try:
+        assert malformed.fits(web.Server(runner.server.request_handler)), (
+            "this aiohttp release changed the private API saiproxy/malformed.py relies on"
+        )
+        assert type(runner.server).__module__ == "saiproxy.malformed"
+    finally:
+        await runner.cleanup()
 
 
 # --- 6. logs clients cannot forge or flood -----------------------------------------------------

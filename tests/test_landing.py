@@ -232,6 +232,7 @@ EXPECTED_PATHS = {
     "/health": "get",
     "/health/readiness": "get",
     "/metrics": "get",
+    "/limits/usage": "get",
 }
 
 
@@ -264,7 +265,7 @@ def test_every_routed_api_path_is_documented() -> None:
         info = route.resource.canonical if route.resource is not None else ""
         if route.method == "HEAD" or info in ("/", "/openapi.json"):
             continue
-        if not info.startswith(("/v1/", "/health", "/metrics")):
+        if not info.startswith(("/v1/", "/health", "/metrics", "/limits/")):
             assert f"/v1{info}" in documented, info  # an alias of a /v1 path
             continue
         path = info.replace("{id}", "{model}")

@@ -415,3 +415,29 @@ def test_lifecycle_lines_stay_json_whatever_the_value(value: Any) -> None:
     record = logging.LogRecord("saiproxy.x", logging.WARNING, "", 0, "m", None, None)
     record.v = value
     assert "v" in strict(formatter.format(record))
+
+
+async def test_first_byte_is_the_first_byte_of_sais_body(
+    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+) -> None:
+    # Non-streamed as streamed: SAI's headers come at once, its first words
+    # 0.4 s later; the time to first byte is the words', not the headers'.
+    proxy = await make_proxy()
+    for stream in (False, True):
+        sai.script(Reply(body=["", "late", " words"], chunk_delay=0.4))
+        response = await proxy.post(
+            "/v1/chat/completions",
+            json=chat(("user", "hi"), stream=stream),
+            headers={"X-Request-ID": f"first-byte-{stream}"},
+        )
+        assert "late" in await response.text()
+    await asyncio.sleep(0.3)  # the log listener writes in the background
+    records = [json.loads(line) for line in log_lines(tmp_path)]
+    for stream in (False, True):
+        (finished,) = [
+            r
+            for r in records
+            if r.get("request_id") == f"first-byte-{stream}"
+            and r["message"].endswith("response finished")
+        ]
+        assert 350 <= finished["ttfb_ms"] < finished["latency_ms"], stream

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,6 +173,51 @@ def test_startup_validation_exits_2_with_one_line(env: dict[str, str], variable:
     assert "secret-k-9" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    ("toml", "named", "closest"),
+    [
+        ("[server]\nprot = 4001\n", "'prot' in [server]", "did you mean 'port'?"),
+        ("[serverr]\nport = 4001\n", "table 'serverr'", "did you mean 'server'?"),
+        ("[upstream]\ntemplate_id = 't'\n", "'template_id' in [upstream]", "'sai_template_id'"),
+        ("[server]\nmax_retries = 1\n", "'max_retries' in [server]", "belongs in [upstream]"),
+        ("defualt_model = 'a'\n", "key 'defualt_model'", "did you mean 'default_model'?"),
+        ("[models.m]\ntemplate = 't'\n", "'template' in [models.m]", "'template_id'"),
+    ],
+)
+def test_unknown_config_keys_exit_2_naming_the_closest(
+    tmp_path: Path, toml: str, named: str, closest: str
+) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text(toml)
+    with pytest.raises(SettingsError) as caught:
+        load_settings({**BASE, "SAIPROXY_CONFIG": str(config)})
+    assert named in caught.value.problem and closest in caught.value.problem
+    result = _run_cli({**BASE, "SAIPROXY_CONFIG": str(config)})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert str(config) in line and named in line and closest in line
+
+
+def test_every_key_the_shipped_config_shows_is_known(tmp_path: Path) -> None:
+    # Its commented examples too: uncommented, each must be a key saiproxy reads.
+    lines = []
+    for line in Path(CONFIG).read_text().splitlines():
+        example = line.removeprefix("# ")
+        lines.append(example if line.startswith("# ") and " = " in example else line)
+    uncommented = tmp_path / "uncommented.toml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    assert "sai_url = " in uncommented.read_text()
+    settings = load_settings({**BASE, "SAIPROXY_CONFIG": str(uncommented), "SAI_URL": ""})
+    assert str(settings.sai_url) == "https://sai.example.com"
+
+
+def test_known_config_keys_come_from_the_settings() -> None:
+    from saiproxy.settings import OPTIONS, unknown_toml_keys
+
+    for option in OPTIONS.values():
+        assert unknown_toml_keys({option.section: {option.toml_key: "x"}}) == [], option.env
+
+
 def test_env_example_and_readme_document_every_variable() -> None:
     from saiproxy.settings import OPTIONS
 
@@ -182,9 +228,82 @@ def test_env_example_and_readme_document_every_variable() -> None:
     for name in sorted(names):
         assert f"\n{name}=" in documented, name
         assert f"`{name}`" in readme, name
-    for option in OPTIONS.values():
-        row = f"| `{option.env}` | `[{option.section}]` `{option.toml_key}` |"
-        assert row in reference, option.env
+    del reference  # docs/configuration.md is checked whole below
+
+
+def _documented_default(value: Any) -> str:
+    """Return a built-in default as docs/configuration.md writes it."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, tuple):
+        return f"`{','.join(str(item) for item in value)}`" if value else "unset"
+    return f"`{value}`"
+
+
+def test_the_configuration_reference_is_the_settings_table() -> None:
+    # A real Markdown table (header, separator, one row per setting) whose
+    # variable, table, key and default are the settings' own; its meanings
+    # are not copied from row to row.
+    from dataclasses import MISSING, fields
+
+    from saiproxy.settings import OPTIONS, Settings
+
+    lines = (ROOT / "docs" / "configuration.md").read_text().splitlines()
+    start = lines.index("| variable | TOML table and key | default | meaning |")
+    assert lines[start + 1] == "|---|---|---|---|"
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        assert len(cells) == 4, line
+        rows.append(cells)
+    defaults = {f.name: f.default for f in fields(Settings)}
+    expected = {}
+    for name, option in OPTIONS.items():
+        default = defaults[name]
+        shown = None if default is None or default is MISSING else _documented_default(default)
+        expected[f"`{option.env}`"] = (f"`[{option.section}]` `{option.toml_key}`", shown)
+    variables = [row[0] for row in rows]
+    assert len(variables) == len(set(variables)), "a setting documented twice"
+    assert set(variables) == set(expected)
+    for variable, where, default, meaning in rows:
+        expected_where, expected_default = expected[variable]
+        assert where == expected_where, variable
+        if expected_default is None:  # no built-in value: the row says what is needed
+            assert not default.startswith("`"), variable
+        else:
+            assert default == expected_default, variable
+        assert meaning, variable
+    meanings = [row[3] for row in rows]
+    assert len(set(meanings)) == len(meanings), "a meaning copied from another row"
+
+
+def test_the_readme_settings_table_shows_the_built_in_defaults() -> None:
+    from dataclasses import MISSING, fields
+
+    from saiproxy.settings import OPTIONS, Settings
+
+    defaults = {f.name: f.default for f in fields(Settings)}
+    by_variable = {option.env: defaults[name] for name, option in OPTIONS.items()}
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| variable | default | meaning |")
+    checked = 0
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        variables, shown, _ = (cell.strip() for cell in line.strip("|").split(" | "))
+        names = [name.strip("`") for name in variables.split(", ")]
+        values = shown.split(", ")  # one per variable, or one for all
+        values = values if len(values) == len(names) else [shown] * len(names)
+        for name, value in zip(names, values, strict=True):
+            default = by_variable[name]
+            if default is not None and default is not MISSING:
+                assert value == _documented_default(default), name
+                checked += 1
+    assert checked >= 25
 
 
 def test_env_example_loads(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -147,6 +148,33 @@ async def test_slow_but_flowing_body_is_not_cut(make_proxy: MakeProxy, sai: Fake
     data = await response.json()
     assert data["choices"][0]["message"]["content"] == "a" * 8
     assert len(sai.received) == 1
+
+
+async def test_body_that_stalls_past_request_timeout_is_a_timeout(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    # Non-streamed too, the silence inside SAI's body is bounded, not only the
+    # wait for its headers: each attempt stalls after its first piece.
+    proxy = await make_proxy(ERROR_MODE="http", REQUEST_TIMEOUT="0.3", MAX_RETRIES="1")
+    sai.script(*[Reply(body=["half", " never"], chunk_delay=3.0)] * 2)
+    started = time.monotonic()
+    response = await proxy.post(URL, json=chat(("user", "hi")))
+    assert response.status == 504
+    assert (await response.json())["error"]["code"] == "upstream_timeout"
+    assert len(sai.received) == 2
+    assert time.monotonic() - started < 2.5  # two silences of 0.3 s, not 3 s each
+
+
+async def test_error_body_that_stalls_is_not_waited_for(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    proxy = await make_proxy(ERROR_MODE="http", REQUEST_TIMEOUT="0.3", MAX_RETRIES="0")
+    sai.script(Reply(status=500, body=["oops", " never"], chunk_delay=3.0))
+    started = time.monotonic()
+    response = await proxy.post(URL, json=chat(("user", "hi")))
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "upstream_error"
+    assert time.monotonic() - started < 2.5
 
 
 async def test_body_that_breaks_off_is_retried_when_nothing_was_sent(

@@ -40,6 +40,7 @@ from ..keys import (
     SCHEMA_CHECKER,
     SETTINGS,
 )
+from ..limits import gate
 from ..logs import RESPONSE_FINISHED, event
 from ..sai import CallBudget, SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
@@ -76,8 +77,8 @@ class Exchange:
     # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
     __slots__ = (
         "_body", "call", "chars", "choice", "conversation", "created", "early", "first_byte",
-        "loop", "model", "model_config", "protocol", "rejected", "rejected_detail", "request",
-        "request_id", "settings", "started", "suffix", "usage",
+        "loop", "max_output", "model", "model_config", "protocol", "rejected",
+        "rejected_detail", "request", "request_id", "settings", "started", "suffix", "usage",
     )  # fmt: skip
 
     def __init__(
@@ -108,6 +109,7 @@ class Exchange:
         self.first_byte: float | None = None
         self.usage = Usage()
         self.choice: int | None = None  # its index when one of several (fanout.respond_all)
+        self.max_output: int | None = None  # the answer's token bound the client asked for
         # Call blocks left as text, by reason, and the first one's detail: one log line at the end.
         self.rejected: dict[str, int] = {}
         self.rejected_detail = ""
@@ -137,6 +139,7 @@ class Exchange:
         with InFlight(self.request, self.loop):
             try:
                 self.begin()
+                await gate.admit(self.request, (self,))  # the limits, once, before SAI
                 if self.conversation.stream:
                     response, ending = await respond_streamed(self, renderer)
                 else:
@@ -158,6 +161,7 @@ class Exchange:
             credential = self._prepare()
         finally:
             self._log_received(credential)
+        self.max_output = gate.requested_output(self._body)
         self._body = None  # parsed already; a long stream need not keep the raw JSON
 
     def _prepare(self) -> dict[str, Any]:
@@ -230,7 +234,7 @@ class Exchange:
     async def _answer(self) -> Answer:
         conversation = self.conversation
         fetched = await self.sai.fetch(self._known_call())
-        self.first_byte = fetched.opened_at
+        self.first_byte = fetched.first_byte_at  # of SAI's body, as a stream's first piece
         self.model = fetched.headers.get("model") or self.model
         self.count(fetched.headers, len(fetched.text))
         text = fetched.text
@@ -458,7 +462,9 @@ def conclude(exchanges: Sequence[Exchange], endings: Sequence[Ending]) -> None:
     The finish lines and the latency figures are recorded once the answer is
     on its way: done at once they would sit between SAI's answer and the client.
     """
-    exchanges[0].request[OUTCOME] = next((e.outcome for e in endings if e.outcome != "ok"), "ok")
+    request = exchanges[0].request
+    request[OUTCOME] = next((e.outcome for e in endings if e.outcome != "ok"), "ok")
+    gate.settle(request, exchanges)  # however it ended: tokens corrected, lease ended
     call_soon = exchanges[0].loop.call_soon
     for exchange, ending in zip(exchanges, endings, strict=True):
         call_soon(exchange.finish, ending)

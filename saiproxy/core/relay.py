@@ -171,7 +171,6 @@ class Stream:
         async with upstream:
             exchange.opened(upstream)
             await self.start(exchange.model)
-            upstream.watch(exchange.loop)
             # The loop every token goes through: one await per piece.
             read, text_of, text = upstream.read_chunk, upstream.text_of, renderer.text
             try:

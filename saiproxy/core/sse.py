@@ -16,14 +16,14 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
+from ..keys import STREAM
+
 SSE_HEADERS: Final = {
     hdrs.CONTENT_TYPE: "text/event-stream",
     hdrs.CACHE_CONTROL: "no-cache",
     "X-Accel-Buffering": "no",  # nginx would otherwise hold frames back
 }
 COMMENT_PING: Final = b": ping\n\n"
-# The event stream a request has started, once it has (see middlewares.failure_response).
-STREAM: Final = web.RequestKey("stream", web.StreamResponse)
 
 
 class EventStream(web.StreamResponse):

@@ -26,7 +26,7 @@ from .format import (
     request_tag,
     serialise,
 )
-from .mask import MASK, Masker
+from .mask import MASK, MIN_SECRET_LENGTH, Masker
 from .setup import LogSetup
 from .write import write_failures
 
@@ -34,6 +34,7 @@ __all__ = [
     "FILE_GLOB",
     "LOGGER_PREFIX",
     "MASK",
+    "MIN_SECRET_LENGTH",
     "RESPONSE_FINISHED",
     "LogSetup",
     "Masker",

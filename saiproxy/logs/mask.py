@@ -15,15 +15,23 @@ _SENSITIVE: Final = re.compile(
     r"([^\"'\n,}]+)"
 )
 MASK: Final = "***"
+# A shorter value is not masked: replacing every "k" or "on" in a line would
+# mangle it and hide nothing (a value that short is no secret).
+MIN_SECRET_LENGTH: Final = 4
 _CACHE_LIMIT: Final = 4096
 
 
 class Masker:
-    """Replace configured secrets and credential-looking values with ``***``."""
+    """Replace configured secrets and credential-looking values with ``***``.
+
+    The one masker: log lines and the command line's output (``saiproxy check``).
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Longest first, so a secret containing another is masked whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = sorted(
+            {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True
+        )
         self._masked: dict[str, str] = {}
 
     def tag(self, record: logging.LogRecord) -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 from ..bodies import read_json
 from ..core.conversation import MAX_MESSAGES, Answer, Conversation, ToolCall, Turn, check_count
 from ..core.exchange import Exchange
+from ..core.sse import COMMENT_PING
 from ..errors import InvalidRequest, UpstreamError
 from . import openai
 
@@ -21,7 +22,6 @@ USED_FIELDS: Final = frozenset(
      "parallel_tool_calls", "response_format", "stop", "metadata", "user"}
 )  # fmt: skip
 DONE: Final = b"data: [DONE]\n\n"
-PING: Final = b": ping\n\n"
 _TEXT_TAIL: Final = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
 
@@ -212,7 +212,7 @@ class ChatRenderer:
         )
 
     def ping(self) -> bytes:
-        return PING
+        return COMMENT_PING
 
     def text(self, piece: str) -> bytes:
         # The one frame per token: two splices of constant bytes around the text.

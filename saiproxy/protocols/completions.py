@@ -20,11 +20,11 @@ from ..bodies import read_json
 from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
 from ..core.exchange import Exchange
 from ..core.fanout import respond_all
+from ..core.sse import COMMENT_PING
 from ..errors import InvalidRequest, UpstreamError
 from . import openai
 
 DONE: Final = b"data: [DONE]\n\n"
-PING: Final = b": ping\n\n"
 USED_FIELDS: Final = frozenset(
     {"model", "prompt", "stream", "stream_options", "n", "logprobs", "suffix", "echo", "stop",
      "metadata", "user"}
@@ -183,7 +183,7 @@ class ChoiceRenderer:
         return self._frame(self._echo, None) if self._echo else b""
 
     def ping(self) -> bytes:
-        return PING
+        return COMMENT_PING
 
     def text(self, piece: str) -> bytes:
         return self._frame(piece, None)

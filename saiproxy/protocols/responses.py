@@ -35,12 +35,12 @@ from ..core.conversation import (
     check_count,
 )
 from ..core.exchange import Exchange
+from ..core.sse import COMMENT_PING
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from . import openai
 
 log = logging.getLogger("saiproxy.protocols")
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
-PING: Final = b": ping\n\n"
 # Present and not null, these need state saiproxy does not keep.
 STATEFUL_FIELDS: Final = {
     "previous_response_id": "saiproxy stores no responses: send the whole conversation "
@@ -421,7 +421,7 @@ class ResponsesRenderer:
         )
 
     def ping(self) -> bytes:
-        return PING
+        return COMMENT_PING
 
     def _open_message(self) -> bytes:
         self._pieces = []

