@@ -106,6 +106,12 @@ NOT_HERE: dict[tuple[str, str], str] = {
     ("docs/clients.md", "ChatOpenAI("): "tests/test_docs_clients.py",
     ("docs/clients.md", "import litellm"): "LiteLLM is no test dependency",
     ("docs/clients.md", "curl -s"): "tests/test_docs_clients.py",
+    # The agents' settings: tests/test_agents.py reads these blocks and runs each
+    # agent with them through a whole tool loop (only the address changes).
+    ("docs/clients.md", "export ANTHROPIC_BASE_URL"): "tests/test_agents.py (Claude Code)",
+    ("docs/clients.md", 'model_provider = "saiproxy"'): "tests/test_agents.py (Codex CLI)",
+    ("docs/clients.md", "https://opencode.ai/config.json"): "tests/test_agents.py (opencode)",
+    ("docs/clients.md", "export OPENCODE_DISABLE_AUTOUPDATE"): "tests/test_agents.py (opencode)",
     ("docs/operations.md", "docker service create"): "needs a Docker Swarm and a registry",
     ("docs/limits.md", "$ saiproxy usage"): "an example's figures; tests/test_limits.py runs "
     "saiproxy usage against the store and the process and checks what it prints",
