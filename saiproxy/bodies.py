@@ -12,7 +12,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .core.limits import check_depth
+from .core.bounds import check_depth
 from .errors import BodyTimeout, BodyTooLarge, InvalidRequest
 from .keys import SETTINGS, STATE
 

@@ -22,7 +22,11 @@ import pytest
 from aiohttp import web
 
 from saiproxy.app import create_app, log_setup_for
+from saiproxy.core.exchange import Exchange
+from saiproxy.core.fanout import respond_all
 from saiproxy.core.sse import EventStream
+from saiproxy.protocols.completions import ChoiceRenderer, CompletionChoices
+from saiproxy.protocols.completions import parse as parse_completion
 from saiproxy.settings import load_settings
 
 from . import hostile
@@ -400,7 +404,7 @@ async def test_many_stop_sequences_do_not_stall_the_loop(
 async def test_long_stops_and_long_pieces_do_not_stall_the_loop(
     make_proxy: MakeProxy, sai: FakeSai
 ) -> None:
-    from saiproxy.core.limits import MAX_STOP_CHARS
+    from saiproxy.core.bounds import MAX_STOP_CHARS
 
     stops = ["a" * (MAX_STOP_CHARS - 1) + "b", "a" * (MAX_STOP_CHARS - 2) + "c"]
     pieces = ["a" * 200_000 for _ in range(10)] + ["b", " after"]
@@ -519,6 +523,60 @@ async def test_a_failure_after_the_stream_started_stays_in_band(
     raw = await asyncio.wait_for(response.read(), 10)
     assert raw.startswith(b"data: first\n\n")
     assert b"HTTP/1.1" not in raw and b"Internal error" not in raw
+
+
+class _BrokenOnce(ChoiceRenderer):
+    """A choice renderer that fails on its second piece: saiproxy failing mid-stream."""
+
+    pieces = 0
+
+    def text(self, piece: str) -> bytes:
+        _BrokenOnce.pieces += 1
+        if _BrokenOnce.pieces == 2:
+            raise RuntimeError("broke after the start")
+        return super().text(piece)
+
+
+class _BrokenChoices(CompletionChoices):
+    def choice(self, index: int) -> ChoiceRenderer:
+        return _BrokenOnce(f"cmpl-{index}", 0, index=index)
+
+
+@pytest.mark.parametrize("mode", ["http", "message"])
+async def test_a_failure_after_a_shared_stream_started_stays_in_band(
+    sai: FakeSai, tmp_path: Path, aiohttp_client: Any, mode: str
+) -> None:
+    # Several prompts share one stream: a failure after it started ends every
+    # unfinished choice in-band, then the terminator; never a second response.
+    _BrokenOnce.pieces = 0
+    sai.default = Reply(body=["one ", "two ", "three"], chunk_delay=0.05)
+    settings = load_settings({**base_env(sai, tmp_path), "ERROR_MODE": mode})
+    app = create_app(settings, log_setup=log_setup_for(settings))
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        exchanges = [
+            Exchange(request, body, conversation, protocol="completions")
+            for conversation in parse_completion(body).conversations
+        ]
+        return await respond_all(
+            exchanges, _BrokenChoices("cmpl-x", 0, ["", ""], include_usage=False)
+        )
+
+    app.router.add_post("/v1/broken", broken)
+    client = await aiohttp_client(app)
+    response = await client.post("/v1/broken", json={"prompt": ["a", "b"], "stream": True})
+    assert response.status == 200
+    raw = await asyncio.wait_for(response.read(), 10)
+    assert b"HTTP/1.1" not in raw and b"Internal error" not in raw
+    assert raw.endswith(b"data: [DONE]\n\n"), raw[-200:]
+    frames = [orjson.loads(line[6:]) for line in raw.split(b"\n\n") if line.startswith(b"data: {")]
+    if mode == "http":
+        assert frames[-1]["error"]["code"] == "internal_error"
+    else:
+        finishes = [c["finish_reason"] for f in frames for c in f["choices"] if c["finish_reason"]]
+        assert finishes and set(finishes) == {"length"}
+        assert b"failed while relaying" in raw
 
 
 # --- 6. a request's SAI calls are bounded -----------------------------------------------------

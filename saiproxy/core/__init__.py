@@ -12,7 +12,7 @@ core/exchange.py      credentials, early context check, the SAI call with
       ├─ core/inflight.py  in-flight and open-stream counts, shutdown's cut
       ├─ core/prompt.py    Conversation → SAI payload (tool and output instructions)
       ├─ core/toolcache.py parsed tools and their instructions, by content, bounded in bytes
-      ├─ core/limits.py    depth, stop sequences, output schemas: what a request may carry
+      ├─ core/bounds.py    depth, stop sequences, output schemas: what a request may carry
       ├─ core/answer.py    SAI's text → prose, tool calls, stop sequences, JSON
       └─ core/schemacheck.py  the answer against the client's schema, in a child process
       ▼

@@ -19,8 +19,8 @@ from typing import Any, Final
 
 import orjson
 
+from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, new_call_id
-from .limits import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .prompt import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from .schemacheck import SchemaChecker
 

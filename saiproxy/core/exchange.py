@@ -45,10 +45,10 @@ from ..logs import RESPONSE_FINISHED, event
 from ..sai import CallBudget, SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
 from .answer import AnswerFilter, Rejected, output_problem
+from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .ending import ERROR_HEADER, Ending
 from .inflight import InFlight, cut_short
-from .limits import check_output_schema
 from .prompt import estimate_tokens, header_tokens, sai_payload
 from .relay import respond_streamed
 from .render import Renderer

@@ -10,13 +10,14 @@ that ends the stream, stops the other choices (their ending: ``cancelled``).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from aiohttp import web
 
 from ..bodies import json_response
-from ..errors import UpstreamError
+from ..errors import StreamBroken, UpstreamError
 from ..limits import gate
 from .ending import CLIENT_GONE, ERROR_HEADER, Ending
 from .exchange import Exchange, conclude
@@ -25,6 +26,7 @@ from .relay import Stream
 from .render import Choices
 from .sse import EventStream
 
+log = logging.getLogger("saiproxy.exchange")
 _T = TypeVar("_T")
 
 
@@ -92,24 +94,31 @@ class _FanOut:
             except _Stopped:
                 pass
             except asyncio.CancelledError:
-                await self._cut(streams, choices, response)
+                first = self.exchanges[0]
+                await self._end(streams, choices, cut_short(first.request, first.loop))
+            except Exception as exc:
+                if isinstance(exc, UpstreamError) or not response.prepared:
+                    raise  # a real status still (nothing was sent), or the policy's to raise
+                # saiproxy itself failed after the stream started: the choices end
+                # in-band as a single stream's do, never as a second response.
+                log.error("the stream failed after it started; ended in-band", exc_info=exc)
+                await self._end(streams, choices, StreamBroken())
             else:
                 await response.write(choices.finish([s.answer for s in streams if s.answer]))
             await response.write_eof()
             return response
 
-    async def _cut(
-        self, streams: Sequence[Stream], choices: Choices, response: EventStream
-    ) -> None:
-        """End the choices of a stream that shutdown cut, as a single stream ends.
+    async def _end(self, streams: Sequence[Stream], choices: Choices, cut: UpstreamError) -> None:
+        """End the unfinished choices of a stream with ``cut``, as a single stream ends.
 
-        A cancellation that is not shutdown's (the client hung up) propagates.
-        Each unfinished choice gets its ending (``message`` mode: the
-        explanation and a truncated finish); an in-band error ends them all at
-        once. With nothing sent yet, the cut is a real status.
+        ``cut`` is shutdown's (``cut_short``: a cancellation that is not
+        shutdown's, the client hanging up, propagates from there) or saiproxy's
+        own failure after the start. Each unfinished choice gets its ending
+        (``message`` mode: the explanation and a truncated finish); an in-band
+        error ends them all at once. With nothing sent yet, the cut is a real
+        status.
         """
-        first = self.exchanges[0]
-        cut = cut_short(first.request, first.loop)
+        response = streams[0].response
         unfinished = [index for index, stream in enumerate(streams) if stream.answer is None]
         endings = self.endings
         for index in unfinished:

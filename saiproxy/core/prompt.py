@@ -16,8 +16,8 @@ from xml.sax.saxutils import quoteattr
 import orjson
 
 from . import toolcache
+from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
-from .limits import MAX_ARGUMENT_DEPTH, depth_exceeds
 
 TOOL_CALL_OPEN: Final = "<tool_call>"
 TOOL_CALL_CLOSE: Final = "</tool_call>"

@@ -11,7 +11,7 @@ check never piles up. The child is started on first use.
 
 References resolve within the client's schema only: the registry refuses
 every retrieval (no URL, no file), and the request was refused at parse time
-already if it named one (:func:`saiproxy.core.limits.check_output_schema`).
+already if it named one (:func:`saiproxy.core.bounds.check_output_schema`).
 
 The whole judgement happens there: the code fence stripped, the JSON parsed
 (a 20 MB fenced answer took 0.6 s in the fence's regular expression and

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from ..bodies import json_response, read_json
-from ..core import limits, toolcache
+from ..core import bounds, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
@@ -465,7 +465,7 @@ def _stop_sequences(value: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise InvalidRequest("'stop_sequences' must be an array of strings", param="stop_sequences")
-    return limits.stop_sequences(value, "stop_sequences", limits.ANTHROPIC_MAX_STOPS)
+    return bounds.stop_sequences(value, "stop_sequences", bounds.ANTHROPIC_MAX_STOPS)
 
 
 # --- the answer

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..core import limits, toolcache
+from ..core import bounds, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     Finish,
@@ -335,9 +335,9 @@ def stop_sequences(value: Any, param: str = "stop") -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return limits.stop_sequences([value], param, limits.OPENAI_MAX_STOPS)
+        return bounds.stop_sequences([value], param, bounds.OPENAI_MAX_STOPS)
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return limits.stop_sequences(value, param, limits.OPENAI_MAX_STOPS)
+        return bounds.stop_sequences(value, param, bounds.OPENAI_MAX_STOPS)
     raise InvalidRequest(f"'{param}' must be a string or an array of strings", param=param)
 
 
