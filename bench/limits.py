@@ -3,6 +3,7 @@
     python -m bench.limits                 # the cost, about a minute
     python -m bench.limits --smoke         # a few seconds: checks the bench still works
     python -m bench.limits --leaks 10000   # 8 replicas, one Valkey: cancelled streams, leases left
+    python -m bench.limits --leaks 10000 --sigkill   # then a replica killed, at the default lease
 
 The cost: one fake SAI (bench/fake_sai.py) and three saiproxy processes started
 in turn: limits off, limits in the process, limits in a Valkey server on
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import itertools
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from bench.fake_sai import free_port, raise_nofile
 from bench.limits_cluster import Cluster
 from bench.run import stop, wait_ready
 from bench.valkey import ValkeyServer
+from saiproxy.limits.identity import digest
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {
@@ -135,7 +138,7 @@ async def _run(
         stop(process)
 
 
-async def leaks(streams: int, replicas: int) -> int:
+async def leaks(streams: int, replicas: int, *, sigkill: bool = False) -> int:
     """Cancel ``streams`` streams mid-way across ``replicas`` replicas; count the leases left."""
     raise_nofile()
     with tempfile.TemporaryDirectory(prefix="saiproxy-bench-leaks-") as tmp:
@@ -171,9 +174,43 @@ async def leaks(streams: int, replicas: int) -> int:
             left = cluster.all_leases()
             print(f"{opened} streams cancelled mid-way across {replicas} replicas in "
                   f"{elapsed:.1f} s ({opened / elapsed:.0f}/s); leases left: {left}")  # fmt: skip
-            return 0 if left == 0 and opened == streams else 1
+            ok = left == 0 and opened == streams
+            if sigkill:
+                ok = await _sigkill(cluster) and ok
+            return 0 if ok else 1
         finally:
             cluster.stop()
+
+
+async def _sigkill(cluster: Cluster, held: int = 4, within: float = 40.0) -> bool:
+    """Kill a replica holding streams with SIGKILL; its leases must be freed within ``within``.
+
+    The cluster runs the default LIMITS_LEASE and LIMITS_RENEW_INTERVAL: nothing
+    releases the leases of a killed replica but their expiry.
+    """
+    key = "sk-held-by-a-killed-replica"
+    scope = f"client:user-{digest(key)}"
+    body = {"stream": True, "messages": [{"role": "user", "content": "stream:120 held"}]}
+    async with aiohttp.ClientSession() as session:
+        responses = []
+        for _ in range(held):
+            response = await session.post(
+                cluster.url(0) + "/v1/chat/completions", json=body, headers={"user-api-key": key}
+            )
+            await response.content.readany()
+            responses.append(response)
+        before = cluster.leases(scope)
+        cluster.signal(0, signal.SIGKILL).wait(5)
+        killed_at = time.monotonic()
+        while cluster.leases(scope) and time.monotonic() - killed_at < within + 5:
+            await asyncio.sleep(0.2)
+        freed_in = time.monotonic() - killed_at
+        for response in responses:
+            response.close()
+    left = cluster.leases(scope)
+    print(f"SIGKILL: a replica holding {before} leases killed; freed in {freed_in:.1f} s "
+          f"(default lease), {left} left")  # fmt: skip
+    return before == held and left == 0 and freed_in <= within
 
 
 def main() -> None:
@@ -183,9 +220,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--leaks", type=int, default=0, help="cancel this many streams instead")
     parser.add_argument("--replicas", type=int, default=8)
+    parser.add_argument(
+        "--sigkill", action="store_true", help="with --leaks: then kill a replica holding streams"
+    )
     args = parser.parse_args()
     if args.leaks:
-        sys.exit(asyncio.run(leaks(args.leaks, args.replicas)))
+        sys.exit(asyncio.run(leaks(args.leaks, args.replicas, sigkill=args.sigkill)))
     sys.exit(asyncio.run(cost(args.smoke)))
 
 
