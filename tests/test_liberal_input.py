@@ -394,8 +394,10 @@ async def test_leading_system_messages_join_the_system_text(proxy: Any, sai: Fak
     [
         ({"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                       "data": "AA=="}}, "image"),
-        ({"type": "document", "source": {"type": "text", "media_type": "text/plain",
-                                         "data": "x"}}, "document"),
+        ({"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                         "data": "JVBERi0="}}, "document"),
+        ({"type": "document", "source": {"type": "url", "url": "https://example.invalid/a.pdf"}},
+         "document"),
         ({"type": "audio", "source": {}}, "audio"),
     ],
 )  # fmt: skip
@@ -415,6 +417,30 @@ async def test_messages_media_is_a_400_that_says_so(
         assert error["type"] == "invalid_request_error"
         assert "text only" in error["message"] and f"{kind} block" in error["message"]
     assert not sai.received
+
+
+async def test_messages_plain_text_documents_reach_sai_as_text(proxy: Any, sai: FakeSai) -> None:
+    # A document whose source is text is text SAI can read: not refused, not dropped.
+    notes = {
+        "type": "document",
+        "title": "notes.txt",
+        "source": {"type": "text", "media_type": "text/plain", "data": "buy milk"},
+    }
+    pages = {
+        "type": "document",
+        "source": {
+            "type": "content",
+            "content": [{"type": "text", "text": "page one"}, {"type": "text", "text": "page two"}],
+        },
+    }
+    sai.script(Reply(body="ok"))
+    body = {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        notes, pages, {"type": "text", "text": "Summarise."}]}]}  # fmt: skip
+    response = await proxy.post("/v1/messages", json=body)
+    assert response.status == 200, await response.text()
+    assert sai.received[-1].json["inputs"]["user"] == (
+        "notes.txt\nbuy milk\npage one\npage two\nSummarise."
+    )
 
 
 async def test_non_streamed_text_blocks_carry_no_citations(proxy: Any, sai: FakeSai) -> None:

@@ -142,8 +142,8 @@ def test_tool_choice(choice: dict[str, Any], mode: str, name: str | None) -> Non
             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                          "data": "AA=="}}]}]}, "text only"),
         ({"messages": [{"role": "user", "content": [
-            {"type": "document", "source": {"type": "text", "media_type": "text/plain",
-                                            "data": "x"}}]}]}, "text only"),
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                            "data": "JVBERi0="}}]}]}, "text only"),
         ({"messages": [{"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "t",
              "content": [{"type": "image", "source": {}}]}]}]}, "text only"),

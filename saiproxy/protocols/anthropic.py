@@ -214,6 +214,8 @@ def _kind(block: Any, where: str) -> str:
     kind = block.get("type")
     if not isinstance(kind, str):
         raise InvalidRequest(f"{where}.type must be a string", param=where)
+    if kind == "document" and _document_text(block) is not None:
+        return "text"  # a plain-text document is text SAI can read
     if kind in MEDIA_BLOCKS:
         raise InvalidRequest(
             f"SAI templates accept text only: {where} is {'an' if kind[0] in 'aeiou' else 'a'} "
@@ -229,7 +231,33 @@ def _unsupported(kind: str, where: str) -> InvalidRequest:
     )
 
 
+def _document_text(block: dict[str, Any]) -> str | None:
+    """Return a document block's text (its title first) when its source is plain text.
+
+    Anthropic's ``text`` and ``content`` sources carry the document as text;
+    any other source (a PDF, a file, a URL) is a file SAI cannot read: None.
+    """
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        body: str = source["data"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), str):
+        body = source["content"]
+    elif source.get("type") == "content" and isinstance(source.get("content"), list):
+        parts = source["content"]
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+            return None  # an image among the pages
+        body = "\n".join(p["text"] for p in parts if isinstance(p.get("text"), str))
+    else:
+        return None
+    title = block.get("title")
+    return f"{title}\n{body}" if isinstance(title, str) and title else body
+
+
 def _text(block: dict[str, Any], where: str) -> str:
+    if block.get("type") == "document":
+        return _document_text(block) or ""
     text = block.get("text")
     if not isinstance(text, str):
         raise InvalidRequest(f"{where}.text must be a string", param=where)
