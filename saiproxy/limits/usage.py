@@ -20,7 +20,6 @@ from ..keys import LIMITS
 from ..settings import SettingsError, setting
 from .base import UsageRow
 from .rules import Period
-from .shared import SharedLimiter, connect
 
 
 def dates(days: int, now: datetime | None = None) -> list[str]:
@@ -70,6 +69,8 @@ def _print(rows: list[UsageRow], as_json: bool, source: str) -> None:
 
 
 async def _from_store(url: str, prefix: str, period: Period, wanted: list[str]) -> list[UsageRow]:
+    from .shared import SharedLimiter, connect  # the Redis client, only when asked
+
     redis = connect(url, 5.0)
     try:
         return await SharedLimiter(redis, prefix, period, 30).usage(wanted)
