@@ -280,13 +280,21 @@ def _texts(blocks: list[Any], where: str) -> str:
     for index, block in enumerate(blocks):
         at = f"{where}[{index}]"
         kind = _kind(block, at)
-        if kind == "text":
-            texts.append(_text(block, at))
-        elif kind == "search_result":
-            texts.append(_search_result(block, at))
+        text = _block_text(block, kind, at)
+        if text is not None:
+            texts.append(text)
         else:
             openai.ignored(at, kind)
     return "\n".join(texts)
+
+
+def _block_text(block: dict[str, Any], kind: str, where: str) -> str | None:
+    """Return what a block that reads as text says (text, search result), else None."""
+    if kind == "text":
+        return _text(block, where)
+    if kind == "search_result":
+        return _search_result(block, where)
+    return None
 
 
 def _search_result(block: dict[str, Any], where: str) -> str:
@@ -331,10 +339,9 @@ def _user(content: list[Any], where: str) -> list[Turn]:
     for index, block in enumerate(content):
         at = f"{where}.content[{index}]"
         kind = _kind(block, at)
-        if kind == "text":
-            texts.append(_text(block, at))
-        elif kind == "search_result":
-            texts.append(_search_result(block, at))
+        text = _block_text(block, kind, at)
+        if text is not None:
+            texts.append(text)
         elif kind == "tool_result":
             # Results answer the previous turn's calls; text that came before them
             # (rare) stays before them.
