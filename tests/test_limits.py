@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from bench.valkey import ValkeyServer
 from saiproxy.keys import LIMITS
@@ -355,3 +357,34 @@ async def test_several_prompts_are_one_admission(
     assert [(r.requests, r.input_tokens, r.output_tokens, r.limited) for r in rows] == [
         (1, 20, 10, 1)
     ]
+
+
+async def test_a_lease_whose_settlement_failed_ends_when_the_store_is_back(
+    make_proxy: MakeProxy, sai: FakeSai, valkey: ValkeyServer
+) -> None:
+    # The store stalls while a stream's client hangs up: the settlement times out.
+    # Its lease must not wait out LIMITS_LEASE (30 s): it ends once the store answers.
+    sai.default = Reply(body=["a"] * 40, chunk_delay=0.1)
+    proxy = await make_proxy(
+        LIMITS_URL=valkey.url, LIMITS_CLIENT_CONCURRENCY="5",
+        LIMITS_TIMEOUT="0.2", LIMITS_PROBE_INTERVAL="0.2",
+    )  # fmt: skip
+    stream = await proxy.post("/v1/chat/completions", json={**HI, "stream": True})
+    assert stream.status == 200
+    await stream.content.readany()
+    store = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    (key,) = store.keys("saiproxy:c:*")
+    assert store.zcard(key) == 1
+    assert valkey.process is not None
+    valkey.process.send_signal(signal.SIGSTOP)
+    try:
+        stream.close()  # the client hangs up: the request ends, its settlement times out
+        await asyncio.sleep(0.8)
+    finally:
+        valkey.process.send_signal(signal.SIGCONT)
+    for _ in range(50):
+        if store.zcard(key) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert store.zcard(key) == 0
+    store.close()

@@ -140,6 +140,8 @@ class Limits:
         self._released_while_renewing: list[tuple[str, str]] = []
         self._tasks: set[asyncio.Task[object]] = set()
         self._settling: list[tuple[Ask, Verdict, int, int]] = []
+        # Leases a failed store call may have left behind (scope, id): ended by the probe.
+        self._orphans: list[tuple[str, str]] = []
         self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self.last_switch = time.monotonic()
@@ -159,6 +161,8 @@ class Limits:
             try:
                 verdict = await self._call(self.shared.admit(ask))
             except Exception as error:
+                # A call that timed out may still have taken its lease: end it later.
+                self._orphans += _lease_pairs(ask)
                 self._failed(error)
             else:
                 grant = Grant(ask, verdict, self.shared)
@@ -204,7 +208,10 @@ class Limits:
         try:
             await self._call(self.shared.settle_many(batch))
         except Exception as error:
-            self._failed(error)  # their leases expire by themselves
+            # Their leases are ended once the store answers again (a settlement is
+            # not sent twice: it counts usage); their token corrections are lost.
+            self._orphans += [pair for ask, *_ in batch for pair in _lease_pairs(ask)]
+            self._failed(error)
 
     def _count(self, grant: Grant) -> None:
         client = grant.ask.client.id
@@ -257,6 +264,9 @@ class Limits:
                 await self.shared.redis.connection_pool.disconnect()
                 await self._call(self.shared.redis.ping())
                 await self._call(self.shared.renew(self._lease_pairs()))
+                if self._orphans:
+                    await self._call(self.shared.release(self._orphans))
+                    self._orphans = []
             except Exception:
                 self.metrics.store_failures.inc()
                 continue
@@ -325,3 +335,8 @@ class Limits:
 
     def client(self, request: object, credential: Credential | None) -> Client:
         return self.identify(request, credential)  # type: ignore[arg-type]
+
+
+def _lease_pairs(ask: Ask) -> list[tuple[str, str]]:
+    """Return the leases (scope, id) an admission of ``ask`` takes: one per concurrency limit."""
+    return [(name, ask.id) for name, rules in ask.scopes if rules.concurrency]
