@@ -107,7 +107,10 @@ def _parse(raw: bytes, max_depth: int) -> Any:
     nested within the limit can be written back out, logged and validated.
     """
     body = orjson.loads(raw)
-    check_depth(body, max_depth)
+    # Each level of nesting needs a bracket: a body with no more brackets than
+    # the limit (most requests) needs no walk, which costs more than the parse.
+    if raw.count(b"{") + raw.count(b"[") > max_depth:
+        check_depth(body, max_depth)
     return body
 
 
