@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import signal
 import statistics
@@ -147,33 +146,10 @@ async def leaks(streams: int, replicas: int, *, sigkill: bool = False) -> int:
         )
         try:
             cluster.start()
-            targets = itertools.cycle(range(replicas))
-            counter = itertools.count()
-            opened = 0
-
-            async def worker(session: aiohttp.ClientSession) -> None:
-                nonlocal opened
-                while (index := next(counter)) < streams:
-                    url = cluster.url(next(targets)) + "/v1/chat/completions"
-                    body = {"stream": True, "messages": [{"role": "user", "content": "stream:5 l"}]}
-                    async with session.post(
-                        url, json=body, headers={"user-api-key": f"sk-leak-{index % 500}"}
-                    ) as response:
-                        if response.status != 200:
-                            raise RuntimeError(f"stream refused: {response.status}")
-                        await response.content.readany()
-                        opened += 1
-                        response.close()
-
             started = time.monotonic()
-            connector = aiohttp.TCPConnector(limit=0, force_close=True)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                await asyncio.gather(*(worker(session) for _ in range(128)))
+            opened = await cluster.cancel_streams(streams, 128, lambda i: f"sk-leak-{i % 500}")
             elapsed = time.monotonic() - started
-            # Settlements still on their way: the same grace as the suite's test.
-            deadline = time.monotonic() + 5
-            while (left := cluster.all_leases()) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+            left = await cluster.leases_left()
             print(f"{opened} streams cancelled mid-way across {replicas} replicas in "
                   f"{elapsed:.1f} s ({opened / elapsed:.0f}/s); leases left: {left}")  # fmt: skip
             ok = left == 0 and opened == streams

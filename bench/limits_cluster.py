@@ -3,6 +3,8 @@ limits' multi-replica tests, benchmark and rehearsal start. Everything listens o
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import signal
@@ -10,8 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import redis
 
 from bench.fake_sai import free_port
@@ -120,6 +124,38 @@ class Cluster:
         """Return every lease the store holds, for any scope, expired ones included."""
         with self.store() as store:
             return sum(int(store.zcard(key)) for key in store.scan_iter("saiproxy:c:*"))
+
+    async def cancel_streams(self, count: int, workers: int, key_of: Callable[[int], str]) -> int:
+        """Open ``count`` streams round-robin over the replicas, each with the user key
+        ``key_of(index)``; read the first piece of each, then hang up. Return how many opened."""
+        targets = itertools.cycle(range(len(self.ports)))
+        counter = itertools.count()
+        opened = 0
+        body = {"stream": True, "messages": [{"role": "user", "content": "stream:5 leak"}]}
+
+        async def worker(session: aiohttp.ClientSession) -> None:
+            nonlocal opened
+            while (index := next(counter)) < count:
+                url = self.url(next(targets)) + "/v1/chat/completions"
+                headers = {"user-api-key": key_of(index)}
+                async with session.post(url, json=body, headers=headers) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"stream refused: {response.status}")
+                    await response.content.readany()  # part of the answer, then hang up
+                    opened += 1
+                    response.close()
+
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await asyncio.gather(*(worker(session) for _ in range(workers)))
+        return opened
+
+    async def leases_left(self, within: float = 5.0) -> int:
+        """Return the leases left once the settlements still on their way have landed."""
+        deadline = time.monotonic() + within
+        while (left := self.all_leases()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return left
 
     def stats(self) -> dict[str, dict[str, int]]:
         url = f"http://127.0.0.1:{self.sai_port}/stats"

@@ -139,32 +139,11 @@ async def test_tokens_over_by_at_most_one_correction(cluster: Cluster) -> None:
 
 
 async def test_cancelled_streams_leave_no_lease(cluster: Cluster) -> None:
-    targets = itertools.cycle(range(len(cluster.ports)))
-    counter = itertools.count()
-    opened = 0
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal opened
-        while (index := next(counter)) < LEAK_STREAMS:
-            url = cluster.url(next(targets)) + "/v1/chat/completions"
-            # A user key each: the streams are not refused by the concurrency limit.
-            async with session.post(
-                url, json=body("stream:5 leak", stream=True),
-                headers={"user-api-key": f"sk-leak-{index}"},
-            ) as response:  # fmt: skip
-                assert response.status == 200
-                await response.content.readany()  # part of the answer, then hang up
-                opened += 1
-                response.close()
-
     started = time.monotonic()
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(64)))
+    # A user key each: the streams are not refused by the concurrency limit.
+    opened = await cluster.cancel_streams(LEAK_STREAMS, 64, lambda i: f"sk-leak-{i}")
     cancelled_in = time.monotonic() - started
-    deadline = time.monotonic() + 5
-    while cluster.all_leases() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await cluster.leases_left()
     print(f"leaks: {opened} streams cancelled in {cancelled_in:.1f} s, "
           f"{cluster.all_leases()} leases left")  # fmt: skip
     assert opened == LEAK_STREAMS
