@@ -261,8 +261,8 @@ class Limits:
             try:
                 # Connections to a server that went away are dead: start afresh, so that
                 # once the probe succeeds no request meets a stale one.
-                await self.shared.redis.connection_pool.disconnect()
-                await self._call(self.shared.redis.ping())
+                await self.shared.store.reset()
+                await self._call(self.shared.store.execute("PING"))
                 await self._call(self.shared.renew(self._lease_pairs()))
                 if self._orphans:
                     await self._call(self.shared.release(self._orphans))
@@ -326,7 +326,7 @@ class Limits:
                         "limits: leases not released on drain, they expire by themselves",
                         extra={"leases": len(pairs), "error": type(error).__name__},
                     )
-            await self.shared.redis.aclose()
+            await self.shared.store.aclose()
 
     async def usage(self, dates: list[str]) -> list[UsageRow]:
         if self.shared is not None:

@@ -13,13 +13,11 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, Final
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from .base import Ask, UsageRow
 from .rules import CONCURRENCY_RETRY_MS, WINDOW_MS, Figures, Period, Verdict, tighter
+from .store import Store
 
 _CONSTANTS: Final = {
     "__WINDOW__": WINDOW_MS,
@@ -256,26 +254,17 @@ _SHAS: Final = {
 }
 
 
-def connect(url: str, timeout: float) -> Redis:
-    """Return a client for ``url`` (valkey:// is redis://) that fails fast: no retries."""
-    scheme, sep, rest = url.partition("://")
-    scheme = {"valkey": "redis", "valkeys": "rediss"}.get(scheme.lower(), scheme)
-    client: Redis = Redis.from_url(
-        f"{scheme}{sep}{rest}",
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
-    return client
+def connect(url: str, timeout: float) -> Store:
+    """Return a client for ``url`` (valkey:// is redis://) that fails fast: no retries, and
+    connecting bounded by ``timeout`` (each call is bounded by its caller)."""
+    return Store(url, timeout)
 
 
 class SharedLimiter:
     """The Limiter whose state lives in Valkey or Redis."""
 
-    def __init__(self, redis: Redis, prefix: str, period: Period, lease: float) -> None:
-        self.redis = redis
+    def __init__(self, store: Store, prefix: str, period: Period, lease: float) -> None:
+        self.store = store
         self.prefix = prefix
         self.period = period
         self.lease_ms = int(lease * 1000)
@@ -284,9 +273,9 @@ class SharedLimiter:
     async def _run(self, script: str, args: Sequence[Any]) -> Any:
         """EVALSHA, and EVAL when the server does not know the script (a restart, a flush)."""
         try:
-            return await self.redis.evalsha(_SHAS[script], 0, *args)
+            return await self.store.execute("EVALSHA", _SHAS[script], 0, *args)
         except NoScriptError:
-            return await self.redis.eval(script, 0, *args)
+            return await self.store.execute("EVAL", script, 0, *args)
 
     def _words(self, values: Sequence[object]) -> list[bytes]:
         return [self._prefix, " ".join(map(str, values)).encode()]
@@ -334,13 +323,12 @@ class SharedLimiter:
         await self.settle_many([(ask, verdict, input_tokens, output_tokens)])
 
     async def settle_many(self, ended: Sequence[tuple[Ask, Verdict, int, int]]) -> None:
-        """Settle requests that ended (ask, verdict, input, output tokens): one pipeline."""
+        """Settle requests that ended (ask, verdict, input, output tokens): one write."""
         pending = [self._words(self._settle_words(*one)) for one in ended]
         for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for args in pending:
-                    pipe.evalsha(_SHAS[SETTLE], 0, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self.store.execute_many(
+                [("EVALSHA", _SHAS[SETTLE], 0, *args) for args in pending]
+            )
             # Only those the server did not know the script for are sent again (after a
             # restart); any other failure is the store's, for the breaker.
             failed = [args for args, reply in zip(pending, replies, strict=True)
@@ -352,7 +340,7 @@ class SharedLimiter:
             if not failed:
                 return
             if attempt == 1:
-                await self.redis.script_load(SETTLE)
+                await self.store.execute("SCRIPT", "LOAD", SETTLE)
             pending = failed
         raise NoScriptError("SETTLE could not be loaded")
 
@@ -376,39 +364,41 @@ class SharedLimiter:
         a script per 1,000 leases (each reads the server's clock)."""
         if not leases:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(leases), RENEW_CHUNK):
-                args: list[Any] = [self.prefix, self.lease_ms]
-                for scope, lease in leases[start : start + RENEW_CHUNK]:
-                    args += [scope, lease]
-                pipe.evalsha(_SHAS[RENEW], 0, *args)
-            try:
-                await pipe.execute()
-            except NoScriptError:
-                await self.redis.script_load(RENEW)
-                await self.renew(leases)
+        commands: list[list[Any]] = []
+        for start in range(0, len(leases), RENEW_CHUNK):
+            args: list[Any] = ["EVALSHA", _SHAS[RENEW], 0, self.prefix, self.lease_ms]
+            for scope, lease in leases[start : start + RENEW_CHUNK]:
+                args += [scope, lease]
+            commands.append(args)
+        try:
+            _raise_first(await self.store.execute_many(commands))
+        except NoScriptError:
+            await self.store.execute("SCRIPT", "LOAD", RENEW)
+            await self.renew(leases)
 
     async def release(self, leases: Sequence[tuple[str, str]]) -> None:
         """End leases (scope, id) in one round trip."""
         if not leases:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for scope, lease in leases:
-                pipe.zrem(f"{self.prefix}c:{scope}", lease)
-            await pipe.execute()
+        _raise_first(
+            await self.store.execute_many(
+                [("ZREM", f"{self.prefix}c:{scope}", lease) for scope, lease in leases]
+            )
+        )
 
     async def release_all(self) -> None:  # the facade knows the leases; see Limits.drain
         return None
 
     async def usage(self, dates: list[str]) -> list[UsageRow]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for date in dates:
-                pipe.hgetall(f"{self.prefix}usage:{date}")
-            days = await pipe.execute()
+        days = _raise_first(
+            await self.store.execute_many(
+                [("HGETALL", f"{self.prefix}usage:{date}") for date in dates]
+            )
+        )
         rows: list[UsageRow] = []
         for date, fields in zip(dates, days, strict=True):
             counters: dict[str, dict[str, int]] = {}
-            for key, value in fields.items():
+            for key, value in zip(fields[::2], fields[1::2], strict=True):
                 client, _, name = _text(key).rpartition(":")
                 counters.setdefault(client, {})[name] = int(value)
             for client in sorted(counters):
@@ -424,6 +414,14 @@ class SharedLimiter:
                     )
                 )
         return rows
+
+
+def _raise_first(replies: list[Any]) -> list[Any]:
+    """Raise the first error reply among ``replies``; else return them."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def _text(value: Any) -> str:

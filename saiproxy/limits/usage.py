@@ -71,11 +71,12 @@ def _print(rows: list[UsageRow], as_json: bool, source: str) -> None:
 async def _from_store(url: str, prefix: str, period: Period, wanted: list[str]) -> list[UsageRow]:
     from .shared import SharedLimiter, connect  # the Redis client, only when asked
 
-    redis = connect(url, 5.0)
+    store = connect(url, 5.0)
     try:
-        return await SharedLimiter(redis, prefix, period, 30).usage(wanted)
+        async with asyncio.timeout(5.0):
+            return await SharedLimiter(store, prefix, period, 30).usage(wanted)
     finally:
-        await redis.aclose()
+        await store.aclose()
 
 
 def _from_process(port: int, key: str | None, days: int) -> list[UsageRow]:
