@@ -53,6 +53,7 @@ class Store:
         # class and arguments make each connection; it never holds one.
         pool = ConnectionPool.from_url(
             f"{scheme}{sep}{rest}",
+            protocol=2,  # RESP2 whatever redis-py's default: a hash is a flat list, as parsed
             socket_timeout=None,
             socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 0),
