@@ -113,6 +113,53 @@ async def test_tokens_corrected_to_the_real_count(
     assert refused.headers["x-ratelimit-remaining-tokens"] == str(1000 - 30)
 
 
+async def test_reservations_learn_what_answers_cost_beyond_them(
+    make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str]
+) -> None:
+    # SAI counts the template's text and ignores max_tokens: 100 + 50 against 1 + 10 reserved.
+    sai.default = Reply(headers={"prompttokens": "100", "completiontokens": "50"})
+    proxy = await make_proxy(LIMITS_CLIENT_TPM="10000", **store)
+
+    async def remaining_after_one() -> int:
+        response = await proxy.post("/v1/chat/completions", json={**HI, "max_tokens": 10})
+        assert response.status == 200
+        await asyncio.sleep(0.1)  # settled
+        return int(response.headers["x-ratelimit-remaining-tokens"])
+
+    assert await remaining_after_one() == 10000 - 11  # nothing learned yet
+    # 150 used; the next reserves its own 11 and the excess seen, 139.
+    assert await remaining_after_one() == 10000 - 150 - 150
+    sai.default = Reply(headers={"prompttokens": "3", "completiontokens": "2"})
+    assert await remaining_after_one() == 10000 - 300 - 150  # this one costs 5
+    # A smaller excess (0) brings the learned one down by a quarter: 139 - 35.
+    assert await remaining_after_one() == 10000 - 305 - (11 + 104)
+    sai.default = Reply(headers={"prompttokens": "400", "completiontokens": "11"})
+    assert await remaining_after_one() == 10000 - 310 - (11 + 78)
+    # A larger one is learned at once: 411 - 11.
+    assert await remaining_after_one() == 10000 - 721 - (11 + 400)
+
+
+async def test_a_stream_cut_by_its_client_costs_what_sai_counted(
+    make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str]
+) -> None:
+    sai.default = Reply(
+        body=["a" * 40] * 5,
+        chunk_delay=0.3,
+        headers={"prompttokens": "100", "completiontokens": "50"},
+    )
+    proxy = await make_proxy(LIMITS_CLIENT_TPM="10000", **store)
+    stream = await proxy.post("/v1/chat/completions", json={**HI, "stream": True, "max_tokens": 10})
+    assert stream.status == 200
+    assert await stream.content.readany()
+    stream.close()  # the client hangs up after the first piece
+    await asyncio.sleep(0.3)
+    sai.default = Reply(headers=TOKENS)
+    response = await proxy.post("/v1/chat/completions", json={**HI, "max_tokens": 10})
+    # The cut stream cost SAI's 150 (not the prompt's estimate, 1), and the next request
+    # reserves its 11 and the 139 that one cost beyond its reservation.
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(10000 - 150 - 150)
+
+
 async def test_output_floor_without_max_tokens(
     make_proxy: MakeProxy, store: dict[str, str]
 ) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 from pydantic import BaseModel
 
-from .conftest import FakeSai, MakeProxy, Reply, openai_url, run_node
+from .conftest import FakeSai, MakeProxy, Reply, log_lines, openai_url, run_node
 from .test_tools import WEATHER
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Quito"}}</tool_call>'
@@ -123,3 +124,47 @@ async def test_vercel_ai_sdk_tool_call(make_proxy: MakeProxy, sai: FakeSai, mode
         assert "tool-call" in result["parts"] and "text-delta" in result["parts"]
     if mode == "required":
         assert "You must call at least one tool" in sai.received[0].json["inputs"]["system"]
+
+
+@pytest.mark.parametrize("mode", ["generate", "stream"])
+@pytest.mark.parametrize("store", ["nostore", "store"])
+async def test_vercel_ai_sdk_openai_provider_tool_loop_and_second_turn(
+    make_proxy: MakeProxy, sai: FakeSai, mode: str, store: str, tmp_path: Path
+) -> None:
+    """@ai-sdk/openai speaks the Responses API: it runs the tool, sends its result back,
+    then sends the whole first turn with the second. With its default ``store: true`` it
+    sends the assistant's earlier text as an ``item_reference`` to the item saiproxy
+    answered with, which saiproxy did not keep: that text is left out, with a log line."""
+    proxy = await make_proxy()
+    answer = "Checking. " + CALL
+    sai.script(
+        Reply(body=[answer[i : i + 9] for i in range(0, len(answer), 9)], chunk_delay=0.005),
+        Reply(body=["It is 18 C ", "in Quito."], chunk_delay=0.005),
+        Reply(body="You are welcome."),
+    )
+    result = await run_node("vercel_openai_responses.mjs", openai_url(proxy), mode, store)
+    assert result["ran"] == ["Quito"]  # the SDK ran the tool once, with SAI's arguments
+    assert result["first"]["text"] == "It is 18 C in Quito."
+    assert result["first"]["steps"] == 2
+    assert result["second"] == {"text": "You are welcome.", "steps": 1}
+    if mode == "stream":
+        assert {"tool-call", "tool-result", "text-delta"} <= set(result["first"]["parts"])
+    assert len(sai.received) == 3
+    loop = sai.received[1].json["chatMessages"]
+    assert [m["role"] for m in loop] == ["user", "assistant", "user"]
+    assert '"name":"get_weather"' in loop[1]["content"]
+    assert loop[2]["content"].startswith('<tool_result name="get_weather" id="call_')
+    assert '"celsius":18' in loop[2]["content"]
+    second = sai.received[2].json["chatMessages"]
+    said = [m["content"] for m in second if m["role"] == "assistant"]
+    if store == "nostore":
+        assert [m["role"] for m in second] == ["user", "assistant", "user", "assistant", "user"]
+        assert said[-1] == "It is 18 C in Quito."
+    else:
+        # The references to the two message items are skipped, not refused.
+        assert all("It is 18 C" not in text for text in said)
+        await proxy.close()
+        skipped = {json.loads(line)["id"] for line in log_lines(tmp_path)
+                   if "item reference not in the request, skipped" in line}  # fmt: skip
+        assert len(skipped) == 2 and all(id.startswith("msg_") for id in skipped)
+    assert second[-1]["content"] == "Thanks!"

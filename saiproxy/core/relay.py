@@ -199,6 +199,7 @@ class Stream:
                     response.quiet = False
                     await write(text(piece))
             except UpstreamError as error:
+                exchange.count(upstream.headers, chars)
                 # Mid-stream: never let a broken body look like a clean stop.
                 log.warning(
                     "upstream broke off mid-stream",
@@ -207,6 +208,11 @@ class Stream:
                 if answer_filter is not None and (held := answer_filter.close()):
                     await write(renderer.text(held))
                 return await self.failed(error, relayed=True)
+            except BaseException:
+                # The client is gone (or the request cancelled): the answer cost what SAI
+                # said it did or, without its counts, what had arrived.
+                exchange.count(upstream.headers, chars)
+                raise
         exchange.count(upstream.headers, chars)
         if answer_filter is None:
             answer = Answer("", exchange.model, "stop", usage=exchange.usage)

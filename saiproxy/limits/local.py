@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from .base import Ask, UsageRow
-from .rules import CONCURRENCY_RETRY_MS, WINDOW_MS, Figures, Period, Reason, Verdict
+from .rules import (
+    CONCURRENCY_RETRY_MS,
+    EXCESS_KEEP_MS,
+    WINDOW_MS,
+    Figures,
+    Period,
+    Reason,
+    Verdict,
+    learn_excess,
+    tighter,
+)
 
 USAGE_DAYS = 40  # days of usage kept
 
@@ -36,6 +46,13 @@ class _Scope:
     token_sum: int = 0
     leases: set[str] = field(default_factory=set)
     budget: dict[str, int] = field(default_factory=dict)  # period -> tokens used
+    excess: int | None = None  # the answers' learned excess over their reservations
+    excess_at: int = 0  # when it was last learned, ms
+
+    def learned(self, now: int) -> int | None:
+        if self.excess is not None and now - self.excess_at > EXCESS_KEEP_MS:
+            self.excess = None
+        return self.excess
 
     def expire(self, now: int) -> None:
         cutoff = now - WINDOW_MS
@@ -80,6 +97,7 @@ class LocalLimiter:
         deny: Reason | None = None
         wait = 0
         figures: list[Figures] = []
+        costs: list[int] = []
         for name, rules in ask.scopes:
             scope = self._scope(name)
             scope.expire(now)
@@ -87,7 +105,8 @@ class LocalLimiter:
             reset_r = scope.requests[0] + WINDOW_MS - now if scope.requests else 0
             if rules.rpm and used_r >= rules.rpm and deny is None:
                 deny, wait = "requests", scope.requests[used_r - rules.rpm] + WINDOW_MS - now
-            cost = rules.token_cost(ask.reserve)
+            cost = rules.token_cost(ask.reserve, scope.learned(now) or 0) if rules.tpm else 0
+            costs.append(cost)
             used_t = scope.token_sum
             oldest = next(iter(scope.tokens.values()), None)
             reset_t = oldest[0] + WINDOW_MS - now if oldest is not None else 0
@@ -109,13 +128,13 @@ class LocalLimiter:
             figures.append(Figures(rules.rpm, used_r, reset_r, rules.tpm, used_t, reset_t))
         if deny is not None:
             self._count(date, ask.client.id, 3, 1)
-            return Verdict(False, deny, max(1, wait), _left(ask, figures, 0), period, date)
-        for name, rules in ask.scopes:
+            refused = _left(ask, figures, None)
+            return Verdict(False, deny, max(1, wait), refused, period, date)
+        for (name, rules), cost in zip(ask.scopes, costs, strict=True):
             scope = self._scope(name)
             if rules.rpm:
                 scope.requests.append(now)
             if rules.tpm:
-                cost = rules.token_cost(ask.reserve)
                 scope.tokens[ask.id] = (now, cost)
                 scope.token_sum += cost
             if rules.concurrency:
@@ -123,7 +142,7 @@ class LocalLimiter:
             if rules.budget:
                 scope.budget = {period: scope.budget.get(period, 0) + ask.reserve}
         self._count(date, ask.client.id, 0, 1)
-        return Verdict(True, None, 0, _left(ask, figures, 1), period, date)
+        return Verdict(True, None, 0, _left(ask, figures, costs), period, date, tuple(costs))
 
     async def settle(
         self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
@@ -133,6 +152,7 @@ class LocalLimiter:
     def settle_now(self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int) -> None:
         """:meth:`settle`, at once: nothing here waits."""
         actual = input_tokens + output_tokens
+        now = int(time.monotonic() * 1000)
         for name, rules in ask.scopes:
             scope = self._scope(name)
             scope.leases.discard(ask.id)
@@ -140,6 +160,9 @@ class LocalLimiter:
             if held is not None:
                 scope.tokens[ask.id] = (held[0], actual)
                 scope.token_sum += actual - held[1]
+            if rules.tpm:
+                scope.excess = learn_excess(scope.learned(now), ask.reserve, actual)
+                scope.excess_at = now
             if rules.budget and verdict.period_id in scope.budget:
                 scope.budget[verdict.period_id] += actual - ask.reserve
         self._count(verdict.date, ask.client.id, 1, input_tokens)
@@ -161,13 +184,13 @@ class LocalLimiter:
         ]
 
 
-def _left(ask: Ask, used: list[Figures], taken: int) -> Figures | None:
-    """Turn each scope's use into what is left (after this admission took ``taken``)."""
-    from .rules import tighter
-
+def _left(ask: Ask, used: list[Figures], costs: list[int] | None) -> Figures | None:
+    """Turn each scope's use into what is left (after this admission took one request and
+    ``costs`` tokens from each scope; None when it was refused)."""
     result: Figures | None = None
-    for (_, rules), figures in zip(ask.scopes, used, strict=True):
-        cost = rules.token_cost(ask.reserve) if taken else 0
+    for index, ((_, rules), figures) in enumerate(zip(ask.scopes, used, strict=True)):
+        taken = 1 if costs is not None else 0
+        cost = costs[index] if costs is not None else 0
         left = Figures(
             rules.rpm,
             max(0, rules.rpm - figures.requests_left - taken),

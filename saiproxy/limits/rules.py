@@ -16,6 +16,9 @@ Period = Literal["day", "month"]
 OUTPUT_FIELDS: Final = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 # A concurrent request ends when it ends: no time is known; clients are told to retry in 1 s.
 CONCURRENCY_RETRY_MS: Final = 1000
+# What a scope learned of its answers' excess over their reservations is forgotten after an
+# hour without a settlement.
+EXCESS_KEEP_MS: Final = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +50,26 @@ class Rules:
             budget=part(self.budget),
         )
 
-    def token_cost(self, reserve: int) -> int:
-        """Return what ``reserve`` takes from the token window: never more than the whole
-        limit, so that one large request can still run alone."""
-        return min(reserve, self.tpm) if self.tpm else reserve
+    def token_cost(self, reserve: int, excess: int = 0) -> int:
+        """Return what ``reserve`` takes from the token window, with the scope's learned
+        ``excess``: never more than the whole limit, so that one large request can still run
+        alone."""
+        return min(reserve + excess, self.tpm) if self.tpm else reserve + excess
+
+
+def learn_excess(learned: int | None, reserve: int, actual: int) -> int:
+    """Return a scope's excess (what its answers cost beyond their reservations) after one
+    more answer: up at once to a larger excess, down a quarter of the way to a smaller one.
+
+    SAI does not honour ``max_tokens``, and its prompt count includes the template's own
+    text: an answer can cost more than its reservation, and every request in flight when the
+    tokens per minute are reached adds its correction. Reserving the excess seen lately
+    leaves only the part of a correction beyond it.
+    """
+    sample = max(0, actual - reserve)
+    if learned is None or sample >= learned:
+        return sample
+    return learned + (sample - learned) // 4  # a quarter of the way down, rounded up
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +138,7 @@ class Verdict:
     figures: Figures | None  # the tighter scope's, for the headers
     period_id: str  # the budget's period (e.g. 2026-12-06 or 2026-12)
     date: str  # the usage day (UTC)
+    costs: tuple[int, ...] = ()  # what the admission took from each scope's token window
 
     @property
     def final(self) -> bool:

@@ -16,11 +16,20 @@ from typing import Any, Final
 from redis.exceptions import NoScriptError
 
 from .base import Ask, UsageRow
-from .rules import CONCURRENCY_RETRY_MS, WINDOW_MS, Figures, Period, Verdict, tighter
+from .rules import (
+    CONCURRENCY_RETRY_MS,
+    EXCESS_KEEP_MS,
+    WINDOW_MS,
+    Figures,
+    Period,
+    Verdict,
+    tighter,
+)
 from .store import Store
 
 _CONSTANTS: Final = {
     "__WINDOW__": WINDOW_MS,
+    "__EXCESS_MS__": EXCESS_KEEP_MS,
     "__CONCURRENCY_WAIT__": CONCURRENCY_RETRY_MS,
     "__USAGE_MS__": 40 * 86_400_000,  # usage is kept 40 days
 }
@@ -69,9 +78,10 @@ for word in string.gmatch(ARGV[2], '[^ ]+') do A[#A + 1] = word end
 
 # A (the arguments: ARGV[1] the prefix, then ARGV[2]'s words): prefix, id, lease ms, reserve,
 # period (day|month), usage client (- for none), scope count, then per scope: name, rpm, tpm,
-# concurrency, budget, token cost.
+# concurrency, budget.
 # Returns: granted (1|0), reason, wait ms, date, period, then per scope
-# rpm, requests used, requests reset ms, tpm, tokens used, tokens reset ms (before this one).
+# rpm, requests used, requests reset ms, tpm, tokens used, tokens reset ms (before this one),
+# token cost (the reservation and the scope's learned excess, at most the tpm).
 ADMIT: Final = _lua(
     _CALENDAR
     + _ARGUMENTS
@@ -92,13 +102,18 @@ if A[5] == 'month' then
   period_end = days_from_civil(y, m, 1) * 86400000
 end
 local uk = P .. 'usage:' .. date
-local out = {}
+local out, costs = {}, {}
 local deny, wait = '', 0
 for i = 0, n - 1 do
-  local b = 8 + i * 6
+  local b = 8 + i * 5
   local name = A[b]
   local rpm, tpm = tonumber(A[b + 1]), tonumber(A[b + 2])
-  local conc, budget, cost = tonumber(A[b + 3]), tonumber(A[b + 4]), tonumber(A[b + 5])
+  local conc, budget = tonumber(A[b + 3]), tonumber(A[b + 4])
+  local cost = 0
+  if tpm > 0 then
+    cost = math.min(reserve + tonumber(redis.call('GET', P .. 'x:' .. name) or '0'), tpm)
+  end
+  costs[i] = cost
   local rk, tk = P .. 'r:' .. name, P .. 't:' .. name
   local sk, ck = P .. 'ts:' .. name, P .. 'c:' .. name
   local r_used, r_reset, t_used, t_reset = 0, 0, 0, 0
@@ -145,7 +160,9 @@ for i = 0, n - 1 do
     local used = tonumber(redis.call('GET', P .. 'b:' .. name .. ':' .. period) or '0')
     if used + reserve > budget then deny, wait = 'budget', period_end - now end
   end
-  for _, v in ipairs({rpm, r_used, r_reset, tpm, t_used, t_reset}) do out[#out + 1] = v end
+  for _, v in ipairs({rpm, r_used, r_reset, tpm, t_used, t_reset, cost}) do
+    out[#out + 1] = v
+  end
 end
 local head
 if deny ~= '' then
@@ -156,10 +173,10 @@ if deny ~= '' then
   head = {0, deny, wait, date, period}
 else
   for i = 0, n - 1 do
-    local b = 8 + i * 6
+    local b = 8 + i * 5
     local name = A[b]
     local rpm, tpm = tonumber(A[b + 1]), tonumber(A[b + 2])
-    local conc, budget, cost = tonumber(A[b + 3]), tonumber(A[b + 4]), tonumber(A[b + 5])
+    local conc, budget, cost = tonumber(A[b + 3]), tonumber(A[b + 4]), costs[i]
     if rpm > 0 then
       local rk = P .. 'r:' .. name
       redis.call('ZADD', rk, now, id)
@@ -196,6 +213,8 @@ return head
 
 # A: prefix, id, reserve, actual tokens, input, output, period, date, usage client (- for
 # none), scope count, then per scope: name, token cost, has tpm, has budget, has concurrency.
+# A scope with a tpm learns its answers' excess over their reservations (x:<scope>): up at
+# once to a larger one, down a quarter of the way to a smaller one (rules.learn_excess).
 SETTLE: Final = _lua(
     _CALENDAR
     + _ARGUMENTS
@@ -215,6 +234,11 @@ for i = 0, n - 1 do
       redis.call('ZADD', tk, score, id .. ':' .. actual)
       redis.call('INCRBY', sk, actual - tonumber(A[b + 1]))
     end
+    local xk = P .. 'x:' .. name
+    local sample = math.max(0, actual - reserve)
+    local learned = tonumber(redis.call('GET', xk))
+    if learned and sample < learned then sample = learned + fl((sample - learned) / 4) end
+    redis.call('SET', xk, sample, 'PX', __EXCESS_MS__)
   end
   if A[b + 3] == '1' then
     local bk = P .. 'b:' .. name .. ':' .. period
@@ -285,18 +309,19 @@ class SharedLimiter:
             ask.id, self.lease_ms, ask.reserve, self.period, ask.client.id or "-", len(ask.scopes),
         ]  # fmt: skip
         for name, rules in ask.scopes:
-            words += [
-                name, rules.rpm, rules.tpm, rules.concurrency, rules.budget,
-                rules.token_cost(ask.reserve),
-            ]  # fmt: skip
+            words += [name, rules.rpm, rules.tpm, rules.concurrency, rules.budget]
         reply = await self._run(ADMIT, self._words(words))
         granted = int(reply[0]) == 1
         reason = _text(reply[1]) or None
         figures: Figures | None = None
-        for index, (_, rules) in enumerate(ask.scopes):
-            start = 5 + index * 6
-            rpm, r_used, r_reset, tpm, t_used, t_reset = (int(v) for v in reply[start : start + 6])
-            taken, cost = (1, rules.token_cost(ask.reserve)) if granted else (0, 0)
+        costs: list[int] = []
+        for index in range(len(ask.scopes)):
+            start = 5 + index * 7
+            rpm, r_used, r_reset, tpm, t_used, t_reset, cost = (
+                int(v) for v in reply[start : start + 7]
+            )
+            costs.append(cost)
+            taken, cost = (1, cost) if granted else (0, 0)
             figures = tighter(
                 figures,
                 Figures(
@@ -315,6 +340,7 @@ class SharedLimiter:
             figures,
             _text(reply[4]),
             _text(reply[3]),
+            tuple(costs) if granted else (),
         )
 
     async def settle(
@@ -352,10 +378,10 @@ class SharedLimiter:
             ask.id, ask.reserve, input_tokens + output_tokens, input_tokens, output_tokens,
             verdict.period_id, verdict.date, ask.client.id or "-", len(ask.scopes),
         ]  # fmt: skip
-        for name, rules in ask.scopes:
+        for (name, rules), cost in zip(ask.scopes, verdict.costs, strict=True):
             words += [
-                name, rules.token_cost(ask.reserve), int(bool(rules.tpm)),
-                int(bool(rules.budget)), int(bool(rules.concurrency)),
+                name, cost, int(bool(rules.tpm)), int(bool(rules.budget)),
+                int(bool(rules.concurrency)),
             ]  # fmt: skip
         return words
 
