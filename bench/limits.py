@@ -17,6 +17,10 @@ queueing behind the extra CPU. The open loop (``open 300/s``: requests sent on
 an even schedule whatever the answers do, each request's latency counted from
 its scheduled time, so a late start counts) shows what a request costs when
 the proxy is busy but not saturated.
+
+``cpu us`` is the proxy process's CPU time (user + system, from /proc) per
+request of the load: what a request costs, which the other processes on the
+machine move less than they move the latency.
 Every limit is set (requests, tokens, concurrency, a budget) high enough that
 nothing is refused, so every admission runs the whole script.
 """
@@ -84,7 +88,7 @@ async def cost(smoke: bool) -> int:
             stop(sai)
             valkey.stop()
     print(f"{'limits':<12} {'load':>10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'+p50 ms':>8} {'+p99 ms':>8}")  # fmt: skip
+          f"{'+p50 ms':>8} {'+p99 ms':>8} {'cpu us':>7} {'+cpu us':>7}")  # fmt: skip
     failed = 0
     for load_name in LOADS:
         base = _median(measured[("limits off", load_name)])
@@ -94,7 +98,8 @@ async def cost(smoke: bool) -> int:
             print(
                 f"{name:<12} {load_name:>10} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
                 f"{row['p99_ms']:>8.2f} {row['p50_ms'] - base['p50_ms']:>+8.2f} "
-                f"{row['p99_ms'] - base['p99_ms']:>+8.2f}"
+                f"{row['p99_ms'] - base['p99_ms']:>+8.2f} {row['cpu_us']:>7.0f} "
+                f"{row['cpu_us'] - base['cpu_us']:>+7.0f}"
             )
     return 1 if failed else 0
 
@@ -144,11 +149,13 @@ async def _run(
         for name, (kind, size) in LOADS.items():
             if kind == "closed":
                 await load.run(url, body, mode="json", concurrency=size, requests=200)  # warm up
+                cpu = _cpu_seconds(process.pid)
                 results, elapsed = await load.run(
                     url, body, mode="json", concurrency=size, duration=seconds
                 )
             else:
-                results, elapsed = await _open_loop(url, body, size, seconds)
+                results, elapsed, cpu = await _open_loop(url, body, size, seconds, process.pid)
+            cpu = _cpu_seconds(process.pid) - cpu
             latencies = sorted(r.latency * 1000 for r in results if r.ok)
             quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
             rows[name] = {
@@ -156,17 +163,25 @@ async def _run(
                 "p50_ms": statistics.median(latencies),
                 "p99_ms": quantiles[98],
                 "errors": sum(1 for r in results if not r.ok),
+                "cpu_us": cpu / len(results) * 1e6,
             }
         return rows
     finally:
         stop(process)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """Return the CPU time (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _open_loop(
-    url: str, body: bytes, rate: int, seconds: float
-) -> tuple[list[load.Result], float]:
+    url: str, body: bytes, rate: int, seconds: float, pid: int
+) -> tuple[list[load.Result], float, float]:
     """Send ``rate`` requests per second on an even schedule for ``seconds``, whatever the
-    answers do; each request's latency runs from its scheduled time (a late start counts)."""
+    answers do; each request's latency runs from its scheduled time (a late start counts).
+    Also return process ``pid``'s CPU time when the measured requests began."""
     count = math.ceil(rate * seconds)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120, sock_connect=10)
@@ -179,6 +194,7 @@ async def _open_loop(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # Warm up at the same rate for a second: the connections are opened.
         for warm in (True, False):
+            cpu = _cpu_seconds(pid)
             started = time.perf_counter()
             tasks = []
             for index in range(rate if warm else count):
@@ -189,7 +205,7 @@ async def _open_loop(
                 tasks.append(asyncio.ensure_future(one(session, due)))
             results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
-    return list(results), elapsed
+    return list(results), elapsed, cpu
 
 
 async def leaks(streams: int, replicas: int, *, sigkill: bool = False) -> int:
