@@ -435,3 +435,17 @@ async def test_a_lease_whose_settlement_failed_ends_when_the_store_is_back(
         await asyncio.sleep(0.1)
     assert store.zcard(key) == 0
     store.close()
+
+
+def test_the_calendar_of_a_second_is_reused_and_turns_at_midnight() -> None:
+    from datetime import UTC, datetime
+
+    from saiproxy.limits.local import calendar
+
+    night = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    # Twice within one second (the second time from the cache), then past midnight.
+    assert calendar("day", night + 0.25) == ("2026-12-31", "2026-12-31", 750)
+    assert calendar("day", night + 0.75) == ("2026-12-31", "2026-12-31", 250)
+    assert calendar("month", night + 0.5) == ("2026-12-31", "2026-12", 500)
+    assert calendar("day", night + 1.25) == ("2027-01-01", "2027-01-01", 86_400_000 - 250)
+    assert calendar("month", night + 1.0) == ("2027-01-01", "2027-01", 31 * 86_400_000)

@@ -26,7 +26,23 @@ USAGE_DAYS = 40  # days of usage kept
 
 def calendar(period: Period, now: float | None = None) -> tuple[str, str, int]:
     """Return today's date (UTC), the budget period's name and the milliseconds it has left."""
-    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    now = time.time() if now is None else now
+    second = int(now)
+    cached = _CALENDARS.get(period)
+    if cached is None or cached[0] != second:
+        cached = _CALENDARS[period] = (second, *_calendar(period, second))
+    _, date, name, end_ms = cached
+    return date, name, end_ms - int(now * 1000)
+
+
+# The last second's calendar per period (second, date, period's name, its end in ms): one
+# admission after another within a second costs no date arithmetic.
+_CALENDARS: dict[Period, tuple[int, str, str, int]] = {}
+
+
+def _calendar(period: Period, second: int) -> tuple[str, str, int]:
+    """Return the date (UTC), the period's name and the period's end (ms) at ``second``."""
+    moment = datetime.fromtimestamp(second, UTC)
     date = moment.strftime("%Y-%m-%d")
     start_of_day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "month":
@@ -36,7 +52,7 @@ def calendar(period: Period, now: float | None = None) -> tuple[str, str, int]:
     else:
         end = start_of_day + timedelta(days=1)
         name = date
-    return date, name, int((end - moment).total_seconds() * 1000)
+    return date, name, int(end.timestamp()) * 1000
 
 
 @dataclass(slots=True)
