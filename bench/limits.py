@@ -45,7 +45,7 @@ import aiohttp
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
 from bench.limits_cluster import Cluster
-from bench.run import stop, wait_ready
+from bench.run import Usage, stop, wait_ready
 from bench.valkey import ValkeyServer
 from saiproxy.limits.identity import digest
 
@@ -145,17 +145,18 @@ async def _run(
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         await wait_ready(url, process)
         body = load.chat_body(False)
+        usage = Usage(process.pid)
         rows: dict[str, dict[str, Any]] = {}
         for name, (kind, size) in LOADS.items():
             if kind == "closed":
                 await load.run(url, body, mode="json", concurrency=size, requests=200)  # warm up
-                cpu = _cpu_seconds(process.pid)
+                cpu = usage.cpu()
                 results, elapsed = await load.run(
                     url, body, mode="json", concurrency=size, duration=seconds
                 )
             else:
-                results, elapsed, cpu = await _open_loop(url, body, size, seconds, process.pid)
-            cpu = _cpu_seconds(process.pid) - cpu
+                results, elapsed, cpu = await _open_loop(url, body, size, seconds, usage)
+            cpu = usage.cpu() - cpu
             latencies = sorted(r.latency * 1000 for r in results if r.ok)
             quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
             rows[name] = {
@@ -170,18 +171,12 @@ async def _run(
         stop(process)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """Return the CPU time (user + system) process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _open_loop(
-    url: str, body: bytes, rate: int, seconds: float, pid: int
+    url: str, body: bytes, rate: int, seconds: float, usage: Usage
 ) -> tuple[list[load.Result], float, float]:
     """Send ``rate`` requests per second on an even schedule for ``seconds``, whatever the
     answers do; each request's latency runs from its scheduled time (a late start counts).
-    Also return process ``pid``'s CPU time when the measured requests began."""
+    Also return the proxy's CPU time (``usage``) when the measured requests began."""
     count = math.ceil(rate * seconds)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120, sock_connect=10)
@@ -194,7 +189,7 @@ async def _open_loop(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         # Warm up at the same rate for a second: the connections are opened.
         for warm in (True, False):
-            cpu = _cpu_seconds(pid)
+            cpu = usage.cpu()
             started = time.perf_counter()
             tasks = []
             for index in range(rate if warm else count):
