@@ -50,7 +50,7 @@ class Rules:
             budget=part(self.budget),
         )
 
-    def token_cost(self, reserve: int, excess: int = 0) -> int:
+    def token_cost(self, reserve: int, excess: int) -> int:
         """Return what ``reserve`` takes from the token window, with the scope's learned
         ``excess``: never more than the whole limit, so that one large request can still run
         alone."""
