@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 from bench.valkey import ValkeyServer
-from saiproxy.limits.base import Ask
-from saiproxy.limits.identity import Client
+from saiproxy.limits.base import Ask, Settlement
 from saiproxy.limits.rules import Rules
 from saiproxy.limits.shared import SharedLimiter, connect
 
@@ -38,13 +37,13 @@ async def _pairs(limiter: SharedLimiter, count: int, concurrency: int) -> None:
 
     async def worker() -> None:
         while (index := next(ids)) < count:
-            client = Client(f"key-{index % 50:016x}", "proxy_key", True)
-            ask = Ask(f"bench.{index:x}", client, 300, (
-                (f"client:{client.id}", _CLIENT), ("global", _GLOBAL)
+            client = f"key-{index % 50:016x}"
+            ask = Ask(f"bench.{index:x}", client, False, 300, (
+                ("client", _CLIENT), ("global", _GLOBAL)
             ))  # fmt: skip
             verdict = await limiter.admit(ask)
             assert verdict.granted, verdict
-            await limiter.settle_many([(ask, verdict, 120, 180)])
+            await limiter.settle_many([(ask, verdict, Settlement(120, 180))])
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 

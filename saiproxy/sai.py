@@ -129,6 +129,9 @@ class SaiCall:
     last_status: int | str | None = None  # of the last attempt: HTTP status, or what failed
     last_latency_ms: float | None = None
     budget: CallBudget | None = None  # shared by the client request's calls; None: unbounded
+    # Asked before a call that began on a user's own credential goes on with a shared one
+    # (SAI_COOKIE after a 429): False refuses it (the global limits, limits/gate.py).
+    before_shared: Callable[[], Awaitable[bool]] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Return the call's facts for the finish line: attempts and how the last one went."""
@@ -356,8 +359,8 @@ class SaiClient:
         while True:
             try:
                 return await self._attempt(call)
-            except _Fallback:
-                continue
+            except _Fallback as fallback:
+                await self._fall_back(call, fallback)
             except _Transient as failure:
                 await self._before_retry(call, failure.error)
 
@@ -374,6 +377,19 @@ class SaiClient:
                     await self._before_retry(call, error)
                     continue
             return SaiAnswer(text, stream.headers, stream.first_piece_at or time.monotonic())
+
+    async def _fall_back(self, call: SaiCall, fallback: _Fallback) -> None:
+        """Go on with the fallback credential, once the global limits admit it when the call
+        began on the user's own credential; else the 429 is the outcome."""
+        credential = call.credential
+        if credential.user and call.before_shared is not None and not await call.before_shared():
+            raise UpstreamRateLimited(credential.label, fallback.retry_after)
+        log.info(
+            "rate limited; falling back",
+            extra={"from": credential.label, "to": fallback.credential.label},
+        )
+        call.credential = fallback.credential
+        self._metrics.fallbacks.inc()
 
     async def _before_retry(self, call: SaiCall, error: UpstreamError) -> None:
         if call.retries >= self._settings.max_retries:
@@ -472,13 +488,8 @@ class SaiClient:
             fallback = self._chain.after_rate_limit(call.tried)
             if fallback is None or (call.budget is not None and not call.budget.take()):
                 return UpstreamRateLimited(credential.label, retry_after)
-            log.info(
-                "rate limited; falling back", extra={"from": credential.label, "to": fallback.label}
-            )
-            call.credential = fallback
-            self._metrics.fallbacks.inc()
             # Not a retry: the next attempt goes out at once, with another credential.
-            return _Fallback()
+            return _Fallback(fallback, retry_after)
         if status == 500 and CONTEXT_TOO_LONG.search(body):
             return ContextTooLong()
         if 300 <= status < 400:
@@ -523,4 +534,9 @@ class SaiClient:
 
 
 class _Fallback(Exception):
-    """A 429 moved the call to another credential: try again without counting a retry."""
+    """A 429 moves the call to another credential: try again without counting a retry."""
+
+    def __init__(self, credential: Credential, retry_after: str | None) -> None:
+        super().__init__("rate limited; falling back")
+        self.credential = credential
+        self.retry_after = retry_after

@@ -114,6 +114,18 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+# The largest limit a setting may name: the limits store's scripts count in Lua numbers
+# (doubles), exact only below 2^53.
+MAX_LIMIT: Final = 10**13
+
+
+def _limit_value(raw: str) -> int:
+    value = _non_negative_int(raw)
+    if value > MAX_LIMIT:
+        raise ValueError(f"must be at most {MAX_LIMIT}, got {value}")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -220,7 +232,7 @@ def _limit(env: str, default: int = 0) -> Any:
     """A limit of the [limits] table: 0 means none; its TOML key drops the LIMITS_ prefix."""
     return field(
         default=default,
-        metadata=_opt(env, "limits", _non_negative_int, key=env.removeprefix("LIMITS_").lower()),
+        metadata=_opt(env, "limits", _limit_value, key=env.removeprefix("LIMITS_").lower()),
     )
 
 
@@ -243,6 +255,10 @@ class Settings:
     )
     sai_cookie: Secret | None = field(
         default=None, metadata=_opt("SAI_COOKIE", "upstream", Secret, secret=True)
+    )
+    # The cookie SAI's sign-in sets: a user's cookie counts as one client by its value.
+    sai_session_cookie: str = field(
+        default=".AspNetCore.Cookies", metadata=_opt("SAI_SESSION_COOKIE", "upstream", _str)
     )
     host: str = field(default="0.0.0.0", metadata=_opt("HOST", "server", _str))
     port: int = field(default=4000, metadata=_opt("PORT", "server", _port))
@@ -355,7 +371,7 @@ class Settings:
         default=10.0, metadata=_limits_option("LIMITS_RENEW_INTERVAL", _positive_float)
     )
     limits_output_reserve: int = field(
-        default=1024, metadata=_limits_option("LIMITS_OUTPUT_RESERVE", _non_negative_int)
+        default=1024, metadata=_limits_option("LIMITS_OUTPUT_RESERVE", _limit_value)
     )
     limits_budget_period: str = field(
         default="day", metadata=_limits_option("LIMITS_BUDGET_PERIOD", _choice("day", "month"))
@@ -599,6 +615,15 @@ def load_settings(
     if default_model not in models:
         raise SettingsError("default_model", f"{default_model!r} is not in [models]")
 
+    kinds = ("limits_client_", "limits_global_")
+    limited = any(values.get(name) for name in OPTIONS if name.startswith(kinds))
+    if values.get("workers", 1) > 1 and limited and "limits_url" not in values:
+        raise SettingsError(
+            "WORKERS",
+            "must be 1 when the limits live in the process: each worker would keep its own "
+            "and admit the limits WORKERS times over; set LIMITS_URL to share them "
+            "(docs/limits.md)",
+        )
     chain = values.get("auth_chain", DEFAULT_AUTH_CHAIN)
     if values.get("proxy_api_keys") and AuthHandlerName.BEARER in chain:
         raise SettingsError(

@@ -235,22 +235,21 @@ async def test_clients_are_counted_apart_by_hashed_key(
 async def test_user_keys_and_anonymous_and_global(
     make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str]
 ) -> None:
-    proxy = await make_proxy(LIMITS_CLIENT_RPM="1", LIMITS_GLOBAL_RPM="2", **store)
+    proxy = await make_proxy(LIMITS_CLIENT_RPM="1", LIMITS_GLOBAL_RPM="3", **store)
     user = {"user-api-key": "sk-user-secret-1"}
+    # Until SAI has accepted the user's key, its requests are anonymous's.
     assert (await proxy.post("/v1/chat/completions", json=HI, headers=user)).status == 200
-    # The user's own SAI key is not the shared one: the global limit is not touched.
-    assert (await proxy.post("/v1/chat/completions", json=HI)).status == 200
+    await asyncio.sleep(0.1)  # settled: SAI accepted the key
+    # Now the key is its own client, and not the shared credentials: the global limit is
+    # not touched.
+    assert (await proxy.post("/v1/chat/completions", json=HI, headers=user)).status == 200
     refused = await proxy.post("/v1/chat/completions", json=HI)  # anonymous: 1 per minute
     assert refused.status == 429
-    second_user = {"user-api-key": "sk-user-secret-2"}
-    assert (await proxy.post("/v1/chat/completions", json=HI, headers=second_user)).status == 200
     await asyncio.sleep(0.1)
-    clients = {row.client for row in await limits_of(proxy).usage([_today()])}
-    assert clients == {
-        "anonymous",
-        f"user-{digest('sk-user-secret-1')}",
-        f"user-{digest('sk-user-secret-2')}",
-    }
+    rows = {row.client: row for row in await limits_of(proxy).usage([_today()])}
+    assert set(rows) == {"anonymous", f"user-{digest('sk-user-secret-1')}"}
+    assert rows["anonymous"].requests == 1 and rows["anonymous"].limited == 1
+    assert rows[f"user-{digest('sk-user-secret-1')}"].requests == 1
 
 
 async def test_limits_off_by_default_no_headers(make_proxy: MakeProxy) -> None:
@@ -440,12 +439,13 @@ async def test_a_lease_whose_settlement_failed_ends_when_the_store_is_back(
 def test_the_calendar_of_a_second_is_reused_and_turns_at_midnight() -> None:
     from datetime import UTC, datetime
 
-    from saiproxy.limits.local import calendar
+    from saiproxy.limits.local import Calendar
 
-    night = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    night = int(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()) * 1000
+    day, month = Calendar("day"), Calendar("month")
     # Twice within one second (the second time from the cache), then past midnight.
-    assert calendar("day", night + 0.25) == ("2026-12-31", "2026-12-31", 750)
-    assert calendar("day", night + 0.75) == ("2026-12-31", "2026-12-31", 250)
-    assert calendar("month", night + 0.5) == ("2026-12-31", "2026-12", 500)
-    assert calendar("day", night + 1.25) == ("2027-01-01", "2027-01-01", 86_400_000 - 250)
-    assert calendar("month", night + 1.0) == ("2027-01-01", "2027-01", 31 * 86_400_000)
+    assert day.at(night + 250) == ("2026-12-31", "2026-12-31", 750)
+    assert day.at(night + 750) == ("2026-12-31", "2026-12-31", 250)
+    assert month.at(night + 500) == ("2026-12-31", "2026-12", 500)
+    assert day.at(night + 1250) == ("2027-01-01", "2027-01-01", 86_400_000 - 250)
+    assert month.at(night + 1000) == ("2027-01-01", "2027-01", 31 * 86_400_000)

@@ -22,6 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import orjson
@@ -33,6 +34,7 @@ from ..errors import ContextTooLong, ModelNotFound, UpstreamError
 from ..keys import (
     AUTH_CHAIN,
     CALL_BUDGET,
+    LIMITS,
     METRICS,
     OUTCOME,
     REQUEST_ID,
@@ -139,7 +141,7 @@ class Exchange:
         with InFlight(self.request, self.loop):
             try:
                 self.begin()
-                await gate.admit(self.request, (self,))  # the limits, once, before SAI
+                await admit((self,))  # the limits, once, before SAI
                 if self.conversation.stream:
                     response, ending = await respond_streamed(self, renderer)
                 else:
@@ -184,7 +186,10 @@ class Exchange:
         # orjson's result keeps a 4 KB buffer whatever the length; the payload lives as
         # long as the call (retries need it), so it is kept as an exact-size copy.
         body = bytes(memoryview(orjson.dumps(payload)))
-        return self.sai.new_call(self.model_config, body, credential, self.request_id, self.budget)
+        call = self.sai.new_call(self.model_config, body, credential, self.request_id, self.budget)
+        if credential.user and self.request.app.get(LIMITS) is not None:
+            call.before_shared = partial(gate.admit_shared, self.request)
+        return call
 
     @property
     def budget(self) -> CallBudget:
@@ -464,10 +469,43 @@ def conclude(exchanges: Sequence[Exchange], endings: Sequence[Ending]) -> None:
     """
     request = exchanges[0].request
     request[OUTCOME] = next((e.outcome for e in endings if e.outcome != "ok"), "ok")
-    gate.settle(request, exchanges)  # however it ended: tokens corrected, lease ended
+    settle(exchanges)  # however it ended: tokens corrected, lease ended
     call_soon = exchanges[0].loop.call_soon
     for exchange, ending in zip(exchanges, endings, strict=True):
         call_soon(exchange.finish, ending)
+
+
+async def admit(exchanges: Sequence[Exchange]) -> None:
+    """Admit a client request to the limits once, before SAI: its prompts' estimate and
+    each answer's bound (raises RateLimited when a limit refuses it)."""
+    calls = [exchange.call for exchange in exchanges if exchange.call is not None]
+    if not calls:
+        return  # answered without SAI (the context check): nothing to limit
+    prompt = sum(estimate_tokens(exchange.chars) for exchange in exchanges)
+    outputs = [exchange.max_output for exchange in exchanges]
+    await gate.admit(exchanges[0].request, calls[0].credential, prompt, outputs)
+
+
+def settle(exchanges: Sequence[Exchange]) -> None:
+    """Settle the request's admission with what SAI received and counted.
+
+    SAI's counts when they came; else, once SAI was called, the prompt's
+    estimate (and the part of the answer that arrived is in ``usage``
+    already): a request abandoned before SAI's counts arrive still costs
+    what SAI received.
+    """
+    input_tokens = output_tokens = 0
+    accepted = False
+    for exchange in exchanges:
+        usage, call = exchange.usage, exchange.call
+        if usage.total_tokens:
+            input_tokens += usage.prompt_tokens
+            output_tokens += usage.completion_tokens
+        elif call is not None and call.attempts:
+            input_tokens += estimate_tokens(exchange.chars)
+        if call is not None and call.credential.user and call.last_status == 200:
+            accepted = True
+    gate.settle(exchanges[0].request, input_tokens, output_tokens, accepted)
 
 
 async def _raise(error: UpstreamError) -> SaiStream:

@@ -8,6 +8,7 @@ and the tools and the wanted output format are described at the end of
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any, Final
@@ -15,9 +16,12 @@ from xml.sax.saxutils import quoteattr
 
 import orjson
 
+from ..limits.rules import MAX_TOKENS
 from . import toolcache
 from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
+
+log = logging.getLogger("saiproxy.exchange")
 
 TOOL_CALL_OPEN: Final = "<tool_call>"
 TOOL_CALL_CLOSE: Final = "</tool_call>"
@@ -198,14 +202,20 @@ def estimate_tokens(chars: int) -> int:
 
 
 def header_tokens(headers: Mapping[str, str], name: str, chars: int) -> int:
-    """Return a token count from SAI's header, or the estimate when absent or invalid."""
+    """Return a token count from SAI's header, or the estimate when absent or invalid.
+
+    A count is believed when it is a non-negative integer of at most
+    MAX_TOKENS; any other value (a negative, 10^30) is SAI's error, logged once
+    and replaced by the estimate, so that it can neither break the answer's
+    usage nor lock a client out of its limits.
+    """
     raw = headers.get(name)
     if raw is not None:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            pass
-        else:
-            if value >= 0:
-                return value
+        text = raw.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 12 and int(text) <= MAX_TOKENS:
+            return int(text)
+        log.warning(
+            "SAI's token count ignored: not an integer from 0 to MAX_TOKENS",
+            extra={"header": name, "value": text[:40], "max_tokens": MAX_TOKENS},
+        )
     return estimate_tokens(chars)

@@ -1,8 +1,11 @@
 """The hook: a client request is admitted once, before any SAI call, and settled when it ends.
 
-:func:`admit` after the exchanges are prepared, :func:`settle` when the
-request ends (the exchange's ``conclude``, whatever ended it). A refusal is
-a :class:`RateLimited` (429, rendered in the path's protocol's shape); the
+The core sees a narrow interface, numbers in and out: :func:`admit` with the
+request's credential and token reservation, before SAI; :func:`admit_shared`
+before a request that began on a user's own credential is served on a
+shared one (the 429 fallback to SAI_COOKIE); :func:`settle` with the tokens
+counted when the request ends, however it ended. A refusal is a
+:class:`RateLimited` (429, rendered in the path's protocol's shape); the
 rate-limit headers go on every answer of a limited path, streams included
 (they are set before the first byte).
 """
@@ -12,20 +15,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from aiohttp import web
 
-from ..core.prompt import estimate_tokens
+from ..auth import Credential
 from ..errors import ClientError
 from ..keys import LIMITS
+from .base import ScopeKind, Settlement
+from .identity import Client
 from .limits import Grant
-from .rules import Figures, Verdict, requested_output, seconds_ceil
+from .rules import MAX_TOKENS, Figures, Verdict, requested_output, seconds_ceil
 
-if TYPE_CHECKING:
-    from ..core.exchange import Exchange
-
-__all__ = ["RateLimited", "add_limit_headers", "admit", "requested_output", "settle"]
+__all__ = [
+    "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted", "requested_output",
+    "settle",
+]  # fmt: skip
 
 log = logging.getLogger("saiproxy.limits")
 
@@ -44,7 +49,13 @@ class RateLimited(ClientError):
     def __init__(self, verdict: Verdict, headers: dict[str, str]) -> None:
         reason = verdict.reason or "requests"
         wait = seconds_ceil(verdict.retry_ms)
-        if verdict.final:
+        if verdict.final and verdict.budget_left:
+            message = (
+                f"Your token budget for this period has {verdict.budget_left} tokens left, "
+                "fewer than this request reserves (its prompt and the answer's bound, "
+                f"max_tokens) (saiproxy limits); it renews in {wait} s. Ask for a shorter answer."
+            )
+        elif verdict.final:
             message = (
                 "Your token budget for this period is spent (saiproxy limits); "
                 f"it renews in {wait} s."
@@ -120,54 +131,89 @@ async def add_limit_headers(request: web.BaseRequest, response: web.StreamRespon
         response.headers.update(headers)
 
 
-GRANT: Final = web.RequestKey("limit_grant", Grant)
+GRANTS: Final = web.RequestKey("limit_grants", list[Grant])
+# The client and the reservation of the request's admission, for admit_shared.
+ASKED: Final = web.RequestKey("limit_asked", tuple[Client, int])
 
 
-async def admit(request: web.Request, exchanges: Sequence[Exchange]) -> None:
-    """Admit a client request (one exchange, or several answered together) once, before SAI;
-    raise :class:`RateLimited` when a limit refuses it."""
+def counted(value: int) -> int:
+    """Return a token count the limits take: non-negative, at most MAX_TOKENS."""
+    return min(max(0, value), MAX_TOKENS)
+
+
+async def admit(
+    request: web.Request,
+    credential: Credential,
+    prompt_tokens: int,
+    max_outputs: Sequence[int | None],
+) -> None:
+    """Admit a client request (one conversation, or several answered together) once, before
+    SAI: it reserves ``prompt_tokens`` and each answer's bound (or LIMITS_OUTPUT_RESERVE).
+    Raise :class:`RateLimited` when a limit refuses it."""
     limits = request.app.get(LIMITS)
     if limits is None:
         return
-    calls = [exchange.call for exchange in exchanges if exchange.call is not None]
-    if not calls:
-        return  # answered without SAI (the context check): nothing to limit
     output = limits.config.output_reserve
-    reserve = sum(
-        estimate_tokens(exchange.chars) + (exchange.max_output or output) for exchange in exchanges
-    )
-    client = limits.client(request, calls[0].credential)
-    grant = await limits.admit(client, reserve)
-    headers = headers_for(request.path, limits.mode, grant.verdict)
-    request[LIMIT_HEADERS] = headers
-    if not grant.verdict.granted:
+    reserve = counted(prompt_tokens + sum(bound or output for bound in max_outputs))
+    client = limits.client(request, credential)
+    request[ASKED] = (client, reserve)
+    await _admit(request, client, reserve, ("client", "global"))
+
+
+async def admit_shared(request: web.Request) -> bool:
+    """Admit to the global limits a request that began on the user's own credential and is
+    about to be served on a shared one (SAI_COOKIE after a 429), before that credential is
+    used; return False when they refuse it."""
+    limits = request.app.get(LIMITS)
+    asked = request.get(ASKED)
+    if limits is None or asked is None or not limits.config.shared.any:
+        return True
+    client, reserve = asked
+    if client.shared:
+        return True  # its admission took the global scope already
+    request[ASKED] = (shared := Client(client.id, client.kind, True), reserve)
+    try:
+        await _admit(request, shared, reserve, ("global",))
+    except RateLimited:
+        return False
+    return True
+
+
+async def _admit(
+    request: web.Request, client: Client, reserve: int, kinds: tuple[ScopeKind, ...]
+) -> None:
+    limits = request.app[LIMITS]
+    grant = await limits.admit(client, reserve, kinds)
+    grants = request.get(GRANTS)
+    if grants is None:
+        grants = request[GRANTS] = []
+    grants.append(grant)  # at once: whatever happens next, the request's end settles it
+    verdict = grant.verdict
+    headers = headers_for(request.path, limits.mode, verdict)
+    if kinds != ("global",):  # a fallback refused is SAI's 429, with SAI's Retry-After
+        request[LIMIT_HEADERS] = headers
+    if not verdict.granted:
         log.info(
             "request limited",
             extra={
-                "client": client.id,
-                "reason": grant.verdict.reason,
-                "retry_after_ms": grant.verdict.retry_ms,
+                "client": verdict.client,
+                "reason": verdict.reason,
+                "retry_after_ms": verdict.retry_ms,
                 "limits_mode": limits.mode,
+                **({"scope": "global", "fallback": True} if kinds == ("global",) else {}),
             },
         )
-        raise RateLimited(grant.verdict, headers)
-    request[GRANT] = grant
+        raise RateLimited(verdict, headers)
 
 
-def settle(request: web.Request, exchanges: Sequence[Exchange]) -> None:
+def settle(request: web.Request, input_tokens: int, output_tokens: int, accepted: bool) -> None:
     """The request ended, however (answered, failed, client gone, cancelled): correct its
-    tokens to the real count and end its lease. Never raises; never waits."""
-    grant = request.get(GRANT)
+    tokens to what SAI counted (``accepted``: SAI answered the user's own credential) and
+    end its leases. Never raises; never waits."""
+    grants = request.get(GRANTS)
     limits = request.app.get(LIMITS)
-    if grant is None or limits is None:
+    if not grants or limits is None:
         return
-    input_tokens = output_tokens = 0
-    for exchange in exchanges:
-        usage = exchange.usage
-        if usage.total_tokens:
-            input_tokens += usage.prompt_tokens
-            output_tokens += usage.completion_tokens
-        elif exchange.first_byte is not None:
-            # Cut before SAI's token counts arrived: the prompt was spent at least.
-            input_tokens += estimate_tokens(exchange.chars)
-    limits.settle(grant, input_tokens, output_tokens)
+    ended = Settlement(counted(input_tokens), counted(output_tokens), accepted)
+    for grant in grants:
+        limits.settle(grant, ended)

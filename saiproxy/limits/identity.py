@@ -1,5 +1,14 @@
-"""Who a request counts against: its proxy key, else the user's SAI key, else nobody in
-particular. Only a truncated SHA-256 of a key is ever kept, logged or stored."""
+"""Who a request counts against: what SAI authenticates, never what a client can vary freely.
+
+In order: the proxy key the caller presented (PROXY_API_KEYS); else the
+user's own SAI credential: a key as it is, a cookie by its session cookie's
+value only (SAI_SESSION_COOKIE; the other cookies of the header change
+nothing); else nobody in particular, ``anonymous``. A user's credential
+counts as its own client only once SAI has accepted it (the stores decide,
+see ``Ask.verify``): until then its requests are anonymous's, so sending a
+new made-up key or cookie with every request buys no new limits. Only a
+truncated SHA-256 of a key is ever kept, logged or stored.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +23,39 @@ from aiohttp import hdrs, web
 from ..auth import Credential
 from ..settings import Secret
 
+__all__ = ["ANONYMOUS", "Client", "Identify", "digest", "session_value"]
+
 ANONYMOUS: Final = "anonymous"
-Kind = Literal["proxy_key", "user_key", "anonymous"]
+Kind = Literal["proxy_key", "user_key", "user_cookie", "anonymous"]
 
 
 def digest(value: str) -> str:
     """Return the first 16 hex characters of the value's SHA-256: an ID, not the key."""
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def session_value(cookie: str, name: str) -> str | None:
+    """Return the value of the session cookie ``name`` in a Cookie header, None without one.
+
+    ASP.NET Core splits a large cookie into chunks (``name=chunks-2;
+    nameC1=…; nameC2=…``): their values, in order, are the session's.
+    """
+    pairs: dict[str, str] = {}
+    for part in cookie.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key not in pairs:  # the first of a name counts, as servers read it
+            pairs[key] = value.strip()
+    found = pairs.get(name)
+    if found is None:
+        return None
+    value = found
+    count = value.removeprefix("chunks-")
+    if value.startswith("chunks-") and count.isdigit() and 0 < int(count) <= 64:
+        chunks = [pairs.get(f"{name}C{index}") for index in range(1, int(count) + 1)]
+        if any(chunk is None for chunk in chunks):
+            return None
+        return "".join(chunk for chunk in chunks if chunk is not None)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +66,19 @@ class Client:
     kind: Kind
     shared: bool  # uses the shared SAI credentials, so the global limits apply too
 
+    @property
+    def verify(self) -> bool:
+        """True for a user's credential: its own client only once SAI has accepted it."""
+        return self.kind in ("user_key", "user_cookie")
+
 
 class Identify:
     """Find a request's client from its proxy key or its SAI credential."""
 
-    def __init__(self, proxy_keys: Sequence[Secret]) -> None:
+    def __init__(self, proxy_keys: Sequence[Secret], session_cookie: str = ".AspNetCore.Cookies"):
         self._keys = [(key.reveal().encode(), f"key-{digest(key.reveal())}") for key in proxy_keys]
         self.proxy_ids = frozenset(client_id for _, client_id in self._keys)
+        self._session_cookie = session_cookie
 
     def __call__(self, request: web.Request, credential: Credential | None) -> Client:
         shared = credential is None or not credential.user
@@ -52,5 +93,10 @@ class Identify:
                     if hmac.compare_digest(raw, key):
                         return Client(client_id, "proxy_key", shared)
         if credential is not None and credential.user:
-            return Client(f"user-{digest(credential.secret.reveal())}", "user_key", shared)
+            secret = credential.secret.reveal()
+            if credential.kind == "key":
+                return Client(f"user-{digest(secret)}", "user_key", shared)
+            session = session_value(secret, self._session_cookie)
+            if session:
+                return Client(f"user-{digest(session)}", "user_cookie", shared)
         return Client(ANONYMOUS, "anonymous", shared)

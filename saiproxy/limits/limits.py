@@ -25,10 +25,10 @@ from prometheus_client import Counter, Gauge
 from ..auth import Credential
 from ..metrics import Metrics
 from ..settings import Settings
-from .base import Ask, Limiter, UsageRow
-from .identity import Client, Identify
+from .base import Ask, Limiter, ScopeKind, Settlement, UsageRow, scope_name
+from .identity import ANONYMOUS, Client, Identify
 from .local import LocalLimiter
-from .rules import GLOBAL, Config, Verdict
+from .rules import Config, Rules, Verdict
 
 log = logging.getLogger("saiproxy.limits")
 
@@ -109,12 +109,14 @@ class Limits:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.config = config = Config.from_settings(settings)
         self.settings = settings
-        self.identify = Identify(settings.proxy_api_keys)
+        self.identify = Identify(settings.proxy_api_keys, settings.sai_session_cookie)
         self.metrics = LimitMetrics(metrics)
         self.timeout = settings.limits_timeout
         self._ids = itertools.count()
         self._replica = secrets.token_hex(4)
         self.shared: SharedLimiter | None = None
+        self.local = LocalLimiter(config.period)
+        self.local_config = config
         if settings.limits_url is not None:
             # Imported only with a store: the Redis client costs about 9 MB
             # and 80 ms at start, for nothing when the limits run in the process.
@@ -127,11 +129,7 @@ class Limits:
                 settings.limits_lease,
             )
             # While the store is unreachable: this replica's share of every limit.
-            self.local = LocalLimiter(config.period)
             self.local_config = config.share(settings.limits_replicas)
-        else:
-            self.local = LocalLimiter(config.period)
-            self.local_config = config
         self.mode: Mode = "shared" if self.shared is not None else "local"
         self.metrics.set_mode(self.mode)
         # The leases this replica holds in the store: id -> scopes with a concurrency limit.
@@ -139,7 +137,7 @@ class Limits:
         self._renewing: set[str] | None = None
         self._released_while_renewing: list[tuple[str, str]] = []
         self._tasks: set[asyncio.Task[object]] = set()
-        self._settling: list[tuple[Ask, Verdict, int, int]] = []
+        self._settling: list[tuple[Ask, Verdict, Settlement]] = []
         # Leases a failed store call may have left behind (scope, id): ended by the probe.
         self._orphans: list[tuple[str, str]] = []
         self._probe: asyncio.Task[None] | None = None
@@ -148,54 +146,100 @@ class Limits:
 
     # --- admission
 
-    def ask(self, client: Client, reserve: int, config: Config) -> Ask:
-        scopes = [(f"client:{client.id}", config.client)] if config.client.any else []
-        if client.shared and config.shared.any:
-            scopes.append((GLOBAL, config.shared))
-        return Ask(f"{self._replica}.{next(self._ids):x}", client, reserve, tuple(scopes))
+    def ask(
+        self, client: Client, reserve: int, config: Config, kinds: tuple[ScopeKind, ...]
+    ) -> Ask:
+        scopes: list[tuple[ScopeKind, Rules]] = []
+        if "client" in kinds and config.client.any:
+            scopes.append(("client", config.client))
+        if "global" in kinds and client.shared and config.shared.any:
+            scopes.append(("global", config.shared))
+        return Ask(
+            f"{self._replica}.{next(self._ids):x}", client.id, client.verify, reserve,
+            tuple(scopes), usage="client" in kinds,
+        )  # fmt: skip
 
-    async def admit(self, request_client: Client, reserve: int) -> Grant:
-        """Admit the request or refuse it; never fails because the store did."""
+    async def admit(
+        self,
+        client: Client,
+        reserve: int,
+        kinds: tuple[ScopeKind, ...] = ("client", "global"),
+    ) -> Grant:
+        """Admit the request or refuse it; never fails because the store did.
+
+        Whatever happens during it (the client hangs up, the handler is
+        cancelled at any await), an admission that the store granted ends in
+        exactly one settlement: the store's call runs in a task of its own, and
+        a grant nobody waits for any more is settled at once, as a request
+        that never reached SAI.
+        """
         if self.shared is not None and self.mode == "shared":
-            ask = self.ask(request_client, reserve, self.config)
+            admitting = self._admit_shared(client, reserve, kinds)
+            task = asyncio.get_running_loop().create_task(admitting)
             try:
-                verdict = await self._call(self.shared.admit(ask))
-            except Exception as error:
-                # A call that timed out may still have taken its lease: end it later.
-                self._orphans += _lease_pairs(ask)
-                self._failed(error)
-            else:
-                grant = Grant(ask, verdict, self.shared)
-                if verdict.granted:
-                    leased = tuple(name for name, rules in ask.scopes if rules.concurrency)
-                    if leased:
-                        self.leases[ask.id] = leased
-                self._count(grant)
+                grant = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                task.add_done_callback(self._abandoned)
+                raise
+            if grant is not None:
                 return grant
-        ask = self.ask(request_client, reserve, self.local_config)
-        grant = Grant(ask, await self.local.admit(ask), self.local)
+        # In the process nothing waits: a cancellation cannot land inside the admission.
+        ask = self.ask(client, reserve, self.local_config, kinds)
+        grant = Grant(ask, self.local.admit_now(ask), self.local)
         self._count(grant)
         return grant
 
-    def settle(self, grant: Grant, input_tokens: int, output_tokens: int) -> None:
+    async def _admit_shared(
+        self, client: Client, reserve: int, kinds: tuple[ScopeKind, ...]
+    ) -> Grant | None:
+        """Admit in the store; None when the store failed (the breaker is open then)."""
+        assert self.shared is not None
+        ask = self.ask(client, reserve, self.config, kinds)
+        try:
+            verdict = await self._call(self.shared.admit(ask))
+        except Exception as error:
+            # A call that timed out may still have taken its lease: end it later (the store
+            # took it as the client's, or as anonymous's for a credential not yet accepted).
+            self._orphans += _lease_pairs(ask, ask.client)
+            if ask.verify:
+                self._orphans += _lease_pairs(ask, ANONYMOUS)
+            self._failed(error)
+            return None
+        grant = Grant(ask, verdict, self.shared)
+        if verdict.granted:
+            leased = tuple(pair[0] for pair in _lease_pairs(ask, verdict.client))
+            if leased:
+                self.leases[ask.id] = leased
+        self._count(grant)
+        return grant
+
+    def _abandoned(self, task: asyncio.Task[Grant | None]) -> None:
+        """The request of an admission in progress went away: settle what it was granted."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        grant = task.result()
+        if grant is not None:
+            self.settle(grant, Settlement(0, 0))
+
+    def settle(self, grant: Grant, ended: Settlement) -> None:
         """The request ended (however): correct its tokens and end its lease, in the background
         so that neither a cancellation nor a slow store delays the end of the answer."""
         if grant.settled or not grant.verdict.granted:
             return
         grant.settled = True
-        client = grant.ask.client
-        if client.id in self.identify.proxy_ids:
-            self.metrics.client_tokens.labels(client.id, "input").inc(input_tokens)
-            self.metrics.client_tokens.labels(client.id, "output").inc(output_tokens)
+        client = grant.verdict.client
+        if client in self.identify.proxy_ids and grant.ask.usage:
+            self.metrics.client_tokens.labels(client, "input").inc(ended.input_tokens)
+            self.metrics.client_tokens.labels(client, "output").inc(ended.output_tokens)
         leased = self.leases.pop(grant.ask.id, None)
         if leased is not None and self._renewing is not None and grant.ask.id in self._renewing:
             self._released_while_renewing += [(scope, grant.ask.id) for scope in leased]
         if grant.limiter is self.local:
-            self.local.settle_now(grant.ask, grant.verdict, input_tokens, output_tokens)
+            self.local.settle_now(grant.ask, grant.verdict, ended)
             return
         # Sent in the background, together with the other requests ending meanwhile: one
         # pipelined round trip for all of them.
-        self._settling.append((grant.ask, grant.verdict, input_tokens, output_tokens))
+        self._settling.append((grant.ask, grant.verdict, ended))
         if len(self._settling) == 1:
             task = asyncio.get_running_loop().create_task(self._settle_batch())
             self._tasks.add(task)
@@ -210,12 +254,14 @@ class Limits:
         except Exception as error:
             # Their leases are ended once the store answers again (a settlement is
             # not sent twice: it counts usage); their token corrections are lost.
-            self._orphans += [pair for ask, *_ in batch for pair in _lease_pairs(ask)]
+            self._orphans += [
+                pair for ask, verdict, _ in batch for pair in _lease_pairs(ask, verdict.client)
+            ]
             self._failed(error)
 
     def _count(self, grant: Grant) -> None:
-        client = grant.ask.client.id
-        per_key = client in self.identify.proxy_ids
+        client = grant.verdict.client
+        per_key = client in self.identify.proxy_ids and grant.ask.usage
         if grant.verdict.granted:
             if per_key:
                 self.metrics.client_requests.labels(client).inc()
@@ -229,12 +275,6 @@ class Limits:
     async def _call(self, work: Awaitable[_T]) -> _T:
         async with asyncio.timeout(self.timeout):
             return await work
-
-    async def _quietly(self, work: Awaitable[object]) -> None:
-        try:
-            await self._call(work)
-        except Exception as error:
-            self._failed(error)
 
     def _failed(self, error: BaseException) -> None:
         self.metrics.store_failures.inc()
@@ -313,7 +353,7 @@ class Limits:
                     await task
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(1.0, self.timeout * 4))
-        await self.local.release_all()
+        self.local.release_all()
         if self.shared is not None:
             pairs = self._lease_pairs()
             self.leases.clear()
@@ -337,6 +377,7 @@ class Limits:
         return self.identify(request, credential)  # type: ignore[arg-type]
 
 
-def _lease_pairs(ask: Ask) -> list[tuple[str, str]]:
-    """Return the leases (scope, id) an admission of ``ask`` takes: one per concurrency limit."""
-    return [(name, ask.id) for name, rules in ask.scopes if rules.concurrency]
+def _lease_pairs(ask: Ask, client: str) -> list[tuple[str, str]]:
+    """Return the leases (scope, id) an admission of ``ask`` as ``client`` takes: one per
+    concurrency limit."""
+    return [(scope_name(kind, client), ask.id) for kind, rules in ask.scopes if rules.concurrency]

@@ -1,74 +1,89 @@
 """Limits held in this process: the default without LIMITS_URL, and each replica's share while
-the store is unreachable. The same sliding windows as the shared store's script."""
+the store is unreachable. The same rules as the shared store's scripts (scripts/*.lua).
+
+Everything a client makes this store keep expires with its window: a scope
+once its last request left the minute and its leases ended, a learned excess
+after an hour, a user's accepted credential after a day, a budget with its
+period, usage after 40 days (today's never). Memory follows the clients live
+now, not every client ever seen.
+"""
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
-from .base import Ask, UsageRow
+from .base import Ask, Settlement, UsageRow, scope_name
+from .identity import ANONYMOUS
 from .rules import (
     CONCURRENCY_RETRY_MS,
     EXCESS_KEEP_MS,
+    USAGE_KEEP_MS,
+    VERIFIED_KEEP_MS,
     WINDOW_MS,
-    Figures,
     Period,
     Reason,
+    Used,
     Verdict,
     learn_excess,
-    tighter,
+    remaining,
 )
 
-USAGE_DAYS = 40  # days of usage kept
+__all__ = ["Calendar", "LocalLimiter", "wall_clock_ms"]
+
+# Past days' usage rows kept at most (today's are never dropped): a bound on memory
+# whatever the number of clients, with room for 40 days of a few thousand clients.
+USAGE_ROWS_KEPT = 200_000
+_T = TypeVar("_T")
 
 
-def calendar(period: Period, now: float | None = None) -> tuple[str, str, int]:
-    """Return today's date (UTC), the budget period's name and the milliseconds it has left."""
-    now = time.time() if now is None else now
-    second = int(now)
-    cached = _CALENDARS.get(period)
-    if cached is None or cached[0] != second:
-        cached = _CALENDARS[period] = (second, *_calendar(period, second))
-    _, date, name, end_ms = cached
-    return date, name, end_ms - int(now * 1000)
+def wall_clock_ms() -> int:
+    """Return the time in ms since the epoch, as the stores count it."""
+    return time.time_ns() // 1_000_000
 
 
-# The last second's calendar per period (second, date, period's name, its end in ms): one
-# admission after another within a second costs no date arithmetic.
-_CALENDARS: dict[Period, tuple[int, str, str, int]] = {}
+class Calendar:
+    """Today's date (UTC), the budget period's name and when it ends: worked out once per
+    second, not per admission."""
 
+    def __init__(self, period: Period) -> None:
+        self.period = period
+        self._second = -1
+        self._today = ("", "", 0)
 
-def _calendar(period: Period, second: int) -> tuple[str, str, int]:
-    """Return the date (UTC), the period's name and the period's end (ms) at ``second``."""
-    moment = datetime.fromtimestamp(second, UTC)
-    date = moment.strftime("%Y-%m-%d")
-    start_of_day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "month":
-        year, month = moment.year + moment.month // 12, moment.month % 12 + 1
-        end = start_of_day.replace(year=year, month=month, day=1)
-        name = moment.strftime("%Y-%m")
-    else:
-        end = start_of_day + timedelta(days=1)
-        name = date
-    return date, name, int(end.timestamp()) * 1000
+    def at(self, now_ms: int) -> tuple[str, str, int]:
+        """Return the date, the period's name and the ms the period has left at ``now_ms``."""
+        second = now_ms // 1000
+        if second != self._second:
+            self._second, self._today = second, self._work_out(second)
+        date, name, end_ms = self._today
+        return date, name, end_ms - now_ms
+
+    def _work_out(self, second: int) -> tuple[str, str, int]:
+        moment = datetime.fromtimestamp(second, UTC)
+        date = moment.strftime("%Y-%m-%d")
+        start_of_day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.period == "month":
+            year, month = moment.year + moment.month // 12, moment.month % 12 + 1
+            end = start_of_day.replace(year=year, month=month, day=1)
+            name = moment.strftime("%Y-%m")
+        else:
+            end = start_of_day + timedelta(days=1)
+            name = date
+        return date, name, int(end.timestamp()) * 1000
 
 
 @dataclass(slots=True)
 class _Scope:
+    touched: int  # ms: its last admission or settlement
     requests: deque[int] = field(default_factory=deque)  # admission times, ms
     tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (time, tokens)
     token_sum: int = 0
     leases: set[str] = field(default_factory=set)
-    budget: dict[str, int] = field(default_factory=dict)  # period -> tokens used
-    excess: int | None = None  # the answers' learned excess over their reservations
-    excess_at: int = 0  # when it was last learned, ms
-
-    def learned(self, now: int) -> int | None:
-        if self.excess is not None and now - self.excess_at > EXCESS_KEEP_MS:
-            self.excess = None
-        return self.excess
 
     def expire(self, now: int) -> None:
         cutoff = now - WINDOW_MS
@@ -86,45 +101,112 @@ class _Scope:
 class LocalLimiter:
     """The Limiter of one process."""
 
-    def __init__(self, period: Period) -> None:
+    def __init__(self, period: Period, clock: Callable[[], int] = wall_clock_ms) -> None:
         self.period = period
-        self._scopes: dict[str, _Scope] = {}
-        self._usage: dict[tuple[str, str], list[int]] = {}  # (date, client) -> 4 counters
+        self._clock = clock
+        self._calendar = Calendar(period)
+        # In the order they were last touched: the sweep looks at the oldest only.
+        self._scopes: OrderedDict[str, _Scope] = OrderedDict()
+        self._excess: OrderedDict[str, tuple[int, int]] = OrderedDict()  # client -> (excess, ms)
+        self._verified: OrderedDict[str, int] = OrderedDict()  # client -> until, ms
+        self._budget_period = ""
+        self._budgets: dict[str, int] = {}  # scope -> tokens used in _budget_period
+        self._usage: dict[str, dict[str, list[int]]] = {}  # date -> client -> 4 counters
+        self._swept = 0
 
-    def _scope(self, name: str) -> _Scope:
+    # --- what a client makes this store keep, and its end
+
+    def _scope(self, name: str, now: int) -> _Scope:
         scope = self._scopes.get(name)
         if scope is None:
-            scope = self._scopes[name] = _Scope()
+            scope = self._scopes[name] = _Scope(now)
+        else:
+            scope.touched = now
+            self._scopes.move_to_end(name)
         return scope
 
+    def _sweep(self, now: int) -> None:
+        """Drop what has expired, at most once a second: each pass looks only at entries
+        old enough to go (they are kept in the order they were touched)."""
+        if now - self._swept < 1000:
+            return
+        self._swept = now
+        cutoff = now - WINDOW_MS
+        scopes = self._scopes
+        while scopes:
+            name, scope = next(iter(scopes.items()))
+            if scope.touched > cutoff:
+                break
+            if scope.leases:  # a request still running (a long stream): look again later
+                scope.touched = now
+                scopes.move_to_end(name)
+            else:  # its requests and tokens left the window with its last touch
+                del scopes[name]
+        _drop_older(self._excess, lambda kept: kept[1] + EXCESS_KEEP_MS < now)
+        _drop_older(self._verified, lambda until: until < now)
+        oldest_day = self._calendar.at(now - USAGE_KEEP_MS)[0]
+        for date in [date for date in self._usage if date < oldest_day]:
+            del self._usage[date]
+
+    def _learned(self, client: str, now: int) -> int | None:
+        kept = self._excess.get(client)
+        if kept is None or kept[1] + EXCESS_KEEP_MS < now:
+            return None
+        return kept[0]
+
     def _count(self, date: str, client: str, index: int, amount: int) -> None:
-        row = self._usage.get((date, client))
+        day = self._usage.get(date)
+        if day is None:
+            day = self._usage[date] = {}
+        row = day.get(client)
         if row is None:
-            row = self._usage[(date, client)] = [0, 0, 0, 0]
-            if len(self._usage) > 1000:  # keep a bounded history
-                oldest = min(day for day, _ in self._usage)
-                for key in [key for key in self._usage if key[0] == oldest]:
-                    del self._usage[key]
+            row = day[client] = [0, 0, 0, 0]
+            self._bound_usage(date)
         row[index] += amount
 
+    def _bound_usage(self, today: str) -> None:
+        """Keep at most USAGE_ROWS_KEPT rows of past days: the oldest days go first; today's
+        rows are never dropped."""
+        past = sum(len(rows) for date, rows in self._usage.items() if date != today)
+        for date in sorted(self._usage):
+            if past <= USAGE_ROWS_KEPT or date >= today:
+                break
+            past -= len(self._usage.pop(date))
+
+    # --- the Limiter
+
     async def admit(self, ask: Ask) -> Verdict:
-        now = int(time.monotonic() * 1000)
-        date, period, period_left = calendar(self.period)
+        return self.admit_now(ask)
+
+    def admit_now(self, ask: Ask) -> Verdict:
+        """:meth:`admit`, at once: nothing here waits."""
+        now = self._clock()
+        date, period, period_left = self._calendar.at(now)
+        self._sweep(now)
+        if period != self._budget_period:
+            self._budget_period, self._budgets = period, {}
+        client = ask.client
+        if ask.verify and self._verified.get(client, -1) < now:
+            client = ANONYMOUS
+        excess = 0
+        if any(rules.tpm for _, rules in ask.scopes):
+            excess = self._learned(client, now) or 0
         deny: Reason | None = None
         wait = 0
-        figures: list[Figures] = []
-        costs: list[int] = []
-        for name, rules in ask.scopes:
-            scope = self._scope(name)
+        budget_left: int | None = None
+        used: list[Used] = []
+        costs: list[tuple[int, int]] = []
+        for kind, rules in ask.scopes:
+            name = scope_name(kind, client)
+            scope = self._scope(name, now)
             scope.expire(now)
             used_r = len(scope.requests)
             reset_r = scope.requests[0] + WINDOW_MS - now if scope.requests else 0
             if rules.rpm and used_r >= rules.rpm and deny is None:
                 deny, wait = "requests", scope.requests[used_r - rules.rpm] + WINDOW_MS - now
-            cost = rules.token_cost(ask.reserve, scope.learned(now) or 0) if rules.tpm else 0
-            costs.append(cost)
-            used_t = scope.token_sum
-            oldest = next(iter(scope.tokens.values()), None)
+            cost = rules.token_cost(ask.reserve, excess)
+            used_t = scope.token_sum if rules.tpm else 0
+            oldest = next(iter(scope.tokens.values()), None) if rules.tpm else None
             reset_t = oldest[0] + WINDOW_MS - now if oldest is not None else 0
             if rules.tpm and used_t + cost > rules.tpm and deny is None:
                 deny, wait, left = "tokens", WINDOW_MS, used_t
@@ -135,19 +217,26 @@ class LocalLimiter:
                         break
             if rules.concurrency and len(scope.leases) >= rules.concurrency and deny is None:
                 deny, wait = "concurrency", CONCURRENCY_RETRY_MS
-            if (
-                rules.budget
-                and scope.budget.get(period, 0) + ask.reserve > rules.budget
-                and deny is None
-            ):
-                deny, wait = "budget", period_left
-            figures.append(Figures(rules.rpm, used_r, reset_r, rules.tpm, used_t, reset_t))
+            budget_cost = rules.budget_cost(ask.reserve)
+            if rules.budget and deny is None:
+                spent = self._budgets.get(name, 0)
+                if spent + budget_cost > rules.budget:
+                    deny, wait = "budget", period_left
+                    budget_left = max(0, rules.budget - spent)
+            used.append(
+                Used(rules.rpm, used_r if rules.rpm else 0, reset_r if rules.rpm else 0,
+                     rules.tpm, used_t, reset_t)
+            )  # fmt: skip
+            costs.append((cost, budget_cost))
+        if ask.usage:
+            self._count(date, client, 3 if deny is not None else 0, 1)
         if deny is not None:
-            self._count(date, ask.client.id, 3, 1)
-            refused = _left(ask, figures, None)
-            return Verdict(False, deny, max(1, wait), refused, period, date)
-        for (name, rules), cost in zip(ask.scopes, costs, strict=True):
-            scope = self._scope(name)
+            refused = remaining(used, None)
+            return Verdict(False, deny, max(1, wait), refused, period, date, client, (),
+                           budget_left)  # fmt: skip
+        for (kind, rules), (cost, budget_cost) in zip(ask.scopes, costs, strict=True):
+            name = scope_name(kind, client)
+            scope = self._scopes[name]
             if rules.rpm:
                 scope.requests.append(now)
             if rules.tpm:
@@ -156,64 +245,64 @@ class LocalLimiter:
             if rules.concurrency:
                 scope.leases.add(ask.id)
             if rules.budget:
-                scope.budget = {period: scope.budget.get(period, 0) + ask.reserve}
-        self._count(date, ask.client.id, 0, 1)
-        return Verdict(True, None, 0, _left(ask, figures, costs), period, date, tuple(costs))
+                self._budgets[name] = self._budgets.get(name, 0) + budget_cost
+        granted = remaining(used, costs)
+        return Verdict(True, None, 0, granted, period, date, client, tuple(costs))
 
-    async def settle(
-        self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
-    ) -> None:
-        self.settle_now(ask, verdict, input_tokens, output_tokens)
+    async def settle(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
+        self.settle_now(ask, verdict, ended)
 
-    def settle_now(self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int) -> None:
+    def settle_now(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
         """:meth:`settle`, at once: nothing here waits."""
-        actual = input_tokens + output_tokens
-        now = int(time.monotonic() * 1000)
-        for name, rules in ask.scopes:
-            scope = self._scope(name)
-            scope.leases.discard(ask.id)
-            held = scope.tokens.get(ask.id)
-            if held is not None:
-                scope.tokens[ask.id] = (held[0], actual)
-                scope.token_sum += actual - held[1]
+        actual = ended.input_tokens + ended.output_tokens
+        now = self._clock()
+        client = verdict.client
+        learns = False
+        for (kind, rules), (cost, budget_cost) in zip(ask.scopes, verdict.costs, strict=True):
+            name = scope_name(kind, client)
+            scope = self._scopes.get(name)
+            if scope is not None:
+                scope.leases.discard(ask.id)
+                held = scope.tokens.get(ask.id)
+                if held is not None:
+                    scope.tokens[ask.id] = (held[0], actual)
+                    scope.token_sum += actual - cost
             if rules.tpm:
-                scope.excess = learn_excess(scope.learned(now), ask.reserve, actual)
-                scope.excess_at = now
-            if rules.budget and verdict.period_id in scope.budget:
-                scope.budget[verdict.period_id] += actual - ask.reserve
-        self._count(verdict.date, ask.client.id, 1, input_tokens)
-        self._count(verdict.date, ask.client.id, 2, output_tokens)
+                learns = True
+            if rules.budget and verdict.period_id == self._budget_period and name in self._budgets:
+                self._budgets[name] += actual - budget_cost
+        if learns:
+            excess = learn_excess(self._learned(client, now), ask.reserve, actual)
+            self._excess.pop(client, None)  # to the end: the most recently learned
+            self._excess[client] = (excess, now)
+        if ask.usage:
+            self._count(verdict.date, client, 1, ended.input_tokens)
+            self._count(verdict.date, client, 2, ended.output_tokens)
+        if ended.accepted and ask.verify:
+            self._verified.pop(ask.client, None)
+            self._verified[ask.client] = now + VERIFIED_KEEP_MS
 
-    async def release_all(self) -> None:
+    def release_all(self) -> None:
+        """End every lease (the replica drains)."""
         for scope in self._scopes.values():
             scope.leases.clear()
 
-    def leases(self) -> int:
-        return sum(len(scope.leases) for scope in self._scopes.values())
-
     async def usage(self, dates: list[str]) -> list[UsageRow]:
-        wanted = set(dates)
         return [
             UsageRow(date, client, *row)
-            for (date, client), row in sorted(self._usage.items())
-            if date in wanted
+            for date in sorted(set(dates))
+            for client, row in sorted(self._usage.get(date, {}).items())
         ]
 
+    def entries(self) -> int:
+        """Return how many scopes, learned excesses and accepted credentials are kept."""
+        return len(self._scopes) + len(self._excess) + len(self._verified)
 
-def _left(ask: Ask, used: list[Figures], costs: list[int] | None) -> Figures | None:
-    """Turn each scope's use into what is left (after this admission took one request and
-    ``costs`` tokens from each scope; None when it was refused)."""
-    result: Figures | None = None
-    for index, ((_, rules), figures) in enumerate(zip(ask.scopes, used, strict=True)):
-        taken = 1 if costs is not None else 0
-        cost = costs[index] if costs is not None else 0
-        left = Figures(
-            rules.rpm,
-            max(0, rules.rpm - figures.requests_left - taken),
-            figures.requests_reset_ms or (WINDOW_MS if taken else 0),
-            rules.tpm,
-            max(0, rules.tpm - figures.tokens_left - cost),
-            figures.tokens_reset_ms or (WINDOW_MS if taken else 0),
-        )
-        result = tighter(result, left)
-    return result
+
+def _drop_older(entries: OrderedDict[str, _T], gone: Callable[[_T], bool]) -> None:
+    """Drop the entries at the front of ``entries`` (the oldest) for which ``gone`` is true."""
+    while entries:
+        first = next(iter(entries))
+        if not gone(entries[first]):
+            return
+        del entries[first]

@@ -19,6 +19,14 @@ CONCURRENCY_RETRY_MS: Final = 1000
 # What a scope learned of its answers' excess over their reservations is forgotten after an
 # hour without a settlement.
 EXCESS_KEEP_MS: Final = 3_600_000
+# A user's credential that SAI accepted counts as its own client for a day after its last
+# accepted answer; until SAI accepts it, its requests are anonymous's (rotation buys nothing).
+VERIFIED_KEEP_MS: Final = 86_400_000
+USAGE_KEEP_MS: Final = 40 * 86_400_000  # usage per client per day is kept 40 days
+# The largest token count the limits take: SAI's counts above it are ignored (estimated), a
+# client's answer bound above it is taken as it. Far above any model's context, and far
+# below 2^53, where the store's scripts (Lua numbers are doubles) would lose integers.
+MAX_TOKENS: Final = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +59,16 @@ class Rules:
         )
 
     def token_cost(self, reserve: int, excess: int) -> int:
-        """Return what ``reserve`` takes from the token window, with the scope's learned
+        """Return what ``reserve`` takes from the token window, with the client's learned
         ``excess``: never more than the whole limit, so that one large request can still run
-        alone."""
-        return min(reserve + excess, self.tpm) if self.tpm else reserve + excess
+        alone (0 without a tokens-per-minute limit)."""
+        return min(reserve + excess, self.tpm) if self.tpm else 0
+
+    def budget_cost(self, reserve: int) -> int:
+        """Return what ``reserve`` takes from the budget: never more than the whole budget,
+        so that a request larger than the budget runs when the budget is untouched (0 without
+        a budget)."""
+        return min(reserve, self.budget) if self.budget else 0
 
 
 def learn_excess(learned: int | None, reserve: int, actual: int) -> int:
@@ -106,13 +120,13 @@ class Config:
 
 
 def requested_output(body: Any) -> int | None:
-    """Return the answer's token bound the client asked for, if any."""
+    """Return the answer's token bound the client asked for, if any (at most MAX_TOKENS)."""
     if not isinstance(body, dict):
         return None
     for name in OUTPUT_FIELDS:
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return min(value, MAX_TOKENS)
     return None
 
 
@@ -138,12 +152,47 @@ class Verdict:
     figures: Figures | None  # the tighter scope's, for the headers
     period_id: str  # the budget's period (e.g. 2026-12-06 or 2026-12)
     date: str  # the usage day (UTC)
-    costs: tuple[int, ...] = ()  # what the admission took from each scope's token window
+    client: str  # the client it counted against: the ask's, or anonymous (not yet accepted)
+    # What the admission took from each scope (the ask's order): tokens from the window,
+    # and from the budget.
+    costs: tuple[tuple[int, int], ...] = ()
+    budget_left: int | None = None  # refused for the budget: what it had left
 
     @property
     def final(self) -> bool:
         """True when retrying soon cannot help: the budget is spent."""
         return self.reason == "budget"
+
+
+@dataclass(frozen=True, slots=True)
+class Used:
+    """What one scope had used when a request asked (before it was admitted)."""
+
+    rpm: int
+    requests: int
+    requests_reset_ms: int
+    tpm: int
+    tokens: int
+    tokens_reset_ms: int
+
+
+def remaining(used: list[Used], costs: list[tuple[int, int]] | None) -> Figures | None:
+    """Return the tighter scope's figures left after an admission took one request and
+    ``costs`` tokens from each scope (None: it was refused, and took nothing)."""
+    result: Figures | None = None
+    for index, scope in enumerate(used):
+        taken = 1 if costs is not None else 0
+        cost = costs[index][0] if costs is not None else 0
+        left = Figures(
+            scope.rpm,
+            max(0, scope.rpm - scope.requests - taken),
+            scope.requests_reset_ms or (WINDOW_MS if taken else 0),
+            scope.tpm,
+            max(0, scope.tpm - scope.tokens - cost),
+            scope.tokens_reset_ms or (WINDOW_MS if taken else 0),
+        )
+        result = tighter(result, left)
+    return result
 
 
 def tighter(a: Figures | None, b: Figures | None) -> Figures | None:

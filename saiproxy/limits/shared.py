@@ -1,275 +1,71 @@
 """Limits held in Valkey or Redis, shared by every replica.
 
-One Lua script per admission checks every limit of every scope at once, with
-the server's clock (``TIME``), and takes the request's share only when all
-pass: no two replicas can both take the last slot. Windows are sliding logs
-(sorted sets scored by time); concurrency is a sorted set of leases scored by
-their expiry, renewed in one pipelined batch per replica. See docs/limits.md.
+One Lua script per admission (``scripts/admit.lua``) checks every limit of
+every scope at once, with the server's clock (``TIME``), and takes the
+request's share only when all pass: no two replicas can both take the last
+slot. Windows are sliding logs (sorted sets scored by time); concurrency is a
+sorted set of leases scored by their expiry, renewed in one pipelined batch
+per replica (``scripts/renew.lua``); ``scripts/settle.lua`` settles a request.
+The scripts take their arguments as one JSON object with named fields. See
+docs/limits.md.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import resources
 from typing import Any, Final
 
+import orjson
 from redis.exceptions import NoScriptError
 
-from .base import Ask, UsageRow
+from .base import Ask, Settlement, UsageRow, scope_name
+from .identity import ANONYMOUS
 from .rules import (
     CONCURRENCY_RETRY_MS,
     EXCESS_KEEP_MS,
+    USAGE_KEEP_MS,
+    VERIFIED_KEEP_MS,
     WINDOW_MS,
-    Figures,
     Period,
+    Reason,
+    Used,
     Verdict,
-    tighter,
+    remaining,
 )
 from .store import Store
 
+__all__ = ["SharedLimiter", "connect"]
+
+# The constants of rules.py, as the scripts read them (K.window, …).
 _CONSTANTS: Final = {
-    "__WINDOW__": WINDOW_MS,
-    "__EXCESS_MS__": EXCESS_KEEP_MS,
-    "__CONCURRENCY_WAIT__": CONCURRENCY_RETRY_MS,
-    "__USAGE_MS__": 40 * 86_400_000,  # usage is kept 40 days
+    "window": WINDOW_MS,
+    "excess_ms": EXCESS_KEEP_MS,
+    "concurrency_wait": CONCURRENCY_RETRY_MS,
+    "usage_ms": USAGE_KEEP_MS,
+    "verified_ms": VERIFIED_KEEP_MS,
+    "anonymous": ANONYMOUS,
 }
 
 
-def _lua(script: str) -> str:
-    """Return ``script`` with the constants it names filled in."""
-    for name, value in _CONSTANTS.items():
-        script = script.replace(name, str(value))
-    return script
+def _script(name: str) -> str:
+    """Return the script ``scripts/<name>.lua``, preceded by the constants and calendar.lua."""
+    folder = resources.files(__package__) / "scripts"
+    constants = ", ".join(
+        f"{key} = {value!r}" if isinstance(value, int) else f"{key} = '{value}'"
+        for key, value in _CONSTANTS.items()
+    )
+    return (
+        f"local K = {{{constants}}}\n"
+        + (folder / "calendar.lua").read_text()
+        + (folder / f"{name}.lua").read_text()
+    )
 
 
-# Key names are built in the scripts from the prefix (the day and the budget's period come
-# from the server's clock): a standalone server or one primary, not a cluster.
-_CALENDAR: Final = """
-local function fl(x) return math.floor(x) end
-local function civil(z)
-  z = z + 719468
-  local era = fl(z / 146097)
-  local doe = z - era * 146097
-  local yoe = fl((doe - fl(doe / 1460) + fl(doe / 36524) - fl(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + fl(yoe / 4) - fl(yoe / 100))
-  local mp = fl((5 * doy + 2) / 153)
-  local d = doy - fl((153 * mp + 2) / 5) + 1
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m, d
-end
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = fl(y / 400)
-  local yoe = y - era * 400
-  local mp = m > 2 and m - 3 or m + 9
-  local doy = fl((153 * mp + 2) / 5) + d - 1
-  return era * 146097 + yoe * 365 + fl(yoe / 4) - fl(yoe / 100) + doy - 719468
-end
-local function tokens_of(member) return tonumber(string.match(member, ':(%d+)$')) end
-"""
-# Few arguments are cheaper to send than many (the client encodes each one): the prefix,
-# then every other argument as one space-separated string.
-_ARGUMENTS: Final = """
-local A = {ARGV[1]}
-for word in string.gmatch(ARGV[2], '[^ ]+') do A[#A + 1] = word end
-"""
-
-# A (the arguments: ARGV[1] the prefix, then ARGV[2]'s words): prefix, id, lease ms, reserve,
-# period (day|month), usage client (- for none), scope count, then per scope: name, rpm, tpm,
-# concurrency, budget.
-# Returns: granted (1|0), reason, wait ms, date, period, then per scope
-# rpm, requests used, requests reset ms, tpm, tokens used, tokens reset ms (before this one),
-# token cost (the reservation and the scope's learned excess, at most the tpm).
-ADMIT: Final = _lua(
-    _CALENDAR
-    + _ARGUMENTS
-    + """
-local P, id = A[1], A[2]
-local lease_ms, reserve = tonumber(A[3]), tonumber(A[4])
-local who, n = A[6], tonumber(A[7])
-local W = __WINDOW__
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + fl(tonumber(t[2]) / 1000)
-local day = fl(now / 86400000)
-local y, m, d = civil(day)
-local date = string.format('%04d-%02d-%02d', y, m, d)
-local period, period_end = date, (day + 1) * 86400000
-if A[5] == 'month' then
-  period = string.format('%04d-%02d', y, m)
-  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
-  period_end = days_from_civil(y, m, 1) * 86400000
-end
-local uk = P .. 'usage:' .. date
-local out, costs = {}, {}
-local deny, wait = '', 0
-for i = 0, n - 1 do
-  local b = 8 + i * 5
-  local name = A[b]
-  local rpm, tpm = tonumber(A[b + 1]), tonumber(A[b + 2])
-  local conc, budget = tonumber(A[b + 3]), tonumber(A[b + 4])
-  local cost = 0
-  if tpm > 0 then
-    cost = math.min(reserve + tonumber(redis.call('GET', P .. 'x:' .. name) or '0'), tpm)
-  end
-  costs[i] = cost
-  local rk, tk = P .. 'r:' .. name, P .. 't:' .. name
-  local sk, ck = P .. 'ts:' .. name, P .. 'c:' .. name
-  local r_used, r_reset, t_used, t_reset = 0, 0, 0, 0
-  if rpm > 0 then
-    redis.call('ZREMRANGEBYSCORE', rk, '-inf', now - W)
-    r_used = redis.call('ZCARD', rk)
-    if r_used > 0 then
-      r_reset = tonumber(redis.call('ZRANGE', rk, 0, 0, 'WITHSCORES')[2]) + W - now
-    end
-    if deny == '' and r_used >= rpm then
-      local nth = redis.call('ZRANGE', rk, r_used - rpm, r_used - rpm, 'WITHSCORES')
-      deny, wait = 'requests', tonumber(nth[2]) + W - now
-    end
-  end
-  if tpm > 0 then
-    local old = redis.call('ZRANGEBYSCORE', tk, '-inf', now - W)
-    if #old > 0 then
-      local gone = 0
-      for _, member in ipairs(old) do gone = gone + tokens_of(member) end
-      redis.call('DECRBY', sk, gone)
-      redis.call('ZREMRANGEBYSCORE', tk, '-inf', now - W)
-    end
-    t_used = tonumber(redis.call('GET', sk) or '0')
-    local first = redis.call('ZRANGE', tk, 0, 0, 'WITHSCORES')
-    if first[2] then t_reset = tonumber(first[2]) + W - now end
-    if deny == '' and t_used + cost > tpm then
-      local entries = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
-      local left = t_used
-      deny, wait = 'tokens', W
-      for j = 1, #entries, 2 do
-        left = left - tokens_of(entries[j])
-        if left + cost <= tpm then
-          wait = tonumber(entries[j + 1]) + W - now
-          break
-        end
-      end
-    end
-  end
-  if conc > 0 and deny == '' then
-    redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
-    if redis.call('ZCARD', ck) >= conc then deny, wait = 'concurrency', __CONCURRENCY_WAIT__ end
-  end
-  if budget > 0 and deny == '' then
-    local used = tonumber(redis.call('GET', P .. 'b:' .. name .. ':' .. period) or '0')
-    if used + reserve > budget then deny, wait = 'budget', period_end - now end
-  end
-  for _, v in ipairs({rpm, r_used, r_reset, tpm, t_used, t_reset, cost}) do
-    out[#out + 1] = v
-  end
-end
-local head
-if deny ~= '' then
-  if who ~= '-' then
-    redis.call('HINCRBY', uk, who .. ':limited', 1)
-    redis.call('PEXPIRE', uk, __USAGE_MS__)
-  end
-  head = {0, deny, wait, date, period}
-else
-  for i = 0, n - 1 do
-    local b = 8 + i * 5
-    local name = A[b]
-    local rpm, tpm = tonumber(A[b + 1]), tonumber(A[b + 2])
-    local conc, budget, cost = tonumber(A[b + 3]), tonumber(A[b + 4]), costs[i]
-    if rpm > 0 then
-      local rk = P .. 'r:' .. name
-      redis.call('ZADD', rk, now, id)
-      redis.call('PEXPIRE', rk, W + 1000)
-    end
-    if tpm > 0 then
-      local tk, sk = P .. 't:' .. name, P .. 'ts:' .. name
-      redis.call('ZADD', tk, now, id .. ':' .. cost)
-      redis.call('INCRBY', sk, cost)
-      redis.call('PEXPIRE', tk, W + 1000)
-      redis.call('PEXPIRE', sk, W + 1000)
-    end
-    if conc > 0 then
-      local ck = P .. 'c:' .. name
-      redis.call('ZADD', ck, now + lease_ms, id)
-      redis.call('PEXPIRE', ck, lease_ms + W)
-    end
-    if budget > 0 then
-      local bk = P .. 'b:' .. name .. ':' .. period
-      redis.call('INCRBY', bk, reserve)
-      redis.call('PEXPIREAT', bk, period_end + 86400000)
-    end
-  end
-  if who ~= '-' then
-    redis.call('HINCRBY', uk, who .. ':requests', 1)
-    redis.call('PEXPIRE', uk, __USAGE_MS__)
-  end
-  head = {1, '', 0, date, period}
-end
-for _, v in ipairs(out) do head[#head + 1] = v end
-return head
-"""
-)
-
-# A: prefix, id, reserve, actual tokens, input, output, period, date, usage client (- for
-# none), scope count, then per scope: name, token cost, has tpm, has budget, has concurrency.
-# A scope with a tpm learns its answers' excess over their reservations (x:<scope>): up at
-# once to a larger one, down a quarter of the way to a smaller one (rules.learn_excess).
-SETTLE: Final = _lua(
-    _CALENDAR
-    + _ARGUMENTS
-    + """
-local P, id = A[1], A[2]
-local reserve, actual = tonumber(A[3]), tonumber(A[4])
-local period, date, who, n = A[7], A[8], A[9], tonumber(A[10])
-for i = 0, n - 1 do
-  local b = 11 + i * 5
-  local name = A[b]
-  if A[b + 2] == '1' then
-    local tk, sk = P .. 't:' .. name, P .. 'ts:' .. name
-    local held = id .. ':' .. A[b + 1]
-    local score = redis.call('ZSCORE', tk, held)
-    if score then
-      redis.call('ZREM', tk, held)
-      redis.call('ZADD', tk, score, id .. ':' .. actual)
-      redis.call('INCRBY', sk, actual - tonumber(A[b + 1]))
-    end
-    local xk = P .. 'x:' .. name
-    local sample = math.max(0, actual - reserve)
-    local learned = tonumber(redis.call('GET', xk))
-    if learned and sample < learned then sample = learned + fl((sample - learned) / 4) end
-    redis.call('SET', xk, sample, 'PX', __EXCESS_MS__)
-  end
-  if A[b + 3] == '1' then
-    local bk = P .. 'b:' .. name .. ':' .. period
-    if redis.call('EXISTS', bk) == 1 then redis.call('INCRBY', bk, actual - reserve) end
-  end
-  if A[b + 4] == '1' then redis.call('ZREM', P .. 'c:' .. name, id) end
-end
-if who ~= '-' then
-  local uk = P .. 'usage:' .. date
-  redis.call('HINCRBY', uk, who .. ':input', tonumber(A[5]))
-  redis.call('HINCRBY', uk, who .. ':output', tonumber(A[6]))
-  redis.call('PEXPIRE', uk, __USAGE_MS__)
-end
-return 1
-"""
-)
-
-
-# ARGV: prefix, lease ms, then (scope, id) pairs. A plain ZADD: a server that lost its data
-# (a restart without persistence) gets the leases of the requests still running back.
-RENEW: Final = _lua("""
-local P, lease_ms = ARGV[1], tonumber(ARGV[2])
-local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease_ms
-for i = 3, #ARGV, 2 do
-  local ck = P .. 'c:' .. ARGV[i]
-  redis.call('ZADD', ck, expiry, ARGV[i + 1])
-  redis.call('PEXPIRE', ck, lease_ms + __WINDOW__)
-end
-return 1
-""")
+ADMIT: Final = _script("admit")
+SETTLE: Final = _script("settle")
+RENEW: Final = _script("renew")
 RENEW_CHUNK: Final = 1000
 
 
@@ -287,12 +83,21 @@ def connect(url: str, timeout: float) -> Store:
 class SharedLimiter:
     """The Limiter whose state lives in Valkey or Redis."""
 
-    def __init__(self, store: Store, prefix: str, period: Period, lease: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        period: Period,
+        lease: float,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        """``clock``: the time in ms the scripts take; None (production): the server's."""
         self.store = store
         self.prefix = prefix
         self.period = period
         self.lease_ms = int(lease * 1000)
         self._prefix = prefix.encode()
+        self._clock = clock
 
     async def _run(self, script: str, args: Sequence[Any]) -> Any:
         """EVALSHA, and EVAL when the server does not know the script (a restart, a flush)."""
@@ -301,56 +106,48 @@ class SharedLimiter:
         except NoScriptError:
             return await self.store.execute("EVAL", script, 0, *args)
 
-    def _words(self, values: Sequence[object]) -> list[bytes]:
-        return [self._prefix, " ".join(map(str, values)).encode()]
+    def _now(self) -> int:
+        return self._clock() if self._clock is not None else 0
 
     async def admit(self, ask: Ask) -> Verdict:
-        words: list[object] = [
-            ask.id, self.lease_ms, ask.reserve, self.period, ask.client.id or "-", len(ask.scopes),
+        fields = {
+            "id": ask.id, "client": ask.client, "verify": ask.verify, "usage": ask.usage,
+            "reserve": ask.reserve, "period": self.period, "lease": self.lease_ms,
+            "now": self._now(),
+            "scopes": [
+                {"kind": kind, "rpm": rules.rpm, "tpm": rules.tpm,
+                 "concurrency": rules.concurrency, "budget": rules.budget}
+                for kind, rules in ask.scopes
+            ],
+        }  # fmt: skip
+        reply = orjson.loads(await self._run(ADMIT, [self._prefix, orjson.dumps(fields)]))
+        granted: bool = reply["granted"]
+        scopes = reply["scopes"] or []  # Lua's cjson writes an empty list as {}
+        used = [
+            Used(s["rpm"], s["requests_used"], s["requests_reset"], s["tpm"], s["tokens_used"],
+                 s["tokens_reset"])
+            for s in scopes
         ]  # fmt: skip
-        for name, rules in ask.scopes:
-            words += [name, rules.rpm, rules.tpm, rules.concurrency, rules.budget]
-        reply = await self._run(ADMIT, self._words(words))
-        granted = int(reply[0]) == 1
-        reason = _text(reply[1]) or None
-        figures: Figures | None = None
-        costs: list[int] = []
-        for index in range(len(ask.scopes)):
-            start = 5 + index * 7
-            rpm, r_used, r_reset, tpm, t_used, t_reset, cost = (
-                int(v) for v in reply[start : start + 7]
-            )
-            costs.append(cost)
-            taken, cost = (1, cost) if granted else (0, 0)
-            figures = tighter(
-                figures,
-                Figures(
-                    rpm,
-                    max(0, rpm - r_used - taken),
-                    r_reset or (WINDOW_MS if taken else 0),
-                    tpm,
-                    max(0, tpm - t_used - cost),
-                    t_reset or (WINDOW_MS if taken else 0),
-                ),
-            )
+        costs = [(int(s["cost"]), int(s["budget_cost"])) for s in scopes]
+        reason: Reason | None = reply["reason"] or None
         return Verdict(
             granted,
-            reason,  # type: ignore[arg-type]
-            max(1, int(reply[2])) if not granted else 0,
-            figures,
-            _text(reply[4]),
-            _text(reply[3]),
+            reason,
+            0 if granted else max(1, int(reply["wait"])),
+            remaining(used, costs if granted else None),
+            reply["period"],
+            reply["date"],
+            reply["client"],
             tuple(costs) if granted else (),
+            None if reply["budget_left"] < 0 else int(reply["budget_left"]),
         )
 
-    async def settle(
-        self, ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
-    ) -> None:
-        await self.settle_many([(ask, verdict, input_tokens, output_tokens)])
+    async def settle(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
+        await self.settle_many([(ask, verdict, ended)])
 
-    async def settle_many(self, ended: Sequence[tuple[Ask, Verdict, int, int]]) -> None:
-        """Settle requests that ended (ask, verdict, input, output tokens): one write."""
-        pending = [self._words(self._settle_words(*one)) for one in ended]
+    async def settle_many(self, ended: Sequence[tuple[Ask, Verdict, Settlement]]) -> None:
+        """Settle requests that ended: one write."""
+        pending = [[self._prefix, self._settlement(*one)] for one in ended]
         for attempt in (1, 2):
             replies = await self.store.execute_many(
                 [("EVALSHA", _SHAS[SETTLE], 0, *args) for args in pending]
@@ -370,32 +167,35 @@ class SharedLimiter:
             pending = failed
         raise NoScriptError("SETTLE could not be loaded")
 
-    @staticmethod
-    def _settle_words(
-        ask: Ask, verdict: Verdict, input_tokens: int, output_tokens: int
-    ) -> list[object]:
-        words: list[object] = [
-            ask.id, ask.reserve, input_tokens + output_tokens, input_tokens, output_tokens,
-            verdict.period_id, verdict.date, ask.client.id or "-", len(ask.scopes),
-        ]  # fmt: skip
-        for (name, rules), cost in zip(ask.scopes, verdict.costs, strict=True):
-            words += [
-                name, cost, int(bool(rules.tpm)), int(bool(rules.budget)),
-                int(bool(rules.concurrency)),
-            ]  # fmt: skip
-        return words
+    def _settlement(self, ask: Ask, verdict: Verdict, ended: Settlement) -> bytes:
+        return orjson.dumps(
+            {
+                "id": ask.id, "client": verdict.client, "reserve": ask.reserve,
+                "input": ended.input_tokens, "output": ended.output_tokens,
+                "period": verdict.period_id, "date": verdict.date, "usage": ask.usage,
+                "accepted": ask.client if ended.accepted and ask.verify else False,
+                "now": self._now(),
+                "scopes": [
+                    {"name": scope_name(kind, verdict.client), "cost": cost,
+                     "budget_cost": budget_cost, "tpm": bool(rules.tpm),
+                     "budget": bool(rules.budget), "concurrency": bool(rules.concurrency)}
+                    for (kind, rules), (cost, budget_cost)
+                    in zip(ask.scopes, verdict.costs, strict=True)
+                ],
+            }
+        )  # fmt: skip
 
     async def renew(self, leases: Sequence[tuple[str, str]]) -> None:
         """Push the expiry of this replica's leases (scope, id) forward: one pipelined batch,
         a script per 1,000 leases (each reads the server's clock)."""
         if not leases:
             return
-        commands: list[list[Any]] = []
-        for start in range(0, len(leases), RENEW_CHUNK):
-            args: list[Any] = ["EVALSHA", _SHAS[RENEW], 0, self.prefix, self.lease_ms]
-            for scope, lease in leases[start : start + RENEW_CHUNK]:
-                args += [scope, lease]
-            commands.append(args)
+        commands = [
+            ("EVALSHA", _SHAS[RENEW], 0, self._prefix, orjson.dumps(
+                {"lease": self.lease_ms, "now": self._now(),
+                 "leases": leases[start : start + RENEW_CHUNK]}))
+            for start in range(0, len(leases), RENEW_CHUNK)
+        ]  # fmt: skip
         try:
             _raise_first(await self.store.execute_many(commands))
         except NoScriptError:
@@ -411,9 +211,6 @@ class SharedLimiter:
                 [("ZREM", f"{self.prefix}c:{scope}", lease) for scope, lease in leases]
             )
         )
-
-    async def release_all(self) -> None:  # the facade knows the leases; see Limits.drain
-        return None
 
     async def usage(self, dates: list[str]) -> list[UsageRow]:
         days = _raise_first(
