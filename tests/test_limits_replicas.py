@@ -74,7 +74,9 @@ async def hammer(
     seconds: float | None = None,
     **extra: Any,
 ) -> list[tuple[int, dict[str, str]]]:
-    """Send requests round-robin to every replica, ``workers`` at once; return the answers."""
+    """Send requests round-robin to every replica, ``workers`` at once; return the answers.
+    The key is one SAI accepted before: its own client from the first request."""
+    cluster.valkey.accept_user_keys([user_key])
     targets = itertools.cycle(range(len(cluster.ports)))
     sent = itertools.count()
     results: list[tuple[int, dict[str, str]]] = []
@@ -150,6 +152,7 @@ async def test_cancelled_streams_leave_no_lease(cluster: Cluster) -> None:
 
 
 async def _open_streams(cluster: Cluster, index: int, user_key: str, count: int) -> Any:
+    cluster.valkey.accept_user_keys([user_key])
     session = aiohttp.ClientSession()
     responses = []
     for _ in range(count):
@@ -235,7 +238,22 @@ async def test_store_outage_under_load(cluster: Cluster, tmp_path: Path) -> None
             except aiohttp.ClientError as error:
                 seen.append((sent, time.monotonic(), replica, 0, type(error).__name__))
 
+    # Keys SAI accepted before, each seen once by every replica: they stay their own
+    # clients on each replica while the store is down.
+    keys = [f"sk-outage-{number}-{i}" for number in range(16) for i in range(8)]
+    cluster.valkey.accept_user_keys(keys)
     async with aiohttp.ClientSession() as session:
+
+        async def seen_by_every_replica(key: str) -> None:
+            for replica in range(REPLICAS):
+                async with session.post(
+                    cluster.url(replica) + "/v1/chat/completions", json=body("hello warm"),
+                    headers={"user-api-key": key},
+                ) as response:  # fmt: skip
+                    assert response.status == 200
+
+        for start in range(0, len(keys), 16):
+            await asyncio.gather(*(seen_by_every_replica(key) for key in keys[start : start + 16]))
         load = [asyncio.create_task(worker(session, number)) for number in range(16)]
         await asyncio.sleep(1.5)
         cluster.valkey.stop()  # SIGKILL: its data is lost too

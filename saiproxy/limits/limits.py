@@ -154,9 +154,12 @@ class Limits:
             scopes.append(("client", config.client))
         if "global" in kinds and client.shared and config.shared.any:
             scopes.append(("global", config.shared))
+        # A credential this replica knows SAI accepted (or the store did) needs no check:
+        # its own client even if the store lost its data meanwhile.
+        verify = client.verify and not self.local.accepted(client.id)
         return Ask(
-            f"{self._replica}.{next(self._ids):x}", client.id, client.verify, reserve,
-            tuple(scopes), usage="client" in kinds,
+            f"{self._replica}.{next(self._ids):x}", client.id, verify, reserve, tuple(scopes),
+            usage="client" in kinds,
         )  # fmt: skip
 
     async def admit(
@@ -176,6 +179,8 @@ class Limits:
         if self.shared is not None and self.mode == "shared":
             admitting = self._admit_shared(client, reserve, kinds)
             task = asyncio.get_running_loop().create_task(admitting)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             try:
                 grant = await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -206,6 +211,8 @@ class Limits:
             self._failed(error)
             return None
         grant = Grant(ask, verdict, self.shared)
+        if ask.verify and verdict.client == ask.client:
+            self.local.accept(ask.client)  # known here too if the store goes down
         if verdict.granted:
             leased = tuple(pair[0] for pair in _lease_pairs(ask, verdict.client))
             if leased:
@@ -234,6 +241,8 @@ class Limits:
         leased = self.leases.pop(grant.ask.id, None)
         if leased is not None and self._renewing is not None and grant.ask.id in self._renewing:
             self._released_while_renewing += [(scope, grant.ask.id) for scope in leased]
+        if ended.accepted and grant.ask.client.startswith("user-"):
+            self.local.accept(grant.ask.client)
         if grant.limiter is self.local:
             self.local.settle_now(grant.ask, grant.verdict, ended)
             return

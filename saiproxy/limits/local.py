@@ -278,9 +278,18 @@ class LocalLimiter:
         if ask.usage:
             self._count(verdict.date, client, 1, ended.input_tokens)
             self._count(verdict.date, client, 2, ended.output_tokens)
-        if ended.accepted and ask.verify:
-            self._verified.pop(ask.client, None)
-            self._verified[ask.client] = now + VERIFIED_KEEP_MS
+        if ended.accepted and ask.client.startswith("user-"):
+            self.accept(ask.client)
+
+    def accepted(self, client: str) -> bool:
+        """Return whether SAI accepted ``client``'s credential within the last day."""
+        return self._verified.get(client, -1) >= self._clock()
+
+    def accept(self, client: str) -> None:
+        """Note a user's credential that SAI accepted (or the store knew as accepted): while
+        the store is unreachable, this replica still counts it as its own client."""
+        self._verified.pop(client, None)
+        self._verified[client] = self._clock() + VERIFIED_KEEP_MS
 
     def release_all(self) -> None:
         """End every lease (the replica drains)."""

@@ -173,7 +173,8 @@ class SharedLimiter:
                 "id": ask.id, "client": verdict.client, "reserve": ask.reserve,
                 "input": ended.input_tokens, "output": ended.output_tokens,
                 "period": verdict.period_id, "date": verdict.date, "usage": ask.usage,
-                "accepted": ask.client if ended.accepted and ask.verify else False,
+                "accepted": ask.client
+                if ended.accepted and ask.client.startswith("user-") else False,
                 "now": self._now(),
                 "scopes": [
                     {"name": scope_name(kind, verdict.client), "cost": cost,
