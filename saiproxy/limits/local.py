@@ -3,12 +3,14 @@ the store is unreachable. The same sliding windows as the shared store's script.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from .base import Ask, UsageRow
+from .base import Ask, UsageCursor, UsagePage, UsageRow, remaining_dates, rows_page
 from .rules import (
     CONCURRENCY_RETRY_MS,
     EXCESS_KEEP_MS,
@@ -191,13 +193,48 @@ class LocalLimiter:
     def leases(self) -> int:
         return sum(len(scope.leases) for scope in self._scopes.values())
 
-    async def usage(self, dates: list[str]) -> list[UsageRow]:
-        wanted = set(dates)
-        return [
-            UsageRow(date, client, *row)
-            for (date, client), row in sorted(self._usage.items())
-            if date in wanted
-        ]
+    async def usage_page(
+        self,
+        dates: Sequence[str],
+        *,
+        limit: int,
+        cursor: UsageCursor | None = None,
+        client: str | None = None,
+    ) -> UsagePage:
+        if client is not None:
+            return rows_page(
+                [
+                    UsageRow(date, client, *row)
+                    for date in remaining_dates(dates, cursor)
+                    if (row := self._usage_of(date, client)) is not None
+                ],
+                limit,
+            )
+        rows: list[UsageRow] = []
+        after = cursor.after if cursor is not None else ""
+        for date in remaining_dates(dates, cursor):
+            room = limit - len(rows)
+            if room == 0:
+                return UsagePage(rows, UsageCursor(date))
+            # The day's next clients in order, without sorting the whole day per page.
+            found = heapq.nsmallest(
+                room + 1,
+                ((name, row) for name, row in self._usage_on(date) if name > after),
+                key=lambda entry: entry[0],
+            )
+            rows += [UsageRow(date, name, *row) for name, row in found[:room]]
+            if len(found) > room:
+                return UsagePage(rows, UsageCursor(date, rows[-1].client))
+            after = ""
+        return UsagePage(rows, None)
+
+    def _usage_on(self, date: str) -> Iterator[tuple[str, list[int]]]:
+        """Each client's counters on ``date``."""
+        return ((client, row) for (day, client), row in self._usage.items() if day == date)
+
+    def _usage_of(self, date: str, client: str) -> list[int] | None:
+        """``client``'s counters on ``date``, if any."""
+        return self._usage.get((date, client))
 
 
 def _left(ask: Ask, used: list[Figures], costs: list[int] | None) -> Figures | None:
