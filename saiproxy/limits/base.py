@@ -35,6 +35,7 @@ class UsageRow:
     limited: int = 0
 
 
+USAGE_PAGE_MAX: Final = 1000  # rows a page of usage may ask for
 _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 

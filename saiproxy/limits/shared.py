@@ -15,7 +15,15 @@ from typing import Any, Final
 
 from redis.exceptions import NoScriptError
 
-from .base import Ask, UsageCursor, UsagePage, UsageRow, remaining_dates, rows_page
+from .base import (
+    USAGE_PAGE_MAX,
+    Ask,
+    UsageCursor,
+    UsagePage,
+    UsageRow,
+    remaining_dates,
+    rows_page,
+)
 from .rules import (
     CONCURRENCY_RETRY_MS,
     EXCESS_KEEP_MS,
@@ -452,8 +460,8 @@ class SharedLimiter:
                     return UsagePage(rows, position)
                 scans += 1
                 # A batch the last page stopped inside is read again as it was read then
-                # (as the cursor says, so at most ``limit``: a cursor is the caller's text).
-                count = min(position.count, limit) or room
+                # (bounded all the same: a cursor is the caller's text).
+                count = min(position.count, USAGE_PAGE_MAX) or room
                 scan, fields = await self.store.execute("HSCAN", key, position.scan, "COUNT", count)
                 batch = await self._usage_batch(key, fields)
                 fingerprint = hashlib.blake2b(

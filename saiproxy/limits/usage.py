@@ -23,7 +23,7 @@ from ..errors import ClientError
 from ..keys import LIMITS, SETTINGS
 from ..middlewares import any_key_matches, presented_keys
 from ..settings import SettingsError, setting
-from .base import UsageCursor, UsageRow
+from .base import USAGE_PAGE_MAX, UsageCursor, UsageRow
 from .identity import digest
 from .rules import Period
 
@@ -32,7 +32,7 @@ log = logging.getLogger("saiproxy.limits")
 USAGE_PATH: Final = "/limits/usage"
 MAX_DAYS: Final = 40  # as long as usage is kept
 DEFAULT_LIMIT: Final = 100
-MAX_LIMIT: Final = 1000
+MAX_LIMIT: Final = USAGE_PAGE_MAX
 
 
 def dates(days: int, now: datetime | None = None) -> list[str]:
