@@ -211,11 +211,11 @@ class LocalLimiter:
                 limit,
             )
         rows: list[UsageRow] = []
-        after = cursor.after if cursor is not None else ""
         for date in remaining_dates(dates, cursor):
             room = limit - len(rows)
             if room == 0:
                 return UsagePage(rows, UsageCursor(date))
+            after = cursor.after if cursor is not None and cursor.date == date else ""
             # The day's next clients in order, without sorting the whole day per page.
             found = heapq.nsmallest(
                 room + 1,
@@ -225,9 +225,9 @@ class LocalLimiter:
             rows += [UsageRow(date, name, *row) for name, row in found[:room]]
             if len(found) > room:
                 return UsagePage(rows, UsageCursor(date, rows[-1].client))
-            after = ""
         return UsagePage(rows, None)
 
+    # The readers of the usage kept here: usage_page knows nothing else of how it is kept.
     def _usage_on(self, date: str) -> Iterator[tuple[str, list[int]]]:
         """Each client's counters on ``date``."""
         return ((client, row) for (day, client), row in self._usage.items() if day == date)
