@@ -261,3 +261,27 @@ async def test_the_cli_without_an_admin_key_says_what_to_set(usage_server: Any) 
     assert code == 2
     assert "ADMIN_API_KEYS" in err and "LIMITS_URL" in err
     assert usage_server.authorizations == []  # nothing sent, least of all the proxy key
+
+
+async def test_pages_go_day_by_day_newest_first_in_valkey(
+    make_proxy: MakeProxy, sai: FakeSai, valkey: ValkeyServer
+) -> None:
+    today, yesterday, before = dates(3)
+    own = key_id("team-a-key")
+    store = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    for date, clients in ((today, 4), (yesterday, 0), (before, 5)):
+        for index in range(clients):
+            store.hset(f"saiproxy:usage:{date}", f"key-{index:016x}:requests", 1)
+        store.hset(f"saiproxy:usage:{date}", f"{own}:requests", 2)
+    proxy = await make_proxy(
+        LIMITS_URL=valkey.url, PROXY_API_KEYS="team-a-key", ADMIN_API_KEYS=ADMIN
+    )
+    pages = await read_pages(proxy, {"x-api-key": ADMIN}, days="3", limit="3")
+    assert all(len(page["rows"]) <= 3 for page in pages)
+    seen = [(row["date"], row["client"]) for page in pages for row in page["rows"]]
+    assert len(seen) == len(set(seen)) == 4 + 1 + 1 + 5 + 1
+    assert [date for date, _ in seen] == sorted((date for date, _ in seen), reverse=True)
+    # A proxy key's own rows, one a day, a page at a time.
+    pages = await read_pages(proxy, {"x-api-key": "team-a-key"}, days="3", limit="1")
+    assert [row["date"] for page in pages for row in page["rows"]] == [today, yesterday, before]
+    store.close()
