@@ -31,7 +31,7 @@ from .keys import (
 from .landing import landing
 from .limits.gate import add_limit_headers
 from .limits.limits import Limits, enabled
-from .limits.usage import usage_view
+from .limits.usage import USAGE_PATH, usage_view
 from .logs import LogSetup, write_failures
 from .metrics import Metrics
 from .middlewares import (
@@ -133,7 +133,14 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     metrics = Metrics()
     middlewares: list[Middleware] = [front_middleware(metrics=metrics)]
     if settings.proxy_api_keys:
-        middlewares.append(proxy_access_middleware(keys=settings.proxy_api_keys))
+        middlewares.append(
+            proxy_access_middleware(
+                keys=settings.proxy_api_keys,
+                # The admin keys read usage, and nothing else, without being proxy keys.
+                admin_keys=settings.admin_api_keys,
+                admin_paths=(USAGE_PATH,),
+            )
+        )
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[STATE] = state = ServingState()
@@ -161,7 +168,8 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # For people and API tools: open even with PROXY_API_KEYS (see OPEN_PATHS).
     app.router.add_get("/", landing)
     app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/limits/usage", usage_view)
+    # Usage: an admin key reads every client's, a proxy key its own (docs/limits.md).
+    app.router.add_get(USAGE_PATH, usage_view)
     # Each protocol's routes, and the error shape of the paths under them
     # (first matching prefix wins; OpenAI's shape everywhere else).
     anthropic_errors = anthropic.AnthropicErrors()

@@ -170,32 +170,51 @@ def front_middleware(*, metrics: Metrics) -> Middleware:
     return middleware
 
 
-def proxy_access_middleware(*, keys: Collection[Secret]) -> Middleware:
-    """Require one of ``keys`` on every path but health checks.
+def presented_keys(request: web.Request) -> list[bytes]:
+    """Return the keys the request presents: ``x-api-key``, and ``Authorization: Bearer``."""
+    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    # aiohttp keeps undecodable header bytes as surrogates: encode them back
+    # rather than fail, so a stray byte is a refusal (401), not a 500.
+    presented = [request.headers.get(API_KEY_HEADER, "").strip().encode("utf-8", "surrogateescape")]
+    if scheme.lower() == "bearer":
+        presented.append(token.strip().encode("utf-8", "surrogateescape"))
+    return presented
+
+
+def any_key_matches(presented: Collection[bytes], allowed: Collection[bytes]) -> bool:
+    """Return whether a presented key is one of ``allowed``, in constant time: every pair is
+    compared, without stopping early, so timing tells nothing."""
+    matched = False
+    for candidate in presented:
+        for key in allowed:
+            matched |= hmac.compare_digest(candidate, key)
+    return matched
+
+
+def proxy_access_middleware(
+    *,
+    keys: Collection[Secret],
+    admin_keys: Collection[Secret] = (),
+    admin_paths: Collection[str] = (),
+) -> Middleware:
+    """Require one of ``keys`` on every path but health checks; on ``admin_paths`` one of
+    ``admin_keys`` will do too (the handler decides what each may see).
 
     The key comes as ``Authorization: Bearer <key>`` (OpenAI clients, Claude
     Code's ANTHROPIC_AUTH_TOKEN) or as ``x-api-key: <key>`` (Anthropic clients).
     """
     allowed = [key.reveal().encode() for key in keys]
+    allowed_on_admin_paths = allowed + [key.reveal().encode() for key in admin_keys]
+    admin = frozenset(admin_paths)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        # aiohttp keeps undecodable header bytes as surrogates: encode them back
-        # rather than fail, so a stray byte is a refusal (401), not a 500.
-        presented = [
-            request.headers.get(API_KEY_HEADER, "").strip().encode("utf-8", "surrogateescape")
-        ]
-        if scheme.lower() == "bearer":
-            presented.append(token.strip().encode("utf-8", "surrogateescape"))
-        # Compare against every key, without stopping early, so timing tells nothing.
-        matched = False
-        for candidate in presented:
-            for key in allowed:
-                matched |= hmac.compare_digest(candidate, key)
-        if not matched:
+        presented = presented_keys(request)
+        if not any_key_matches(
+            presented, allowed_on_admin_paths if request.path in admin else allowed
+        ):
             log.info(
                 "proxy access refused",
                 extra={"reason": "unknown key" if any(presented) else "no proxy key"},

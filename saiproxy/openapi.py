@@ -428,25 +428,59 @@ def _document() -> dict[str, Any]:
             },
             "/limits/usage": {
                 "get": {
-                    "summary": "Each client's use per day (loopback callers only; 404 otherwise "
-                    "or without limits); what `saiproxy usage` reads",
+                    "summary": "Each client's use per day, a page at a time: every client's "
+                    "for an admin key (ADMIN_API_KEYS), the caller's own for a proxy key; "
+                    "what `saiproxy usage` reads",
                     "tags": ["Operations"],
                     "parameters": [
                         {
                             "name": "days",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 40},
-                        }
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 40,
+                                "default": 1,
+                            },
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 1000,
+                                "default": 100,
+                            },
+                        },
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "required": False,
+                            "description": "The previous page's next_cursor",
+                            "schema": _STRING,
+                        },
                     ],
                     "responses": {
                         "200": {
                             "description": "Rows of date, client ID, requests, input and "
-                            "output tokens, refused requests",
+                            "output tokens, refused requests; next_cursor is null on the last "
+                            "page",
                             "content": {JSON: {"schema": {"type": "object"}}},
                         },
+                        "400": {
+                            "description": "days, limit or cursor out of range or not ours",
+                            "content": {JSON: {"schema": _ref("OpenAIError")}},
+                        },
                         "404": {
-                            "description": "Not a loopback caller, or no limits configured",
+                            "description": "Neither an admin key nor a proxy key, or no limits "
+                            "configured",
+                            "content": {JSON: {"schema": _ref("OpenAIError")}},
+                        },
+                        "503": {
+                            "description": "The limits store did not answer",
                             "content": {JSON: {"schema": _ref("OpenAIError")}},
                         },
                     },

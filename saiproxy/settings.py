@@ -307,6 +307,10 @@ class Settings:
     proxy_api_keys: tuple[Secret, ...] = field(
         default=(), metadata=_opt("PROXY_API_KEYS", "auth", _secrets, secret=True)
     )
+    # Read usage (GET /limits/usage, saiproxy usage): every client's; a proxy key reads its own.
+    admin_api_keys: tuple[Secret, ...] = field(
+        default=(), metadata=_opt("ADMIN_API_KEYS", "auth", _secrets, secret=True)
+    )
     verbose_logging: bool = field(default=False, metadata=_opt("VERBOSE_LOGGING", "logging", _bool))
     log_level: str = field(
         default="info",
@@ -397,7 +401,10 @@ class Settings:
 
     def secrets(self) -> tuple[Secret, ...]:
         """Return every configured secret, for log masking."""
-        values = [self.sai_key, self.sai_cookie, self.limits_url, *self.proxy_api_keys]
+        values = [
+            self.sai_key, self.sai_cookie, self.limits_url, *self.proxy_api_keys,
+            *self.admin_api_keys,
+        ]  # fmt: skip
         if self.sai_url.password:
             values.append(Secret(self.sai_url.password))
         return tuple(value for value in values if value is not None)

@@ -274,18 +274,20 @@ def _today() -> str:
     return dates(1)[0]
 
 
-async def test_usage_endpoint_loopback_json(
+async def test_usage_endpoint_json(
     make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str]
 ) -> None:
     sai.default = Reply(headers=TOKENS)
-    proxy = await make_proxy(LIMITS_CLIENT_RPM="10", **store)
+    proxy = await make_proxy(LIMITS_CLIENT_RPM="10", ADMIN_API_KEYS="admin-key", **store)
     await proxy.post("/v1/chat/completions", json=HI)
     await asyncio.sleep(0.1)
-    data = await (await proxy.get("/limits/usage")).json()
+    admin = {"Authorization": "Bearer admin-key"}
+    data = await (await proxy.get("/limits/usage", headers=admin)).json()
     assert data["rows"] == [
         {"date": _today(), "client": "anonymous", "requests": 1, "input_tokens": 10,
          "output_tokens": 5, "limited": 0}
     ]  # fmt: skip
+    assert data["next_cursor"] is None
     json.dumps(data)
 
 
@@ -337,7 +339,9 @@ async def test_usage_command_reads_the_store_or_the_process(
     make_proxy: MakeProxy, sai: FakeSai, store: dict[str, str], tmp_path: Path
 ) -> None:
     sai.default = Reply(headers=TOKENS)
-    proxy = await make_proxy(LIMITS_CLIENT_RPM="1", PROXY_API_KEYS="cli-key", **store)
+    proxy = await make_proxy(
+        LIMITS_CLIENT_RPM="1", PROXY_API_KEYS="cli-key", ADMIN_API_KEYS="admin-key", **store
+    )
     for _ in range(2):
         await proxy.post("/v1/chat/completions", json=HI, headers={"x-api-key": "cli-key"})
     await asyncio.sleep(0.1)
@@ -345,6 +349,7 @@ async def test_usage_command_reads_the_store_or_the_process(
         "SAIPROXY_CONFIG": CONFIG,
         "PORT": str(proxy.port),
         "PROXY_API_KEYS": "cli-key",
+        "ADMIN_API_KEYS": "admin-key",
         **store,
     }
     code, out, err = await _usage_cli(env, "--json")
@@ -360,7 +365,7 @@ async def test_usage_command_reads_the_store_or_the_process(
     )
     code, out, _ = await _usage_cli(env)
     assert code == 0 and client in out and "requests" in out.splitlines()[1]
-    assert "cli-key" not in out
+    assert "cli-key" not in out and "admin-key" not in out
 
 
 async def test_scripts_flushed_from_the_store_are_sent_again(

@@ -55,10 +55,14 @@ def test_environment_beats_file(tmp_path: Path) -> None:
 
 
 def test_secret_values_never_print() -> None:
-    settings = load_settings({**BASE, "SAI_COOKIE": "c-very-secret", "PROXY_API_KEYS": "p-1,p-2"})
+    settings = load_settings(
+        {**BASE, "SAI_COOKIE": "c-very-secret", "PROXY_API_KEYS": "p-1,p-2",
+         "ADMIN_API_KEYS": "adm-1"}
+    )  # fmt: skip
     text = repr(settings) + str(settings)
-    for secret in ("k-123456", "c-very-secret", "p-1", "p-2"):
+    for secret in ("k-123456", "c-very-secret", "p-1", "p-2", "adm-1"):
         assert secret not in text
+    assert Secret("adm-1") in settings.secrets()  # masked in every log line
     assert str(Secret("hunter2")) == "Secret(<7 chars>)"
 
 
@@ -67,6 +71,7 @@ def test_docker_secret_paths_and_file_variables(tmp_path: Path) -> None:
     secrets.mkdir()
     (secrets / "SAI_KEY").write_text("  key-from-secret\n")
     (secrets / "SAI_COOKIE").write_text("cookie-from-secret\n")
+    (secrets / "ADMIN_API_KEYS").write_text("ak-1,ak-2\n")
     keys = tmp_path / "proxy_keys"
     keys.write_text("pk-1, pk-2\n")
     env = {
@@ -75,11 +80,13 @@ def test_docker_secret_paths_and_file_variables(tmp_path: Path) -> None:
         "SAI_KEY": f"{secrets}/SAI_KEY",
         "SAI_COOKIE_FILE": str(secrets / "SAI_COOKIE"),
         "PROXY_API_KEYS_FILE": str(keys),
+        "ADMIN_API_KEYS": f"{secrets}/ADMIN_API_KEYS",
     }
     settings = load_settings(env, secrets_dir=str(secrets))
     assert settings.sai_key == Secret("key-from-secret")
     assert settings.sai_cookie == Secret("cookie-from-secret")
     assert settings.proxy_api_keys == (Secret("pk-1"), Secret("pk-2"))
+    assert settings.admin_api_keys == (Secret("ak-1"), Secret("ak-2"))
 
 
 def test_missing_secret_file_names_the_variable(tmp_path: Path) -> None:

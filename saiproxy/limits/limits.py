@@ -16,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge
 from ..auth import Credential
 from ..metrics import Metrics
 from ..settings import Settings
-from .base import Ask, Limiter, ScopeKind, Settlement, UsageRow, scope_name
+from .base import Ask, Limiter, ScopeKind, Settlement, UsageCursor, UsagePage, UsageRow, scope_name
 from .identity import ANONYMOUS, Client, Identify
 from .local import LocalLimiter
 from .rules import Config, Rules, Verdict
@@ -34,6 +34,10 @@ log = logging.getLogger("saiproxy.limits")
 
 if TYPE_CHECKING:
     from .shared import SharedLimiter
+
+# One page of usage may take this long (its work is bounded: see SharedLimiter.usage_page);
+# an admin's read, so not LIMITS_TIMEOUT, and its failure does not open the breaker.
+USAGE_PAGE_TIMEOUT: Final = 5.0
 
 Mode = Literal["local", "shared", "fallback"]
 MODES: Final[tuple[Mode, ...]] = ("local", "shared", "fallback")
@@ -377,10 +381,29 @@ class Limits:
                     )
             await self.shared.store.aclose()
 
-    async def usage(self, dates: list[str]) -> list[UsageRow]:
-        if self.shared is not None:
-            return await self._call(self.shared.usage(dates))
-        return await self.local.usage(dates)
+    async def usage_page(
+        self,
+        dates: Sequence[str],
+        *,
+        limit: int,
+        cursor: UsageCursor | None = None,
+        client: str | None = None,
+    ) -> UsagePage:
+        """One page of usage (see Limiter.usage_page): from the store when there is one."""
+        limiter: Limiter = self.shared if self.shared is not None else self.local
+        async with asyncio.timeout(USAGE_PAGE_TIMEOUT):
+            return await limiter.usage_page(dates, limit=limit, cursor=cursor, client=client)
+
+    async def usage(self, dates: Sequence[str]) -> list[UsageRow]:
+        """Every client's use on ``dates``: every page."""
+        rows: list[UsageRow] = []
+        cursor: UsageCursor | None = None
+        while True:
+            page = await self.usage_page(dates, limit=1000, cursor=cursor)
+            rows += page.rows
+            if page.next is None:
+                return rows
+            cursor = page.next
 
     def client(self, request: object, credential: Credential | None) -> Client:
         return self.identify(request, credential)  # type: ignore[arg-type]

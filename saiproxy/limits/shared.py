@@ -20,7 +20,17 @@ from typing import Any, Final
 import orjson
 from redis.exceptions import NoScriptError
 
-from .base import Ask, Settlement, UsageRow, scope_name
+from .base import (
+    USAGE_PAGE_MAX,
+    Ask,
+    Settlement,
+    UsageCursor,
+    UsagePage,
+    UsageRow,
+    remaining_dates,
+    rows_page,
+    scope_name,
+)
 from .identity import ANONYMOUS
 from .rules import (
     CONCURRENCY_RETRY_MS,
@@ -67,6 +77,11 @@ ADMIT: Final = _script("admit")
 SETTLE: Final = _script("settle")
 RENEW: Final = _script("renew")
 RENEW_CHUNK: Final = 1000
+
+# A client's counters in a day's usage hash (fields <client>:<counter>), in the order that
+# names its first one: the batch of a day's HSCAN that holds it returns the client's row.
+USAGE_COUNTERS: Final = ("requests", "limited", "input", "output")
+USAGE_SCANS: Final = 16  # HSCAN batches (and HMGETs) at most per page of usage
 
 
 _SHAS: Final = {
@@ -213,31 +228,100 @@ class SharedLimiter:
             )
         )
 
-    async def usage(self, dates: list[str]) -> list[UsageRow]:
+    async def usage_page(
+        self,
+        dates: Sequence[str],
+        *,
+        limit: int,
+        cursor: UsageCursor | None = None,
+        client: str | None = None,
+    ) -> UsagePage:
+        """A day's usage is one hash (``<client>:<counter>`` fields), read with HSCAN (COUNT
+        the room left on the page) and one HMGET of the counters of the clients each batch
+        names, at most USAGE_SCANS batches a page: bounded work at any number of clients.
+        One client's fields lie anywhere in the hash, so a row is returned with the batch
+        holding its first counter (USAGE_COUNTERS' order). A page that fills up inside a
+        batch ends with that batch's cursor, its last client and the batch's fingerprint:
+        the next page reads the batch again and starts after that client, or, if the batch
+        changed meanwhile (the hash grew), returns it whole again (a row may repeat, none
+        present all along is missed)."""
+        if client is not None:
+            return await self._own_usage(dates, limit, cursor, client)
+        rows: list[UsageRow] = []
+        scans = 0
+        position = cursor
+        for date in remaining_dates(dates, cursor):
+            key = f"{self.prefix}usage:{date}"
+            if position is None or position.date != date:
+                position = UsageCursor(date)
+            while True:
+                room = limit - len(rows)
+                if room == 0 or scans == USAGE_SCANS:
+                    return UsagePage(rows, position)
+                scans += 1
+                # A batch the last page stopped inside is read again as it was read then
+                # (bounded all the same: a cursor is the caller's text).
+                count = min(position.count, USAGE_PAGE_MAX) or room
+                scan, fields = await self.store.execute("HSCAN", key, position.scan, "COUNT", count)
+                batch = await self._usage_batch(key, fields)
+                fingerprint = hashlib.blake2b(
+                    "\n".join(name for name, _ in batch).encode(), digest_size=6
+                ).hexdigest()
+                if position.batch == fingerprint:  # the batch the last page stopped inside
+                    batch = [(name, row) for name, row in batch if name > position.after]
+                rows += [UsageRow(date, name, *row) for name, row in batch[:room]]
+                if len(batch) > room:
+                    return UsagePage(
+                        rows, UsageCursor(date, rows[-1].client, position.scan, count, fingerprint)
+                    )
+                if int(scan) == 0:
+                    break
+                position = UsageCursor(date, scan=int(scan))
+            position = None
+        return UsagePage(rows, None)
+
+    async def _usage_batch(
+        self, key: str, fields: Sequence[Any]
+    ) -> list[tuple[str, tuple[int, int, int, int]]]:
+        """Return the rows (client, requests, input, output, limited) whose first counter is
+        among ``fields`` (an HSCAN batch: field, value, ...), in client order."""
+        seen: dict[str, set[str]] = {}
+        for field in fields[::2]:
+            name, _, counter = _text(field).rpartition(":")
+            if counter in USAGE_COUNTERS:
+                seen.setdefault(name, set()).add(counter)
+        if not seen:
+            return []
+        clients = sorted(seen)
+        values = await self.store.execute(
+            "HMGET", key, *[f"{name}:{counter}" for name in clients for counter in USAGE_COUNTERS]
+        )
+        batch = []
+        for index, name in enumerate(clients):
+            counters = values[index * 4 : index * 4 + 4]
+            first = next(c for c, v in zip(USAGE_COUNTERS, counters, strict=True) if v is not None)
+            if first in seen[name]:
+                requests, limited, input_tokens, output_tokens = (int(v or 0) for v in counters)
+                batch.append((name, (requests, input_tokens, output_tokens, limited)))
+        return batch
+
+    async def _own_usage(
+        self, dates: Sequence[str], limit: int, cursor: UsageCursor | None, client: str
+    ) -> UsagePage:
+        """One client's rows: one HMGET of its counters per day, in one round trip."""
+        wanted = remaining_dates(dates, cursor)
+        fields = [f"{client}:{counter}" for counter in USAGE_COUNTERS]
         days = _raise_first(
             await self.store.execute_many(
-                [("HGETALL", f"{self.prefix}usage:{date}") for date in dates]
+                [("HMGET", f"{self.prefix}usage:{date}", *fields) for date in wanted]
             )
         )
-        rows: list[UsageRow] = []
-        for date, fields in zip(dates, days, strict=True):
-            counters: dict[str, dict[str, int]] = {}
-            for key, value in zip(fields[::2], fields[1::2], strict=True):
-                client, _, name = _text(key).rpartition(":")
-                counters.setdefault(client, {})[name] = int(value)
-            for client in sorted(counters):
-                row = counters[client]
-                rows.append(
-                    UsageRow(
-                        date,
-                        client,
-                        row.get("requests", 0),
-                        row.get("input", 0),
-                        row.get("output", 0),
-                        row.get("limited", 0),
-                    )
-                )
-        return rows
+        rows = []
+        for date, counters in zip(wanted, days, strict=True):
+            if any(value is not None for value in counters):
+                requests, limited, input_tokens, output_tokens = (int(v or 0) for v in counters)
+                rows.append(UsageRow(date, client, requests, input_tokens, output_tokens, limited))
+        return rows_page(rows, limit)
 
 
 def _raise_first(replies: list[Any]) -> list[Any]:
