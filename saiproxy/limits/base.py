@@ -1,7 +1,7 @@
 """The Limiter protocol the two stores implement, and what passes between them and the gate.
 
 Both stores (``local.py`` in the process, ``shared.py`` in Valkey) keep the
-same rules; ``tests/test_limits_properties.py`` drives them with the same
+same rules; ``tests/test_limits_equivalence.py`` drives them with the same
 random sequences and requires the same verdicts.
 """
 
