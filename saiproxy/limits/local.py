@@ -14,7 +14,7 @@ import heapq
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -89,23 +89,27 @@ class Calendar:
 
 @dataclass(slots=True)
 class _Scope:
+    """One scope's windows and leases. Each container is made when first needed: an empty
+    deque alone costs 600 bytes, and most scopes have one or two kinds of limit."""
+
     touched: int  # ms: its last admission or settlement
-    requests: deque[int] = field(default_factory=deque)  # admission times, ms
-    tokens: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (time, tokens)
+    requests: deque[int] | None = None  # admission times, ms
+    tokens: dict[str, tuple[int, int]] | None = None  # id -> (time, tokens)
     token_sum: int = 0
-    leases: set[str] = field(default_factory=set)
+    leases: set[str] | None = None
 
     def expire(self, now: int) -> None:
         cutoff = now - WINDOW_MS
-        while self.requests and self.requests[0] <= cutoff:
-            self.requests.popleft()
-        while self.tokens:
-            first = next(iter(self.tokens))
-            at, tokens = self.tokens[first]
+        requests, tokens = self.requests, self.tokens
+        while requests and requests[0] <= cutoff:
+            requests.popleft()
+        while tokens:
+            first = next(iter(tokens))
+            at, count = tokens[first]
             if at > cutoff:
                 break
-            del self.tokens[first]
-            self.token_sum -= tokens
+            del tokens[first]
+            self.token_sum -= count
 
 
 class LocalLimiter:
@@ -210,22 +214,24 @@ class LocalLimiter:
             name = scope_name(kind, client)
             scope = self._scope(name, now)
             scope.expire(now)
-            used_r = len(scope.requests)
-            reset_r = scope.requests[0] + WINDOW_MS - now if scope.requests else 0
+            requests = scope.requests or ()
+            used_r = len(requests)
+            reset_r = requests[0] + WINDOW_MS - now if requests else 0
             if rules.rpm and used_r >= rules.rpm and deny is None:
-                deny, wait = "requests", scope.requests[used_r - rules.rpm] + WINDOW_MS - now
+                deny, wait = "requests", requests[used_r - rules.rpm] + WINDOW_MS - now
             cost = rules.token_cost(ask.reserve, excess)
+            held = scope.tokens or {}
             used_t = scope.token_sum if rules.tpm else 0
-            oldest = next(iter(scope.tokens.values()), None) if rules.tpm else None
+            oldest = next(iter(held.values()), None) if rules.tpm else None
             reset_t = oldest[0] + WINDOW_MS - now if oldest is not None else 0
             if rules.tpm and used_t + cost > rules.tpm and deny is None:
                 deny, wait, left = "tokens", WINDOW_MS, used_t
-                for at, tokens in scope.tokens.values():
+                for at, tokens in held.values():
                     left -= tokens
                     if left + cost <= rules.tpm:
                         wait = at + WINDOW_MS - now
                         break
-            if rules.concurrency and len(scope.leases) >= rules.concurrency and deny is None:
+            if rules.concurrency and len(scope.leases or ()) >= rules.concurrency and deny is None:
                 deny, wait = "concurrency", CONCURRENCY_RETRY_MS
             budget_cost = rules.budget_cost(ask.reserve)
             if rules.budget and deny is None:
@@ -248,11 +254,17 @@ class LocalLimiter:
             name = scope_name(kind, client)
             scope = self._scopes[name]
             if rules.rpm:
+                if scope.requests is None:
+                    scope.requests = deque()
                 scope.requests.append(now)
             if rules.tpm:
+                if scope.tokens is None:
+                    scope.tokens = {}
                 scope.tokens[ask.id] = (now, cost)
                 scope.token_sum += cost
             if rules.concurrency:
+                if scope.leases is None:
+                    scope.leases = set()
                 scope.leases.add(ask.id)
             if rules.budget:
                 self._budgets[name] = self._budgets.get(name, 0) + budget_cost
@@ -272,9 +284,10 @@ class LocalLimiter:
             name = scope_name(kind, client)
             scope = self._scopes.get(name)
             if scope is not None:
-                scope.leases.discard(ask.id)
-                held = scope.tokens.get(ask.id)
-                if held is not None:
+                if scope.leases:
+                    scope.leases.discard(ask.id)
+                held = scope.tokens.get(ask.id) if scope.tokens else None
+                if held is not None and scope.tokens is not None:
                     scope.tokens[ask.id] = (held[0], actual)
                     scope.token_sum += actual - cost
             if rules.tpm:
@@ -304,7 +317,7 @@ class LocalLimiter:
     def release_all(self) -> None:
         """End every lease (the replica drains)."""
         for scope in self._scopes.values():
-            scope.leases.clear()
+            scope.leases = None
 
     async def usage_page(
         self,
