@@ -10,6 +10,8 @@ Everything is the caller's own: another client's id is a 404.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,29 +99,44 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
         return Continuation(raw, store=store)  # nothing to read or keep (or parse refuses it)
     state = request.app[STATE_STORE]
     owner = owner_of(request, body)
-    context: list[str] = []
-    if previous:
-        record = await state.response(owner, previous)
-        if record is None:
-            raise NotFound(
-                f"Previous response with id '{previous[:80]}' not found.",
-                param="previous_response_id",
-            )
-        context = [*record.context, *record.input, *record.output]
-    elif conversation:
-        if await state.conversation(owner, conversation) is None:
-            raise NotFound(f"Conversation with id '{conversation[:80]}' not found.",
-                           param="conversation")  # fmt: skip
-        context = await state.item_ids(owner, conversation)
+    keeps = store or conversation is not None
     # Items the request names by reference and holds itself are resolved by the adapter.
     own = {item.get("id") for item in items if isinstance(item, dict)
            and item.get("type") != "item_reference"}  # fmt: skip
-    found = await state.items(owner, [*context, *(r for r in references if r not in own)])
+    stored = [r for r in references if r not in own]
+    context: list[str] = []
+    # Every read is started at once: the store client sends them together.
+    room = asyncio.ensure_future(state.room(owner, 0)) if keeps else None
+    try:
+        if previous:
+            record, context, found = await state.chain(owner, previous, stored)
+            if record is None:
+                raise NotFound(
+                    f"Previous response with id '{previous[:80]}' not found.",
+                    param="previous_response_id",
+                )
+        elif conversation:
+            known, context = await asyncio.gather(
+                state.conversation(owner, conversation), state.item_ids(owner, conversation)
+            )
+            if known is None:
+                raise NotFound(f"Conversation with id '{conversation[:80]}' not found.",
+                               param="conversation")  # fmt: skip
+            found = await state.items(owner, [*context, *stored])
+        else:
+            found = await state.items(owner, stored) if stored else {}
+    except BaseException:
+        if room is not None:
+            room.cancel()
+            with contextlib.suppress(BaseException):
+                await room
+        raise
+    if room is not None:
+        await room  # the quota: refused before SAI is called
     missing = sum(1 for item_id in context if item_id not in found)
     if missing:
         log.info("stored items expired, left out of the chain", extra={"count": missing})
     whole: list[Any] = [found[item_id] for item_id in context if item_id in found]
-    keeps = store or conversation is not None
     new_items: list[dict[str, Any]] = []
     input_ids: list[str] = []
     for item in items:
@@ -138,7 +155,7 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
         new_items.append(kept)
         input_ids.append(kept["id"])
         whole.append(item)
-    if keeps:
+    if keeps and new_items:
         await state.room(owner, sum(len(orjson.dumps(item)) for item in new_items))
     return Continuation(
         whole, store=store, previous=previous or None, conversation=conversation,

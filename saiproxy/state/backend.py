@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
+import orjson
 from redis.exceptions import NoScriptError, RedisError
 
 from ..errors import StateUnavailable
@@ -52,6 +53,12 @@ class Backend(Protocol):
 
     async def delete(self, owner: str, keys: Sequence[str], receipt: int, size: int) -> int:
         """Delete ``keys`` (written with ``receipt``, ``size`` bytes); return how many existed."""
+
+    async def chain(
+        self, record_key: str, item_prefix: str, more: Sequence[str]
+    ) -> tuple[bytes | None, list[str], list[bytes | None]]:
+        """Return a response's record, then the ids and values of the items of its ``chain``
+        (then of ``more``): at once, one round trip in Valkey."""
 
     async def append(self, owner: str, key: str, values: Sequence[str]) -> None:
         """Add ``values`` at the end of the list ``key`` (and renew its time to live)."""
@@ -160,6 +167,13 @@ class LocalBackend:
     async def delete(self, owner: str, keys: Sequence[str], receipt: int, size: int) -> int:
         return sum(self._drop(key) for key in keys)
 
+    async def chain(
+        self, record_key: str, item_prefix: str, more: Sequence[str]
+    ) -> tuple[bytes | None, list[str], list[bytes | None]]:
+        (record,) = await self.get([record_key])
+        ids = [*(orjson.loads(record)["chain"] if record is not None else ()), *more]
+        return record, ids, await self.get([item_prefix + i for i in ids])
+
     async def append(self, owner: str, key: str, values: Sequence[str]) -> None:
         current = self._live(key)
         listed = [*current, *values] if isinstance(current, list) else list(values)
@@ -182,22 +196,20 @@ class LocalBackend:
 
 
 # ARGV: the client's bucket key prefix, the bucket, buckets per TTL, bucket ms, TTL ms,
-# quota (0: none), then key, value pairs. Returns {1, bytes} or {0, bytes held}.
+# quota (0: none), then key, value pairs. Returns {written 1|0, bytes, the client's bytes}.
 _PUT: Final = """
 local ub, b, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local width, ttl, quota = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local size = 0
 for i = 7, #ARGV, 2 do size = size + #ARGV[i] + #ARGV[i + 1] + __OVERHEAD__ end
-if quota > 0 then
-  local used = 0
-  for i = b - n, b do used = used + tonumber(redis.call('GET', ub .. i) or '0') end
-  if used + size > quota then return {0, used} end
-end
+local used = 0
+for i = b - n, b do used = used + tonumber(redis.call('GET', ub .. i) or '0') end
+if quota > 0 and used + size > quota then return {0, size, used} end
 for i = 7, #ARGV, 2 do redis.call('SET', ARGV[i], ARGV[i + 1], 'PX', ttl) end
 local k = ub .. b
 redis.call('INCRBY', k, size)
 redis.call('PEXPIRE', k, (n + 2) * width)
-return {1, size}
+return {1, size, used + size}
 """.replace("__OVERHEAD__", str(ENTRY_OVERHEAD))
 # ARGV: the bucket's key, the bytes to give back, then the keys. Returns how many existed.
 _DELETE: Final = """
@@ -207,7 +219,28 @@ if gone > 0 and redis.call('EXISTS', ARGV[1]) == 1 then
 end
 return gone
 """
-_SHAS: Final = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_PUT, _DELETE)}
+# ARGV: a response's record key, its items' key prefix, then more item ids. Returns the
+# record (nil when absent), the ids of its chain then the others, and their values.
+_CHAIN: Final = """
+local record = redis.call('GET', ARGV[1])
+local ids = {}
+if record then ids = cjson.decode(record)['chain'] end
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+local values = {}
+for start = 1, #ids, 1000 do
+  local keys = {}
+  for i = start, math.min(start + 999, #ids) do keys[#keys + 1] = ARGV[2] .. ids[i] end
+  local part = redis.call('MGET', unpack(keys))
+  for _, value in ipairs(part) do values[#values + 1] = value end
+end
+return {record, ids, values}
+"""
+_SHAS: Final = {
+    script: hashlib.sha1(script.encode()).hexdigest() for script in (_PUT, _DELETE, _CHAIN)
+}
+# Seconds a replica checks a client's quota against the bytes its last write or read
+# reported, rather than reading them again before each request (a round trip saved).
+USED_FRESH: Final = 1.0
 
 
 class SharedBackend:
@@ -224,6 +257,7 @@ class SharedBackend:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.width_ms = max(1, self.ttl_ms // BUCKETS)
         self.timeout = timeout
+        self._used: dict[str, tuple[float, int]] = {}  # owner -> (when, bytes), USED_FRESH
 
     async def _call(self, *command: Any) -> Any:
         try:
@@ -262,11 +296,25 @@ class SharedBackend:
         for key, value in entries:
             args += [key, value]
         reply = await self._run(_PUT, args)
+        self._note(owner, int(reply[2]))
         if int(reply[0]) != 1:
             return None
         return int(reply[1])
 
+    def _note(self, owner: str, used: int) -> None:
+        if len(self._used) > 100_000:  # clients seen within USED_FRESH: bounded anyway
+            self._used.clear()
+        self._used[owner] = (time.monotonic(), used)
+
     async def used(self, owner: str) -> int:
+        known = self._used.get(owner)
+        if known is not None and time.monotonic() - known[0] < USED_FRESH:
+            return known[1]
+        used = await self._read_used(owner)
+        self._note(owner, used)
+        return used
+
+    async def _read_used(self, owner: str) -> int:
         bucket, base = self.receipt(), self._buckets(owner)
         keys = [f"{base}{b}" for b in range(bucket - BUCKETS, bucket + 1)]
         counts = await self._call("MGET", *keys)
@@ -275,7 +323,14 @@ class SharedBackend:
     async def delete(self, owner: str, keys: Sequence[str], receipt: int, size: int) -> int:
         if not keys:
             return 0
+        self._used.pop(owner, None)  # read again: this replica gives the bytes back at once
         return int(await self._run(_DELETE, [f"{self._buckets(owner)}{receipt}", size, *keys]))
+
+    async def chain(
+        self, record_key: str, item_prefix: str, more: Sequence[str]
+    ) -> tuple[bytes | None, list[str], list[bytes | None]]:
+        record, ids, values = await self._run(_CHAIN, [record_key, item_prefix, *more])
+        return record, [i.decode() for i in ids], values
 
     async def append(self, owner: str, key: str, values: Sequence[str]) -> None:
         if not values:

@@ -131,18 +131,36 @@ class State:
 
     # --- responses
 
-    async def response(self, owner: str, response_id: str) -> StoredResponse | None:
-        if not _valid(response_id):
-            return None
-        key = self._key("r", owner, response_id)
-        (raw,) = await self.backend.get([key])
-        if raw is None:
-            return None
+    def _record(self, key: str, raw: bytes) -> StoredResponse:
         record = orjson.loads(raw)
         return StoredResponse(
             record["response"], record["input"], record["context"], record["owned"],
             record["receipt"], record["size"] + len(key) + len(raw) + ENTRY_OVERHEAD,
         )  # fmt: skip
+
+    async def response(self, owner: str, response_id: str) -> StoredResponse | None:
+        if not _valid(response_id):
+            return None
+        key = self._key("r", owner, response_id)
+        (raw,) = await self.backend.get([key])
+        return self._record(key, raw) if raw is not None else None
+
+    async def chain(
+        self, owner: str, response_id: str, more: Sequence[str]
+    ) -> tuple[StoredResponse | None, list[str], dict[str, dict[str, Any]]]:
+        """Return a response's record, the ids of its chain (every item before the next
+        input) and the stored items among them and ``more``: one round trip."""
+        if not _valid(response_id):
+            return None, [], {}
+        key = self._key("r", owner, response_id)
+        prefix = self._key("i", owner, "")
+        raw, ids, values = await self.backend.chain(key, prefix, [i for i in more if _valid(i)])
+        if raw is None:
+            return None, [], {}
+        record = self._record(key, raw)
+        chain = ids[: len(ids) - len([i for i in more if _valid(i)])]
+        found = {i: orjson.loads(v) for i, v in zip(ids, values, strict=True) if v is not None}
+        return record, chain, found
 
     async def keep(
         self,
@@ -169,6 +187,8 @@ class State:
             record = {
                 "response": response, "input": list(input_ids), "context": list(context),
                 "owned": owned, "receipt": receipt, "size": size if owned else 0,
+                # What a continuation puts before its input, read with the record.
+                "chain": [*context, *input_ids, *(item["id"] for item in output)],
             }  # fmt: skip
             entries.append((self._key("r", owner, response["id"]), orjson.dumps(record)))
         # The answer is given: it is kept even past the quota (checked before SAI was called).
