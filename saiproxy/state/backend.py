@@ -6,12 +6,17 @@ ids (a conversation's items), every key with the same time to live
 a write past the client's quota is refused before anything is written.
 
 In the process the bytes are counted exactly (an entry's bytes come back when
-it expires or is deleted) and the whole is bounded (``STATE_MAX_BYTES``: the
-oldest entries go first). In Valkey a client's bytes are counted in buckets of
-a thirtieth of the TTL, each kept a little longer than the TTL: the sum of the
-buckets still alive is what the client wrote within the TTL, at most one
-bucket's worth more than what is still stored (a rewrite counts again; a
-deletion gives its bytes back to the bucket they were counted in).
+it expires or is deleted) and the whole is bounded (``STATE_MAX_BYTES``, the
+values and what Python spends per entry: the oldest entries go first).
+
+In Valkey a client's bytes are counted in buckets of a thirtieth of the TTL,
+each kept a little longer than the TTL: the sum of the buckets still alive is
+what the client wrote within the TTL, at most one bucket's worth more than
+what is still stored (a rewrite counts again; a deletion gives its bytes back
+to the bucket they were counted in). A replica checks the quota against the
+bytes its last write or read reported when they are under a second old
+(``USED_FRESH``): several replicas together may overshoot it by what they
+store within that second.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from ..limits.store import Store
 
 BUCKETS: Final = 30  # a client's bytes are counted in this many buckets per TTL
 ENTRY_OVERHEAD: Final = 64  # bytes counted per key besides its name and value
+# What an entry costs the process besides what is counted against its owner: the key's
+# and the value's object headers, the entry's tuple, its expiry, the dict's slot.
+LOCAL_OVERHEAD: Final = 320
 
 
 class Backend(Protocol):
@@ -102,7 +110,7 @@ class LocalBackend:
         if entry is None:
             return False
         _, _, size, owner = entry
-        self.total -= size
+        self.total -= size + LOCAL_OVERHEAD
         left = self._used.get(owner, 0) - size
         if left > 0:
             self._used[owner] = left
@@ -124,8 +132,12 @@ class LocalBackend:
     def _set(self, owner: str, key: str, value: bytes | list[str]) -> int:
         self._drop(key)
         size = _size(key, value)
+        if isinstance(value, bytes):
+            # orjson's result keeps a buffer of 4 KB or more whatever its length: what is
+            # kept is an exact-size copy, so that the bytes counted are the bytes held.
+            value = bytes(memoryview(value))
         self._entries[key] = (self._clock() + self.ttl, value, size, owner)
-        self.total += size
+        self.total += size + LOCAL_OVERHEAD
         self._used[owner] = self._used.get(owner, 0) + size
         return size
 

@@ -14,6 +14,12 @@ What is kept (see docs/protocols.md, "Stored responses and conversations"):
 - each item once, under its id: the request's input items and the answer's
   output items (``item_reference`` resolves any of them);
 - a conversation's object, and the list of its item ids in order.
+
+Extension points: a background response is a record kept before SAI answers
+(``keep`` with its ``in_progress`` Response, kept again when it ends; its
+status is then what every replica reads); a compaction item's opaque content
+can be the id of a stored item of its owner (``items``), so that no replica
+trusts what the client sends back.
 """
 
 from __future__ import annotations
