@@ -142,6 +142,8 @@ async def cost(smoke: bool) -> int:
     met = added <= TARGET_MS
     print(f"store true's added p50 with Valkey: {added:+.3f} ms (target <= {TARGET_MS} ms): "
           f"{'met' if met else 'NOT met'}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    if smoke:  # a few seconds keep the bench working; they do not judge the figures
+        return 1 if failed else 0
     return 0 if met and not failed else 1
 
 
