@@ -376,3 +376,35 @@ async def test_bad_stored_references_are_clear(make_proxy: MakeProxy, sai: FakeS
             with pytest.raises(openai.BadRequestError):
                 await client.responses.input_items.list(kept.id, extra_query=query)
     assert len(sai.received) == 1
+
+
+async def test_items_sent_back_whole_are_not_stored_again(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    """A client that sends the whole conversation each turn (the Agents SDK without
+    previous_response_id) sends the earlier output back with its ids: those items stay
+    the earlier response's, so deleting the later one leaves the earlier one whole."""
+    proxy = await make_proxy()
+    sai.answer = echo
+    async with _client(proxy) as client:
+        first = await client.responses.create(model="sai-model", input="one")
+        output = [item.model_dump(exclude_none=True) for item in first.output]
+        second = await client.responses.create(
+            model="sai-model",
+            input=[{"role": "user", "content": "one"}, *output, {"role": "user", "content": "two"}],
+        )
+        listed = await client.responses.input_items.list(second.id, order="asc")
+        assert [item.id for item in listed.data][1] == first.output[0].id  # type: ignore[union-attr]
+        await client.responses.delete(second.id)
+        again = await client.responses.retrieve(first.id)
+        assert again.output_text == "re: one"
+        third = await client.responses.create(
+            model="sai-model", input="three", previous_response_id=first.id
+        )
+        assert third.output_text == "re: three"
+    assert history(sai.received[1]) == [("user", "one"), ("assistant", "re: one"), ("user", "two")]
+    assert history(sai.received[2]) == [
+        ("user", "one"),
+        ("assistant", "re: one"),
+        ("user", "three"),
+    ]

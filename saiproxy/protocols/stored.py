@@ -104,6 +104,10 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
     own = {item.get("id") for item in items if isinstance(item, dict)
            and item.get("type") != "item_reference"}  # fmt: skip
     stored = [r for r in references if r not in own]
+    if keeps:
+        # An item sent back whole with its id (an earlier answer's output, say) is
+        # already stored: it is referred to, not stored again as this response's own.
+        stored += [i for i in own if isinstance(i, str) and i not in stored]
     context: list[str] = []
     # Every read is started at once: the store client sends them together.
     room = asyncio.ensure_future(state.room(owner, 0)) if keeps else None
@@ -150,6 +154,10 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
             continue
         if kind in _NOT_KEPT or not keeps:
             whole.append(item)
+            continue
+        if item.get("id") in found and kind != "item_reference":
+            whole.append(item)  # SAI gets what the client sent
+            input_ids.append(item["id"])
             continue
         kept = stored_item(item)
         new_items.append(kept)
