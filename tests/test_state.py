@@ -408,3 +408,20 @@ async def test_items_sent_back_whole_are_not_stored_again(
         ("assistant", "re: one"),
         ("user", "three"),
     ]
+
+
+async def test_users_own_sai_keys_are_owners_too(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    """Without proxy keys, a user's own SAI key (the limits' identity) owns what it stores."""
+    proxy = await make_proxy()
+    sai.answer = echo
+    ana, ben = {"user-api-key": "ana-own-sai-key-1"}, {"user-api-key": "ben-own-sai-key-2"}
+    async with _client(proxy) as client:
+        mine = await client.responses.create(model="sai-model", input="Ana's", extra_headers=ana)
+        assert (await client.responses.retrieve(mine.id, extra_headers=ana)).id == mine.id
+        await _expect_404(client.responses.retrieve(mine.id, extra_headers=ben))
+        await _expect_404(client.responses.retrieve(mine.id))  # anonymous: the system key
+        await _expect_404(
+            client.responses.create(
+                model="sai-model", input="x", previous_response_id=mine.id, extra_headers=ben
+            )
+        )
