@@ -14,7 +14,7 @@ import pytest
 
 from saiproxy.keys import STATE_STORE
 
-from .conftest import FakeSai, MakeProxy, Received, Reply, openai_url
+from .conftest import FakeSai, MakeProxy, Received, Reply, openai_url, run_node
 
 KEY_A, KEY_B = "proxy-key-a-5c1e", "proxy-key-b-9d2f"
 
@@ -425,3 +425,16 @@ async def test_users_own_sai_keys_are_owners_too(make_proxy: MakeProxy, sai: Fak
                 model="sai-model", input="x", previous_response_id=mine.id, extra_headers=ben
             )
         )
+
+
+async def test_the_node_openai_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.answer = echo
+    result = await run_node("responses_state.mjs", openai_url(proxy))
+    assert result["chain"] == [f"re: q{turn}" for turn in range(5)]
+    assert result["retrieved"] == "re: q4" and result["previous"]
+    assert result["listed"] == ["a", "b", "c"] and result["deleted"] == 404
+    assert result["conversation"]
+    assert result["items"] == ["Hi, I am Node.", "Who am I?", "re: Who am I?"]
+    # The fifth turn reached SAI with the four before it.
+    assert len(sai.received[4].json["chatMessages"]) == 9
