@@ -40,13 +40,14 @@ from .middlewares import (
     proxy_access_middleware,
 )
 from .openapi import openapi
-from .protocols import anthropic
+from .protocols import anthropic, conversations, stored
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
 from .protocols.responses import responses
 from .sai import SaiClient, client_timeout
 from .settings import Settings
+from .state import state_ctx
 from .views import health, model, models, prometheus, readiness
 
 
@@ -159,6 +160,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         app.cleanup_ctx.append(_limits_ctx(limits))
         app.on_response_prepare.append(add_limit_headers)
     app.cleanup_ctx.append(_schema_ctx)
+    app.cleanup_ctx.append(state_ctx)  # stored Responses and conversations
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
     app.cleanup_ctx.append(lambda _: keep_alive.running())
 
@@ -181,6 +183,11 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/responses", responses)
+        app.router.add_post(f"{prefix}/responses/input_tokens", stored.input_tokens)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}", stored.get_response)
+        app.router.add_delete(f"{prefix}/responses/{{response_id}}", stored.delete_response)
+        app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", stored.input_items)
+        conversations.add_routes(app.router, prefix)
         app.router.add_get(f"{prefix}/models", models)
         # Model IDs may contain "/" (``org/model``).
         app.router.add_get(f"{prefix}/models/{{model:.+}}", model)

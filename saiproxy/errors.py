@@ -8,7 +8,10 @@
     │   ├── MalformedRequest        aiohttp could not parse the request (400, 431, ...)
     │   ├── ProxyAccessDenied       401 authentication_error / invalid_api_key
     │   ├── NoCredential            401: the auth chain found no SAI credential
-    │   └── ModelNotFound           404 model_not_found (STRICT_MODELS)
+    │   ├── ModelNotFound           404 model_not_found (STRICT_MODELS)
+    │   ├── NotFound                404: no stored object of that id for this client
+    │   └── StorageQuotaExceeded    400: the client's stored bytes are at their quota
+    ├── StateUnavailable            503: the state store (Valkey) did not answer
     └── UpstreamError               SAI's answer, mapped by ERROR_MODE (docs/sai.md)
         ├── UpstreamAuthRejected    SAI said 401 for a credential
         ├── UpstreamRateLimited     SAI said 429 and no fallback is left
@@ -115,6 +118,30 @@ class ModelNotFound(ClientError):
 
     status = 404
     code = "model_not_found"
+
+
+class NotFound(ClientError):
+    """No stored response, item or conversation of that id belongs to the caller.
+
+    Another client's object is not found either: a 404, never a 403, so that
+    an id tells nothing about whether it exists.
+    """
+
+    status = 404
+    code = "not_found"
+
+
+class StorageQuotaExceeded(ClientError):
+    """Storing this would take the client's stored bytes past STATE_CLIENT_BYTES."""
+
+    code = "storage_quota_exceeded"
+
+
+class StateUnavailable(ProxyError):
+    """The state store did not answer in time or refused: nothing was stored or read."""
+
+    status = 503
+    code = "state_unavailable"
 
 
 class UpstreamError(ProxyError):

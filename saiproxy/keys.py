@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from .core.render import ErrorShape
     from .core.schemacheck import SchemaChecker
     from .core.sse import KeepAlive
+    from .limits.identity import Identify
     from .limits.limits import Limits
+    from .state.store import State
 
 
 @dataclass(slots=True)
@@ -61,3 +63,6 @@ STREAM = web.RequestKey("stream", web.StreamResponse)
 OUTCOME = web.RequestKey("outcome", str)
 # The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
 CALL_BUDGET = web.RequestKey("call_budget", CallBudget)
+# Stored Responses and conversations (saiproxy/state/), and who owns them.
+STATE_STORE: web.AppKey[State] = web.AppKey("state_store")
+OWNERS: web.AppKey[Identify] = web.AppKey("owners")

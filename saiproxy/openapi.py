@@ -159,8 +159,8 @@ def _schemas() -> dict[str, Schema]:
             input={
                 "description": "Text, or items: messages, function_call, "
                 "function_call_output, custom_tool_call(_output), additional_tools, "
-                "item_reference (resolved within the request, else skipped); other item "
-                "types are ignored.",
+                "item_reference (resolved within the request, else among the caller's "
+                "stored items, else skipped); other item types are ignored.",
                 "oneOf": [_STRING, {"type": "array", "items": {"type": "object"}}],
             },
             instructions={"type": ["string", "null"]},
@@ -174,11 +174,24 @@ def _schemas() -> dict[str, Schema]:
             parallel_tool_calls=_BOOL,
             text=_obj(format={"type": "object"}),
             stream=_STREAM,
+            store={
+                "type": "boolean",
+                "default": True,
+                "description": "Keep the response, its input and output items for "
+                "RESPONSES_TTL, readable by the caller only. false: nothing is kept.",
+            },
             previous_response_id={
-                "type": "null",
-                "description": "saiproxy stores nothing: a value is refused (400).",
+                "type": ["string", "null"],
+                "description": "Continue a stored response of the caller's: its chain's "
+                "items come before the input (its instructions do not). Unknown: 404.",
+            },
+            conversation={
+                "description": "A conversation of the caller's: its items come before the "
+                "input, and the input and output are added to it.",
+                "oneOf": [_STRING, _obj(["id"], id=_STRING), {"type": "null"}],
             },
         ),
+        **_stored_schemas(),
         "Response": _obj(
             ["id", "object", "created_at", "status", "model", "output"],
             id=_STRING,
@@ -239,6 +252,132 @@ def _schemas() -> dict[str, Schema]:
         ),
         "Health": _obj(["status"], status={"const": "ok"}, version=_STRING, pid=_INT),
         "Readiness": _obj(["status"], status={"enum": ["ready", "shutting down"]}),
+    }
+
+
+def _stored_schemas() -> dict[str, Schema]:
+    """Stored responses' and conversations' shapes (OpenAI's)."""
+    item = _obj(["id", "type"], id=_STRING, type=_STRING)
+    return {
+        "Item": item,
+        "ItemList": _obj(
+            ["object", "data", "has_more"],
+            object={"const": "list"},
+            data={"type": "array", "items": _ref("Item")},
+            first_id={"type": ["string", "null"]},
+            last_id={"type": ["string", "null"]},
+            has_more=_BOOL,
+        ),
+        "ItemsToAdd": _obj(
+            ["items"], items={"type": "array", "maxItems": 20, "items": {"type": "object"}}
+        ),
+        "ResponseDeleted": _obj(
+            ["id", "object", "deleted"], id=_STRING, object={"const": "response"}, deleted=_BOOL
+        ),
+        "InputTokens": _obj(
+            ["object", "input_tokens"],
+            object={"const": "response.input_tokens"},
+            input_tokens=_INT,
+        ),
+        "Conversation": _obj(
+            ["id", "object", "created_at", "metadata"],
+            id=_STRING,
+            object={"const": "conversation"},
+            created_at=_INT,
+            metadata={"type": "object", "additionalProperties": _STRING},
+        ),
+        "ConversationRequest": _obj(
+            metadata={"type": ["object", "null"], "additionalProperties": _STRING},
+            items={"type": ["array", "null"], "maxItems": 20, "items": {"type": "object"}},
+        ),
+        "ConversationDeleted": _obj(
+            ["id", "object", "deleted"],
+            id=_STRING,
+            object={"const": "conversation.deleted"},
+            deleted=_BOOL,
+        ),
+    }
+
+
+def _path_parameter(name: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": _STRING}
+
+
+_PAGE: Final = [
+    {"name": "after", "in": "query", "required": False, "schema": _STRING},
+    {"name": "before", "in": "query", "required": False, "schema": _STRING},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+    {"name": "order", "in": "query", "required": False,
+     "schema": {"enum": ["asc", "desc"], "default": "desc"}},
+]  # fmt: skip
+
+
+def _stored(summary: str, schema: str, *, body: str | None = None, page: bool = False) -> Schema:
+    """Return one operation on stored objects: the caller's own, else a 404."""
+    operation: Schema = {
+        "summary": summary,
+        "tags": ["Stored"],
+        "responses": {
+            "200": {"description": "OK", "content": {JSON: {"schema": _ref(schema)}}},
+            **_errors("OpenAIError", "400", "401"),
+            "404": {
+                "description": "No such object of the caller's (another client's too)",
+                "content": {JSON: {"schema": _ref("OpenAIError")}},
+            },
+            "503": {
+                "description": "The state store did not answer",
+                "content": {JSON: {"schema": _ref("OpenAIError")}},
+            },
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = _json_body(body)
+    if page:
+        operation["parameters"] = _PAGE
+    return operation
+
+
+def _stored_paths() -> dict[str, Schema]:
+    """The routes of stored responses and of the Conversations API."""
+    response, conversation = _path_parameter("response_id"), _path_parameter("conversation_id")
+    item = _path_parameter("item_id")
+    return {
+        "/v1/responses/input_tokens": {
+            "post": _stored(
+                "The input's estimated tokens (characters / 4), chain included",
+                "InputTokens",
+                body="ResponseRequest",
+            ),
+        },
+        "/v1/responses/{response_id}": {
+            "parameters": [response],
+            "get": _stored("A stored response", "Response"),
+            "delete": _stored("Delete a stored response", "ResponseDeleted"),
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": [response],
+            "get": _stored("A stored response's input items", "ItemList", page=True),
+        },
+        "/v1/conversations": {
+            "post": _stored("A new conversation", "Conversation", body="ConversationRequest"),
+        },
+        "/v1/conversations/{conversation_id}": {
+            "parameters": [conversation],
+            "get": _stored("A conversation", "Conversation"),
+            "post": _stored("Replace its metadata", "Conversation", body="ConversationRequest"),
+            "delete": _stored("Delete a conversation", "ConversationDeleted"),
+        },
+        "/v1/conversations/{conversation_id}/items": {
+            "parameters": [conversation],
+            "post": _stored("Add items", "ItemList", body="ItemsToAdd"),
+            "get": _stored("A conversation's items", "ItemList", page=True),
+        },
+        "/v1/conversations/{conversation_id}/items/{item_id}": {
+            "parameters": [conversation, item],
+            "get": _stored("One item", "Item"),
+            "delete": _stored("Remove an item; answers the conversation", "Conversation"),
+        },
     }
 
 
@@ -367,6 +506,7 @@ def _document() -> dict[str, Any]:
         "tags": [
             {"name": "OpenAI"},
             {"name": "Anthropic"},
+            {"name": "Stored"},
             {"name": "Models"},
             {"name": "Operations"},
         ],
@@ -394,6 +534,7 @@ def _document() -> dict[str, Any]:
                     "each with sequence_number",
                 ),
             ),
+            **_stored_paths(),
             "/v1/messages": messages,
             "/v1/messages/count_tokens": count_tokens,
             "/v1/models": _get("The configured models", "Models", "ModelList"),

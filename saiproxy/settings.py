@@ -389,6 +389,29 @@ class Settings:
     limits_global_tpm: int = _limit("LIMITS_GLOBAL_TPM")
     limits_global_concurrency: int = _limit("LIMITS_GLOBAL_CONCURRENCY")
     limits_global_budget: int = _limit("LIMITS_GLOBAL_BUDGET")
+    # [state] (docs/protocols.md, "Stored responses and conversations"): where stored
+    # Responses, their items and conversations live, for how long, and how much.
+    state_url: Secret | None = field(
+        default=None, metadata=_opt("STATE_URL", "state", _store_url, secret=True, key="url")
+    )
+    state_timeout: float = field(
+        default=1.0, metadata=_opt("STATE_TIMEOUT", "state", _positive_float, key="timeout")
+    )
+    state_prefix: str = field(
+        default="saiproxy:state:", metadata=_opt("STATE_PREFIX", "state", _str, key="prefix")
+    )
+    responses_ttl: float = field(
+        default=7 * 86_400.0,
+        metadata=_opt("RESPONSES_TTL", "state", _positive_float, key="responses_ttl"),
+    )
+    state_client_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_opt("STATE_CLIENT_BYTES", "state", _non_negative_int, key="client_bytes"),
+    )
+    state_max_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_opt("STATE_MAX_BYTES", "state", _positive_int, key="max_bytes"),
+    )
 
     def model_for(self, name: str | None) -> ModelConfig | None:
         """Return the model serving ``name``: unknown names map to the default unless strict."""
@@ -402,7 +425,7 @@ class Settings:
     def secrets(self) -> tuple[Secret, ...]:
         """Return every configured secret, for log masking."""
         values = [
-            self.sai_key, self.sai_cookie, self.limits_url, *self.proxy_api_keys,
+            self.sai_key, self.sai_cookie, self.limits_url, self.state_url, *self.proxy_api_keys,
             *self.admin_api_keys,
         ]  # fmt: skip
         if self.sai_url.password:

@@ -34,7 +34,7 @@ from saiproxy.core.prompt import sai_payload
 from saiproxy.demo import DEMO_COOKIE, DEMO_KEY
 from saiproxy.settings import load_settings
 
-from .conftest import ROOT, MakeProxy, log_lines
+from .conftest import ROOT, MakeProxy, log_lines, settings_of
 
 PAGES = ("README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")))
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -81,6 +81,8 @@ RUN_HERE: dict[tuple[str, str], str] = {
     ("docs/configuration.md", "[models.sai-opus]"): "test_the_models_table",
     ("docs/configuration.md", "unknown key 'prot'"): "test_the_unknown_key_line",
     ("docs/configuration.md", "[limits]\nurl ="): "test_the_limits_table",
+    ("docs/configuration.md", "[state]\n# url"): "test_the_state_table",
+    ("README.md", "previous_response_id=first.id"): "test_the_state_table",
     ("README.md", "LIMITS_CLIENT_RPM=60"): "test_the_limits_table",
     ("docs/demo.md", '"content": "Hello!"'): "test_the_demo_page",
     ("docs/demo.md", "# 429 with no fallback left"): "test_the_demo_page",
@@ -335,6 +337,19 @@ async def test_the_codex_config(make_demo_proxy: MakeProxy) -> None:
     )
     assert response.status == 200
     assert (await response.json())["status"] == "completed"
+
+
+async def test_the_state_table(make_demo_proxy: MakeProxy, tmp_path: Path) -> None:
+    # docs/configuration.md's [state] table, as written (in the process: no URL), and the
+    # README's two turns with previous_response_id: the second sends SAI the whole chain.
+    config = tmp_path / "state.toml"
+    config.write_text(block("docs/configuration.md", "[state]\n# url").code)
+    proxy = await make_demo_proxy(SAIPROXY_CONFIG=str(config))
+    settings = settings_of(proxy)
+    assert settings.responses_ttl == 604800 and settings.state_client_bytes == 64 * 1024 * 1024
+    code = block("README.md", "previous_response_id=first.id").code
+    printed = await run_python(code, proxy, f"http://{DOCUMENTED}")
+    assert "'What is my name?' (3 message(s) in the history" in printed, printed
 
 
 async def test_the_anthropic_client(make_demo_proxy: MakeProxy) -> None:

@@ -138,8 +138,6 @@ async def test_items_of_every_kind_reach_sai(make_proxy: MakeProxy, sai: FakeSai
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"conversation": "conv_1"}, "conversation"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input[0].content"),
         ({"input": []}, "input"),

@@ -224,6 +224,11 @@ class Stream:
             if answer.calls:
                 await write(renderer.calls(answer.calls))
         self.answer = answer
+        # A renderer that stores its answer (stored Responses) does so before the last
+        # frames go out, so a client that has read them finds it stored on any replica.
+        keep = getattr(renderer, "keep", None)
+        if keep is not None and (closing := await keep(answer)):
+            await write(closing)
         await write(renderer.finish(answer))
         return Ending.answered(answer)
 

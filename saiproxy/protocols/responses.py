@@ -1,10 +1,12 @@
 """OpenAI Responses: ``POST /v1/responses``, streamed or not, with function and custom tools.
 
 What Codex CLI, the OpenAI Agents SDK and the SDKs' ``client.responses`` speak.
-saiproxy stores nothing, so whatever needs a stored response is refused with
-a 400 that names it; hosted tools are left out of the prompt (logged), tools
-offered inside a namespace become tools of their own, and an
-``item_reference`` to an item not in the request is skipped. The stream opens at once
+What is stored and continued (``store``, ``previous_response_id``,
+``conversation``, ``item_reference`` to a stored item) is :mod:`.stored`'s;
+stored prompts and ``background`` are refused with a 400 that names them;
+hosted tools are left out of the prompt (logged), tools offered inside a
+namespace become tools of their own, and an ``item_reference`` found neither
+in the request nor in the store is skipped. The stream opens at once
 (``response.created``, ``response.in_progress``) and then follows SAI: each
 output item gets its own increasing ``output_index``; the answer ends with
 ``response.completed`` carrying the whole Response, or ``response.failed``
@@ -37,15 +39,15 @@ from ..core.conversation import (
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
+from ..state.store import new_id
 from . import openai
+from .stored import Continuation, continuation
 
 log = logging.getLogger("saiproxy.protocols")
+BACKGROUND: Final = "'background' is not supported yet: send the request without it"
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 # Present and not null, these need state saiproxy does not keep.
 STATEFUL_FIELDS: Final = {
-    "previous_response_id": "saiproxy stores no responses: send the whole conversation "
-    "in 'input' instead of 'previous_response_id'",
-    "conversation": "saiproxy stores no conversations: send the whole conversation in 'input'",
     "prompt": "stored prompt templates are not supported: send 'instructions' and 'input'",
 }
 # Settings echoed in the Response object as the client sent them (or these defaults).
@@ -64,19 +66,31 @@ ECHOED: Final[dict[str, Any]] = {
 # The top-level fields saiproxy reads, or echoes in the Response.
 USED_FIELDS: Final = frozenset(
     {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
-     "stream", "metadata", "store", "reasoning", "background", *STATEFUL_FIELDS, *ECHOED}
+     "stream", "metadata", "store", "reasoning", "background", "previous_response_id",
+     "conversation", *STATEFUL_FIELDS, *ECHOED}
 )  # fmt: skip
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """Answer an OpenAI Responses call from a SAI template execution."""
     body = await read_json(request)
-    conversation, echo = parse(body)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    if body.get("background") is True:
+        raise InvalidRequest(BACKGROUND, param="background")
+    found = await continuation(request, body)
+    conversation, echo = parse({**body, "input": found.input} if found.state else body)
+    echo["previous_response_id"] = found.previous
+    echo["conversation"] = {"id": found.conversation} if found.conversation else None
     openai.fields_ignored(body, USED_FIELDS, request.headers.get("OpenAI-Beta"))
     exchange = Exchange(request, body, conversation, protocol="responses")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
-    renderer = ResponsesRenderer(exchange.ids, exchange.created, echo)
-    return await exchange.respond(renderer)
+    kept = found if found.keeps else None
+    renderer = ResponsesRenderer(exchange.ids, exchange.created, echo, kept)
+    response = await exchange.respond(renderer)
+    if renderer.completed is not None:  # not streamed: kept before the answer goes out
+        await found.keep(renderer.completed)
+    return response
 
 
 # --- the request
@@ -215,10 +229,7 @@ def parse(body: Any) -> tuple[Conversation, dict[str, Any]]:
         if body.get(name) is not None:
             raise InvalidRequest(f"'{name}' is not supported: {why}", param=name)
     if body.get("background") is True:
-        raise InvalidRequest(
-            "'background' is not supported: saiproxy stores no responses to poll later",
-            param="background",
-        )
+        raise InvalidRequest(BACKGROUND, param="background")
     raw_input = body.get("input")
     if raw_input is None or raw_input == [] or raw_input == "":
         raise InvalidRequest("'input' is required: a string or an array of items", param="input")
@@ -348,9 +359,15 @@ class ResponsesRenderer:
     # Codex and the SDK helpers expect response.created at once, whatever SAI does.
     eager = True
 
-    def __init__(self, ids: str, created: int, echo: dict[str, Any]) -> None:
-        self._id = f"resp_{ids}"
-        self._message_id = f"msg_{ids}"
+    def __init__(
+        self, ids: str, created: int, echo: dict[str, Any], kept: Continuation | None = None
+    ) -> None:
+        # A stored response's ids are unguessable; others carry the request ID, for the logs.
+        self._id = new_id("resp") if kept else f"resp_{ids}"
+        self._message_id = new_id("msg") if kept else f"msg_{ids}"
+        self._kept = kept
+        self.completed: dict[str, Any] | None = None  # the Response to keep, not streamed
+        self._final: dict[str, Any] | None = None  # the streamed Response, once kept
         self._created = created
         self._echo = echo
         self._model = ""
@@ -391,10 +408,13 @@ class ResponsesRenderer:
         if answer.text or not answer.calls:
             output.append(_message(self._message_id, answer.text, "completed"))
         output += [_call_item(call, done=True) for call in answer.calls]
-        return self._response(
+        response = self._response(
             "completed", answer.model, output,
             completed_at=int(time.time()), usage=usage(answer.usage),
         )  # fmt: skip
+        if self._kept is not None and answer.outcome == "ok":  # SAI answered: kept
+            self.completed = response
+        return response
 
     # --- the stream
 
@@ -515,19 +535,40 @@ class ResponsesRenderer:
             )
         return b"".join(frames)
 
-    def finish(self, answer: Answer) -> bytes:
+    async def keep(self, answer: Answer) -> bytes:
+        """Keep the finished answer before its last frames go out; return the frames it closed.
+
+        The relay awaits this just before :meth:`finish`: a client that reads
+        ``response.completed`` finds the response stored, on any replica.
+        """
+        if self._kept is None or answer.outcome != "ok":
+            return b""
+        frames = self._close_items()
+        self._final = self._completed(answer)
+        # The message item is a serialised fragment: one round trip makes it a dict again.
+        await self._kept.keep(orjson.loads(orjson.dumps(self._final)))
+        return frames
+
+    def _close_items(self) -> bytes:
         frames = b""
         if self._pieces is None and not self._output:
             frames = self._open_message()  # an empty answer is still one (empty) message
-        frames += self._close_message()
-        # A message-mode explanation ends as response.completed too, "length" included:
-        # Codex treats any other ending (response.incomplete) as a broken stream and
-        # retries it, so the user would never read the explanation.
-        response = self._response(
+        return frames + self._close_message()
+
+    def _completed(self, answer: Answer) -> dict[str, Any]:
+        return self._response(
             "completed", answer.model or self._model, self._output,
             completed_at=int(time.time()), usage=usage(answer.usage),
         )  # fmt: skip
-        return frames + self._event("response.completed", {"response": response})
+
+    def finish(self, answer: Answer) -> bytes:
+        # A message-mode explanation ends as response.completed too, "length" included:
+        # Codex treats any other ending (response.incomplete) as a broken stream and
+        # retries it, so the user would never read the explanation.
+        if self._final is not None:
+            return self._event("response.completed", {"response": self._final})
+        frames = self._close_items()
+        return frames + self._event("response.completed", {"response": self._completed(answer)})
 
     def failure(self, error: UpstreamError) -> bytes:
         frames = self._close_message("incomplete")

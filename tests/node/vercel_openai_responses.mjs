@@ -23,7 +23,7 @@ const request = {
   },
   stopWhen: stepCountIs(4),
   maxRetries: 0,
-  // store: false is what docs/clients.md tells: saiproxy keeps no items to refer to.
+  // store: true (the default) refers to items saiproxy kept; store: false sends them whole.
   providerOptions: store === "nostore" ? { openai: { store: false } } : {},
 };
 

@@ -1,0 +1,374 @@
+"""Where stored Responses state lives: in this process, or in Valkey/Redis for every replica.
+
+Both backends keep the same things the same way: values under keys, lists of
+ids (a conversation's items), every key with the same time to live
+(``RESPONSES_TTL``, renewed by each write), and each client's bytes, so that
+a write past the client's quota is refused before anything is written.
+
+In the process the bytes are counted exactly (an entry's bytes come back when
+it expires or is deleted) and the whole is bounded (``STATE_MAX_BYTES``, the
+values and what Python spends per entry: the oldest entries go first).
+
+In Valkey a client's bytes are counted in buckets of a thirtieth of the TTL,
+each kept a little longer than the TTL: the sum of the buckets still alive is
+what the client wrote within the TTL, at most one bucket's worth more than
+what is still stored (a rewrite counts again; a deletion gives its bytes back
+to the bucket they were counted in). A replica checks the quota against the
+bytes its last write or read reported when they are under a second old
+(``USED_FRESH``): several replicas together may overshoot it by what they
+store within that second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
+
+import orjson
+from redis.exceptions import NoScriptError, RedisError
+
+from ..errors import StateUnavailable
+from ..limits.store import Store
+
+BUCKETS: Final = 30  # a client's bytes are counted in this many buckets per TTL
+ENTRY_OVERHEAD: Final = 64  # bytes counted per key besides its name and value
+# What an entry costs the process besides what is counted against its owner: the key's
+# and the value's object headers, the entry's tuple, its expiry, the dict's slot.
+LOCAL_OVERHEAD: Final = 320
+
+
+class Backend(Protocol):
+    """The operations the state needs; keys are built by the caller (saiproxy/state/store.py)."""
+
+    async def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Return each key's value, None for a key that is absent or expired."""
+
+    def receipt(self) -> int:
+        """Return what a write made now is counted under (:meth:`delete` gives bytes back to it)."""
+
+    async def put(
+        self, owner: str, entries: Sequence[tuple[str, bytes]], *, quota: int, receipt: int
+    ) -> int | None:
+        """Write ``entries`` for ``owner``; return their bytes, or None (nothing written) if
+        that would take ``owner`` past ``quota``. ``quota`` 0: written whatever it holds."""
+
+    async def used(self, owner: str) -> int:
+        """Return the bytes ``owner`` holds."""
+
+    async def delete(self, owner: str, keys: Sequence[str], receipt: int, size: int) -> int:
+        """Delete ``keys`` (written with ``receipt``, ``size`` bytes); return how many existed."""
+
+    async def chain(
+        self, record_key: str, item_prefix: str, more: Sequence[str]
+    ) -> tuple[bytes | None, list[str], list[bytes | None]]:
+        """Return a response's record, then the ids and values of the items of its ``chain``
+        (then of ``more``): at once, one round trip in Valkey."""
+
+    async def append(self, owner: str, key: str, values: Sequence[str]) -> None:
+        """Add ``values`` at the end of the list ``key`` (and renew its time to live)."""
+
+    async def members(self, key: str) -> list[str]:
+        """Return the list ``key`` (empty when absent)."""
+
+    async def remove(self, key: str, value: str) -> None:
+        """Take ``value`` out of the list ``key``."""
+
+    async def close(self) -> None:
+        """Let go of connections."""
+
+
+def _size(key: str, value: bytes | list[str]) -> int:
+    if isinstance(value, bytes):
+        return len(key) + len(value) + ENTRY_OVERHEAD
+    return len(key) + sum(len(v) + 16 for v in value) + ENTRY_OVERHEAD
+
+
+class LocalBackend:
+    """The state in this process: bounded in time (the TTL) and in bytes (``max_bytes``).
+
+    Every key has the same time to live from its last write, so the entries'
+    order of writing is their order of expiry: the oldest is always first, and
+    expiry and the total bound both take from the front.
+    """
+
+    def __init__(self, ttl: float, max_bytes: int, clock: Any = time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self._clock = clock
+        # key -> (expiry, value, size, owner)
+        self._entries: OrderedDict[str, tuple[float, bytes | list[str], int, str]] = OrderedDict()
+        self._used: dict[str, int] = {}
+        self.total = 0
+        self.evicted = 0  # entries dropped for the total bound, not their age
+
+    def _drop(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        _, _, size, owner = entry
+        self.total -= size + LOCAL_OVERHEAD
+        left = self._used.get(owner, 0) - size
+        if left > 0:
+            self._used[owner] = left
+        else:
+            self._used.pop(owner, None)
+        return True
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        entries = self._entries
+        while entries:
+            key, (expiry, *_rest) = next(iter(entries.items()))
+            if expiry > now and self.total <= self.max_bytes:
+                break
+            if expiry > now:
+                self.evicted += 1
+            self._drop(key)
+
+    def _set(self, owner: str, key: str, value: bytes | list[str]) -> int:
+        self._drop(key)
+        size = _size(key, value)
+        if isinstance(value, bytes):
+            # orjson's result keeps a buffer of 4 KB or more whatever its length: what is
+            # kept is an exact-size copy, so that the bytes counted are the bytes held.
+            value = bytes(memoryview(value))
+        self._entries[key] = (self._clock() + self.ttl, value, size, owner)
+        self.total += size + LOCAL_OVERHEAD
+        self._used[owner] = self._used.get(owner, 0) + size
+        return size
+
+    def _live(self, key: str) -> bytes | list[str] | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            self._drop(key)
+            return None
+        return entry[1]
+
+    async def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        found: list[bytes | None] = []
+        for key in keys:
+            value = self._live(key)
+            found.append(value if isinstance(value, bytes) else None)
+        return found
+
+    def receipt(self) -> int:
+        return 0  # the bytes are counted per key here
+
+    async def put(
+        self, owner: str, entries: Sequence[tuple[str, bytes]], *, quota: int, receipt: int
+    ) -> int | None:
+        self._sweep()
+        size = sum(_size(key, value) for key, value in entries)
+        if quota and self._used.get(owner, 0) + size > quota:
+            return None
+        for key, value in entries:
+            self._set(owner, key, value)
+        self._sweep()  # the total bound
+        return size
+
+    async def used(self, owner: str) -> int:
+        self._sweep()
+        return self._used.get(owner, 0)
+
+    async def delete(self, owner: str, keys: Sequence[str], receipt: int, size: int) -> int:
+        return sum(self._drop(key) for key in keys)
+
+    async def chain(
+        self, record_key: str, item_prefix: str, more: Sequence[str]
+    ) -> tuple[bytes | None, list[str], list[bytes | None]]:
+        (record,) = await self.get([record_key])
+        ids = [*(orjson.loads(record)["chain"] if record is not None else ()), *more]
+        return record, ids, await self.get([item_prefix + i for i in ids])
+
+    async def append(self, owner: str, key: str, values: Sequence[str]) -> None:
+        current = self._live(key)
+        listed = [*current, *values] if isinstance(current, list) else list(values)
+        self._set(owner, key, listed)
+        self._sweep()
+
+    async def members(self, key: str) -> list[str]:
+        value = self._live(key)
+        return list(value) if isinstance(value, list) else []
+
+    async def remove(self, key: str, value: str) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and isinstance(entry[1], list):
+            self._set(entry[3], key, [v for v in entry[1] if v != value])
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._used.clear()
+        self.total = 0
+
+
+# ARGV: the client's bucket key prefix, the bucket, buckets per TTL, bucket ms, TTL ms,
+# quota (0: none), then key, value pairs. Returns {written 1|0, bytes, the client's bytes}.
+_PUT: Final = """
+local ub, b, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local width, ttl, quota = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local size = 0
+for i = 7, #ARGV, 2 do size = size + #ARGV[i] + #ARGV[i + 1] + __OVERHEAD__ end
+local used = 0
+for i = b - n, b do used = used + tonumber(redis.call('GET', ub .. i) or '0') end
+if quota > 0 and used + size > quota then return {0, size, used} end
+for i = 7, #ARGV, 2 do redis.call('SET', ARGV[i], ARGV[i + 1], 'PX', ttl) end
+local k = ub .. b
+redis.call('INCRBY', k, size)
+redis.call('PEXPIRE', k, (n + 2) * width)
+return {1, size, used + size}
+""".replace("__OVERHEAD__", str(ENTRY_OVERHEAD))
+# ARGV: the bucket's key, the bytes to give back, then the keys. Returns how many existed.
+_DELETE: Final = """
+local gone = redis.call('DEL', unpack(ARGV, 3))
+if gone > 0 and redis.call('EXISTS', ARGV[1]) == 1 then
+  redis.call('DECRBY', ARGV[1], tonumber(ARGV[2]))
+end
+return gone
+"""
+# ARGV: a response's record key, its items' key prefix, then more item ids. Returns the
+# record (nil when absent), the ids of its chain then the others, and their values.
+_CHAIN: Final = """
+local record = redis.call('GET', ARGV[1])
+local ids = {}
+if record then ids = cjson.decode(record)['chain'] end
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+local values = {}
+for start = 1, #ids, 1000 do
+  local keys = {}
+  for i = start, math.min(start + 999, #ids) do keys[#keys + 1] = ARGV[2] .. ids[i] end
+  local part = redis.call('MGET', unpack(keys))
+  for _, value in ipairs(part) do values[#values + 1] = value end
+end
+return {record, ids, values}
+"""
+_SHAS: Final = {
+    script: hashlib.sha1(script.encode()).hexdigest() for script in (_PUT, _DELETE, _CHAIN)
+}
+# Seconds a replica checks a client's quota against the bytes its last write or read
+# reported, rather than reading them again before each request (a round trip saved).
+USED_FRESH: Final = 1.0
+
+
+class SharedBackend:
+    """The state in Valkey or Redis: every replica reads what any other wrote, at once.
+
+    Each write is sent as soon as it is made (the auto-pipelined client puts
+    the writes of one turn of the event loop in one packet) and awaited: a
+    Response is answered only once it is stored.
+    """
+
+    def __init__(self, store: Store, prefix: str, ttl: float, timeout: float) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.ttl_ms = max(1, int(ttl * 1000))
+        self.width_ms = max(1, self.ttl_ms // BUCKETS)
+        self.timeout = timeout
+        self._used: dict[str, tuple[float, int]] = {}  # owner -> (when, bytes), USED_FRESH
+
+    async def _call(self, *command: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.store.execute(*command)
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StateUnavailable(
+                f"the state store did not answer ({type(exc).__name__}); try again"
+            ) from None
+
+    async def _run(self, script: str, args: Sequence[Any]) -> Any:
+        try:
+            return await self._call("EVALSHA", _SHAS[script], 0, *args)
+        except StateUnavailable as exc:
+            if not isinstance(exc.__context__, NoScriptError):
+                raise
+        return await self._call("EVAL", script, 0, *args)
+
+    def _buckets(self, owner: str) -> str:
+        return f"{self.prefix}u:{len(owner)}:{owner}:"
+
+    async def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        found: list[bytes | None] = await self._call("MGET", *keys)
+        return found
+
+    def receipt(self) -> int:
+        return int(time.time() * 1000) // self.width_ms  # the bucket of now
+
+    async def put(
+        self, owner: str, entries: Sequence[tuple[str, bytes]], *, quota: int, receipt: int
+    ) -> int | None:
+        args: list[Any] = [self._buckets(owner), receipt, BUCKETS, self.width_ms, self.ttl_ms]
+        args.append(quota)
+        for key, value in entries:
+            args += [key, value]
+        reply = await self._run(_PUT, args)
+        self._note(owner, int(reply[2]))
+        if int(reply[0]) != 1:
+            return None
+        return int(reply[1])
+
+    def _note(self, owner: str, used: int) -> None:
+        if len(self._used) > 100_000:  # clients seen within USED_FRESH: bounded anyway
+            self._used.clear()
+        self._used[owner] = (time.monotonic(), used)
+
+    async def used(self, owner: str) -> int:
+        known = self._used.get(owner)
+        if known is not None and time.monotonic() - known[0] < USED_FRESH:
+            return known[1]
+        used = await self._read_used(owner)
+        self._note(owner, used)
+        return used
+
+    async def _read_used(self, owner: str) -> int:
+        bucket, base = self.receipt(), self._buckets(owner)
+        keys = [f"{base}{b}" for b in range(bucket - BUCKETS, bucket + 1)]
+        counts = await self._call("MGET", *keys)
+        return sum(int(count) for count in counts if count is not None)
+
+    async def delete(self, owner: str, keys: Sequence[str], receipt: int, size: int) -> int:
+        if not keys:
+            return 0
+        self._used.pop(owner, None)  # read again: this replica gives the bytes back at once
+        return int(await self._run(_DELETE, [f"{self._buckets(owner)}{receipt}", size, *keys]))
+
+    async def chain(
+        self, record_key: str, item_prefix: str, more: Sequence[str]
+    ) -> tuple[bytes | None, list[str], list[bytes | None]]:
+        record, ids, values = await self._run(_CHAIN, [record_key, item_prefix, *more])
+        return record, [i.decode() for i in ids], values
+
+    async def append(self, owner: str, key: str, values: Sequence[str]) -> None:
+        if not values:
+            return
+        size = sum(len(v) + 16 for v in values)
+        bucket = f"{self._buckets(owner)}{self.receipt()}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self.store.execute_many(
+                    [("RPUSH", key, *values), ("PEXPIRE", key, self.ttl_ms),
+                     ("INCRBY", bucket, size), ("PEXPIRE", bucket, (BUCKETS + 2) * self.width_ms)]
+                )  # fmt: skip
+        except (TimeoutError, RedisError, OSError) as exc:
+            raise StateUnavailable(
+                f"the state store did not answer ({type(exc).__name__}); try again"
+            ) from None
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise StateUnavailable("the state store refused a write; try again")
+
+    async def members(self, key: str) -> list[str]:
+        listed = await self._call("LRANGE", key, 0, -1)
+        return [value.decode() for value in listed]
+
+    async def remove(self, key: str, value: str) -> None:
+        await self._call("LREM", key, 0, value)
+
+    async def close(self) -> None:
+        await self.store.aclose()
