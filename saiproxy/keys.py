@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .core.schemacheck import SchemaChecker
     from .core.sse import KeepAlive
     from .limits.limits import Limits
+    from .tracing.hooks import Tracing
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ KEEP_ALIVE: web.AppKey[KeepAlive] = web.AppKey("keep_alive")
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS: web.AppKey[Limits] = web.AppKey("limits")  # absent when no limit is configured
 SCHEMA_CHECKER: web.AppKey[SchemaChecker] = web.AppKey("schema_checker")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # absent when tracing is off
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
 ERROR_SHAPES: web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]] = web.AppKey(
     "error_shapes"
