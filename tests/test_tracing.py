@@ -320,7 +320,7 @@ async def test_a_failed_request_carries_error_type(traced: Traced, sai: FakeSai)
     spans = await spans_of(proxy, memory)
     [server] = by_kind(spans, SpanKind.SERVER)
     a = attrs(server)
-    assert a["error.type"] == "upstream_auth_rejected" or a["error.type"]
+    assert a["error.type"] == "invalid_api_key"
     assert a["http.response.status_code"] == response.status
     assert server.status.status_code is StatusCode.ERROR
     assert a["gen_ai.request.max_tokens"] == 20
