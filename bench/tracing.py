@@ -178,10 +178,10 @@ async def cost(smoke: bool, base: str) -> int:
     for load_name in LOADS:
         base_cpu = _median(measured[("before", load_name)], "cpu_us")
         for name in ("before", "off", "on 1.0"):
-            rows = measured[(name, load_name)]
-            row = sorted(rows, key=lambda r: r["rps"])[len(rows) // 2]
-            cpu = _median(rows, "cpu_us")
-            failed += sum(r["errors"] for r in rows)
+            runs = measured[(name, load_name)]
+            row = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+            cpu = _median(runs, "cpu_us")
+            failed += sum(r["errors"] for r in runs)
             change = f"{(cpu / base_cpu - 1) * 100:+.1f} %" if name != "before" else ""
             print(
                 f"{name:<8} {load_name:<16} {row['rps']:>8.0f} {row['p50_ms']:>8.2f} "
@@ -194,7 +194,7 @@ async def cost(smoke: bool, base: str) -> int:
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(row[key] for row in rows)
+    return float(statistics.median(row[key] for row in rows))
 
 
 async def dead_collector(requests: int) -> int:
