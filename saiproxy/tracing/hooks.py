@@ -72,11 +72,12 @@ class Tracing:
         try:
             yield
         finally:
-            # In the drain: the spans of the requests that just finished go out,
-            # within the export timeout (the shutdown budget is spent by then).
-            pipeline, self.pipeline = self.pipeline, None
+            # After the drain: the spans of the requests that just finished go
+            # out, within sdk.FLUSH_TIMEOUT; what is left then counts as dropped.
+            pipeline = self.pipeline
             await _in_thread(pipeline.shutdown)
             self._dropped_before = pipeline.processor.dropped.count
+            self.pipeline = None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Export every span ended so far (blocking); False when it took longer than ``timeout``."""
