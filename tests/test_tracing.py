@@ -340,7 +340,8 @@ async def test_legacy_completions_is_a_text_completion(traced: Traced, sai: Fake
 async def test_structured_output_check_and_repair_are_children(
     traced: Traced, sai: FakeSai
 ) -> None:
-    proxy, memory = await traced()
+    # The check runs in a child process: a slow machine must not time it out.
+    proxy, memory = await traced(SCHEMA_CHECK_TIMEOUT="60")
     sai.script(Reply(body="not json"), Reply(body='{"a": 1}'))
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     response = await proxy.post(

@@ -91,7 +91,11 @@ class BoundedBatchProcessor(SpanProcessor):
         self._max_batch = max_batch
         self._delay = delay
         self._wake = threading.Event()
-        self._flushed = threading.Event()
+        # Spans queued and spans handled (sent or dropped) so far: a flush waits
+        # until every span queued before it is handled.
+        self._queued = 0
+        self._handled = 0
+        self._progress = threading.Condition()
         self._stopping = False
         self.dropped = Dropped()
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -106,6 +110,7 @@ class BoundedBatchProcessor(SpanProcessor):
             self.dropped.add(1, "the export queue is full: the collector is slow or unreachable")
             return
         self._queue.append(span)
+        self._queued += 1  # only the loop's thread ends spans: no lock needed
         if len(self._queue) >= self._max_batch:
             self._wake.set()
 
@@ -114,7 +119,6 @@ class BoundedBatchProcessor(SpanProcessor):
             self._wake.wait(self._delay)
             self._wake.clear()
             self._export_all()
-            self._flushed.set()
             if self._stopping:
                 return
 
@@ -129,11 +133,15 @@ class BoundedBatchProcessor(SpanProcessor):
                 result = SpanExportResult.FAILURE
             if result is not SpanExportResult.SUCCESS:
                 self.dropped.add(len(batch), "the collector did not take them")
+            with self._progress:
+                self._handled += len(batch)
+                self._progress.notify_all()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self._flushed.clear()
+        target = self._queued
         self._wake.set()
-        return self._flushed.wait(timeout_millis / 1000)
+        with self._progress:
+            return self._progress.wait_for(lambda: self._handled >= target, timeout_millis / 1000)
 
     def shutdown(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Export what is queued within ``timeout`` seconds; count what is left as dropped."""
