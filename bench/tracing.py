@@ -164,8 +164,10 @@ async def cost(smoke: bool, base: str, only: tuple[str, ...], rounds: int) -> in
             with checkout(base, workdir / "before") as before:
                 configs = {"before": (before, {}), "off": (ROOT, {}), "on 1.0": (ROOT, on)}
                 configs = {name: configs[name] for name in ("before", *only)}
-                for _ in range(rounds):
-                    for name, (code, extra) in configs.items():
+                for round_ in range(rounds):
+                    # Every other round in the reverse order: no config always goes first.
+                    order = list(configs.items())
+                    for name, (code, extra) in order[:: -1 if round_ % 2 else 1]:
                         rows = await _run(workdir, sai_port, code, extra, seconds)
                         for load_name, row in rows.items():
                             measured.setdefault((name, load_name), []).append(row)
