@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,7 +163,12 @@ async def cost(smoke: bool, base: str, only: tuple[str, ...], rounds: int) -> in
         measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
         try:
             with checkout(base, workdir / "before") as before:
-                configs = {"before": (before, {}), "off": (ROOT, {}), "on 1.0": (ROOT, on)}
+                # This code runs from a copy beside the other: where a tree lies
+                # moved the throughput by 20 % here (a run of the same code both ways).
+                current = workdir / "current"
+                for part in ("saiproxy", "config"):
+                    shutil.copytree(ROOT / part, current / part)
+                configs = {"before": (before, {}), "off": (current, {}), "on 1.0": (current, on)}
                 configs = {name: configs[name] for name in ("before", *only)}
                 for round_ in range(rounds):
                     # Every other round in the reverse order: no config always goes first.
