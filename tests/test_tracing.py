@@ -514,3 +514,62 @@ async def test_the_openai_sdk_span_is_the_parent_of_saiproxys(traced: Traced, sa
     trace_hex = f"{ctx.trace_id:032x}"
     assert sai.received[0].headers["traceparent"].split("-")[1] == trace_hex
     assert otel_trace.get_current_span().get_span_context().is_valid is False
+
+
+# --- each worker its own provider, flushed in the drain
+
+
+async def test_each_worker_sends_its_spans_and_flushes_them_at_shutdown(tmp_path: Path) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from .test_cli import Proxy, http
+
+    received: list[tuple[int, str]] = []  # (the resource's process.pid, span name)
+
+    async def traces(request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in export.resource_spans:
+            resource = {a.key: a.value for a in resource_spans.resource.attributes}
+            pid = resource["process.pid"].int_value
+            for scope in resource_spans.scope_spans:
+                received.extend((pid, span.name) for span in scope.spans)
+        return web.Response(content_type="application/x-protobuf")
+
+    sink = web.Application()
+    sink.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(sink, access_log=None)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    proxy = Proxy(
+        tmp_path, "--demo", WORKERS="2",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_BSP_SCHEDULE_DELAY="600000",  # nothing goes out before the drain
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(proxy.wait_ready)
+        workers: set[int] = set()
+        # A new connection each (the demo answers slowly, so all at once): the
+        # kernel spreads them across the workers.
+        answers = await asyncio.gather(*(
+            asyncio.to_thread(
+                http, "POST", f"{proxy.url}/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "hi"}]},
+            )
+            for _ in range(20)
+        ))  # fmt: skip
+        assert [status for status, _, _ in answers] == [200] * 20
+        for _ in range(40):
+            _, _, body = await asyncio.to_thread(http, "GET", f"{proxy.url}/health")
+            workers.add(json.loads(body)["pid"])
+        assert received == []
+        assert await asyncio.to_thread(proxy.stop) == 0
+        chats = [(pid, name) for pid, name in received if name.startswith("chat ")]
+        assert len(chats) == 20
+        assert {pid for pid, _ in chats} <= workers
+        assert len({pid for pid, _ in chats}) == 2
+    finally:
+        proxy.stop()
+        await runner.cleanup()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
@@ -193,6 +194,8 @@ class Pipeline:
                 **config.resource_attributes,
                 "service.name": config.service_name,
                 "service.version": __version__,
+                # Each worker is a process with its own provider: its spans say which.
+                "process.pid": os.getpid(),
             }
         )
         self.processor = BoundedBatchProcessor(
