@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry import trace as otel_trace
-from opentelemetry.propagate import inject
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -488,30 +487,30 @@ async def test_an_unreachable_collector_costs_requests_nothing(
 
 
 async def test_the_openai_sdk_span_is_the_parent_of_saiproxys(traced: Traced, sai: FakeSai) -> None:
+    """A client that instruments its own SDK (its httpx client) sees saiproxy under its spans."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
     proxy, memory = await traced()
     client_spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(client_spans))
     tracer = provider.get_tracer("client-app")
-
-    async def send_context(request: httpx.Request) -> None:
-        carrier: dict[str, str] = {}
-        inject(carrier)  # the client's instrumentation: its current span goes along
-        request.headers.update(carrier)
-
-    http = httpx.AsyncClient(event_hooks={"request": [send_context]})
+    http = httpx.AsyncClient()
+    HTTPXClientInstrumentor.instrument_client(http, tracer_provider=provider)
     sdk = openai.AsyncOpenAI(base_url=openai_url(proxy), api_key="unused", http_client=http)
-    with tracer.start_as_current_span("ask the model", kind=SpanKind.CLIENT) as mine:
+    with tracer.start_as_current_span("ask the model") as mine:
         answer = await sdk.chat.completions.create(
             model="sai-model", messages=[{"role": "user", "content": "hi"}]
         )
     await http.aclose()
     assert answer.choices[0].message.content
     [server] = by_kind(await spans_of(proxy, memory), SpanKind.SERVER)
-    ctx = mine.get_span_context()
-    assert server.context.trace_id == ctx.trace_id
-    assert server.parent is not None and server.parent.span_id == ctx.span_id
-    trace_hex = f"{ctx.trace_id:032x}"
+    # The client's tree: its own span, then the SDK's HTTP call, then saiproxy's.
+    [call] = [s for s in client_spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert call.parent is not None and call.parent.span_id == mine.get_span_context().span_id
+    assert server.context.trace_id == call.context.trace_id
+    assert server.parent is not None and server.parent.span_id == call.context.span_id
+    trace_hex = f"{call.context.trace_id:032x}"
     assert sai.received[0].headers["traceparent"].split("-")[1] == trace_hex
     assert otel_trace.get_current_span().get_span_context().is_valid is False
 
