@@ -20,9 +20,10 @@ WORKDIR /app
 # Dependencies first, so code changes reuse the cached layer.
 COPY setup.cfg pyproject.toml README.md LICENSE ./
 COPY saiproxy/__init__.py saiproxy/__init__.py
-# The project itself, with uvloop (the "fast" extra): ranges live in setup.cfg.
+# The project itself, with uvloop (the "fast" extra) and the OpenTelemetry SDK
+# ("otel": off until an OTEL_* variable names a collector); ranges live in setup.cfg.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[fast]"
+RUN pip install --no-cache-dir ".[fast,otel]"
 COPY saiproxy ./saiproxy
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --system --uid 10001 --no-create-home --home-dir /app saiproxy \

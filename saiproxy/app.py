@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +27,7 @@ from .keys import (
     SCHEMA_CHECKER,
     SETTINGS,
     STATE,
+    TRACING,
     ServingState,
 )
 from .landing import landing
@@ -48,6 +50,7 @@ from .protocols.responses import responses
 from .sai import SaiClient, client_timeout
 from .settings import Settings
 from .state import state_ctx
+from .tracing.hooks import Tracing
 from .views import health, model, models, prometheus, readiness
 
 
@@ -101,7 +104,9 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=client_timeout(settings),
         cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
-        app[SAI] = SaiClient(session, settings, app[AUTH_CHAIN], app[METRICS])
+        app[SAI] = SaiClient(
+            session, settings, app[AUTH_CHAIN], app[METRICS], tracing=app.get(TRACING)
+        )
         yield
 
 
@@ -124,8 +129,13 @@ async def _schema_ctx(app: web.Application) -> AsyncIterator[None]:
         await checker.close()
 
 
-def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.Application:
-    """Build the saiproxy application; reads nothing but ``settings``."""
+def create_app(
+    settings: Settings, *, log_setup: LogSetup | None = None, span_exporter: Any = None
+) -> web.Application:
+    """Build the saiproxy application; reads nothing but ``settings``.
+
+    ``span_exporter`` replaces the exporter the OTEL_* variables name (tests, benchmarks).
+    """
     # Outermost first. The front middleware gives every request its ID (so every
     # log line and response carries it), renders whatever fails inside it
     # (access refused, bad body, 404, 405, SAI's outcomes in http mode) one way,
@@ -133,6 +143,16 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     # reads the body (handlers read it under BODY_READ_TIMEOUT).
     metrics = Metrics()
     middlewares: list[Middleware] = [front_middleware(metrics=metrics)]
+    tracing: Tracing | None = None
+    if settings.tracing is not None:
+        # Outside the front middleware: the server span covers the rendered error
+        # and the request ID, and every log line inside carries its trace ID.
+        tracing = Tracing(
+            settings.tracing,
+            secrets=[secret.reveal() for secret in settings.secrets()],
+            exporter=span_exporter,
+        )
+        middlewares.insert(0, tracing.middleware())
     if settings.proxy_api_keys:
         middlewares.append(
             proxy_access_middleware(
@@ -154,6 +174,12 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
     app.on_response_prepare.append(add_request_id_header)
     if log_setup is not None:
         app.cleanup_ctx.append(_logging_ctx(log_setup))
+    if tracing is not None:
+        # Each process's own provider, made when its app starts (after a fork)
+        # and flushed after the drain; before the upstream session that uses it.
+        app[TRACING] = tracing
+        app.cleanup_ctx.append(tracing.running)
+        metrics.trace_spans_dropped.set_function(tracing.dropped)
     app.cleanup_ctx.append(_upstream_ctx)
     if enabled(settings):
         app[LIMITS] = limits = Limits(settings, metrics)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .limits.identity import Identify
     from .limits.limits import Limits
     from .state.store import State
+    from .tracing.hooks import Tracing
 
 
 @dataclass(slots=True)
@@ -52,6 +53,7 @@ KEEP_ALIVE: web.AppKey[KeepAlive] = web.AppKey("keep_alive")
 METRICS = web.AppKey("metrics", Metrics)
 LIMITS: web.AppKey[Limits] = web.AppKey("limits")  # absent when no limit is configured
 SCHEMA_CHECKER: web.AppKey[SchemaChecker] = web.AppKey("schema_checker")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # absent when tracing is off
 # Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
 ERROR_SHAPES: web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]] = web.AppKey(
     "error_shapes"

@@ -13,6 +13,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.openmetrics import exposition as openmetrics
 
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -73,6 +74,12 @@ class Metrics:
             "Batches of log lines this process failed to write since it started.",
             registry=self.registry,
         )
+        self.trace_spans_dropped = Gauge(
+            "saiproxy_trace_spans_dropped",
+            "Trace spans this process dropped since it started: export queue full or "
+            "collector unreachable (0 with tracing off).",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "saiproxy_in_flight_requests",
             "Chat completions being served now.",
@@ -92,13 +99,22 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
-    def render(self) -> bytes:
-        """Return the text exposition format."""
+    def render(self, *, openmetrics_format: bool = False) -> bytes:
+        """Return the text exposition format, or OpenMetrics (with the latencies' exemplars)."""
+        if openmetrics_format:
+            body: bytes = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+            return body
         return generate_latest(self.registry)
 
 
-def metrics_response(metrics: Metrics) -> web.Response:
-    """Return the metrics as a Prometheus text response."""
-    response = web.Response(body=metrics.render())
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+def metrics_response(metrics: Metrics, accept: str = "") -> web.Response:
+    """Return the metrics as a Prometheus text response, OpenMetrics when the scrape asks.
+
+    Only OpenMetrics carries exemplars (the trace ID of a latency observation).
+    """
+    wants_openmetrics = "application/openmetrics-text" in accept
+    response = web.Response(body=metrics.render(openmetrics_format=wants_openmetrics))
+    response.headers["Content-Type"] = (
+        openmetrics.CONTENT_TYPE_LATEST if wants_openmetrics else CONTENT_TYPE_LATEST
+    )
     return response

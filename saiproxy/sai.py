@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import hdrs
@@ -36,6 +36,10 @@ from .errors import (
 from .logs import event
 from .metrics import Metrics
 from .settings import ModelConfig, Settings
+from .tracing import hooks as tracing
+
+if TYPE_CHECKING:
+    from .tracing.hooks import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,7 @@ class SaiCall:
     # Asked before a call that began on a user's own credential goes on with a shared one
     # (SAI_COOKIE after a 429): False refuses it (the global limits, limits/gate.py).
     before_shared: Callable[[], Awaitable[bool]] | None = None
+    span: Any = None  # the attempt's trace span while it is open (tracing on)
 
     def summary(self) -> dict[str, Any]:
         """Return the call's facts for the finish line: attempts and how the last one went."""
@@ -299,6 +304,8 @@ class SaiStream:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self.call.span is not None:
+            tracing.attempt_ended(self.call, 200, complete=self._complete)
         if self._complete:
             self.response.release()
         else:
@@ -324,8 +331,10 @@ class SaiClient:
         metrics: Metrics,
         *,
         jitter: Callable[[], float] = random.random,
+        tracing: Tracing | None = None,
     ) -> None:
         self._session = session
+        self._tracing = tracing
         # Looked up once: on Python 3.11 every lookup is a getpid() system call.
         self._loop = asyncio.get_running_loop()
         self._settings = settings
@@ -430,6 +439,8 @@ class SaiClient:
             "X-Request-ID": call.request_id,
             **credential.headers(),
         }
+        if self._tracing is not None:
+            tracing.attempt_started(call, headers, self._tracing)
         log.debug("upstream call", extra={"attempt": call.attempts})
         started = time.monotonic()
         try:
@@ -520,6 +531,8 @@ class SaiClient:
         call.last_status = status
         call.last_latency_ms = round((time.monotonic() - started) * 1000, 1)
         if status != 200:
+            if call.span is not None:
+                tracing.attempt_ended(call, status)
             event(
                 log,
                 "upstream attempt",

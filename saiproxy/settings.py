@@ -18,6 +18,8 @@ from typing import Any, Final, Literal
 
 from yarl import URL
 
+from .tracing.config import TracingConfig, TracingConfigError, tracing_config
+
 SECRETS_DIR: Final = "/run/secrets"
 DEFAULT_CONFIG_PATH: Final = "config/saiproxy.toml"
 
@@ -247,6 +249,8 @@ class Settings:
     sai_url: URL = field(metadata=_opt("SAI_URL", "upstream", _url))
     models: Mapping[str, ModelConfig] = field(default_factory=dict)  # [models.NAME] tables
     default_model: str = "sai-model"  # top-level default_model in the TOML file
+    # From the standard OTEL_* variables only (saiproxy.tracing.config); None: off.
+    tracing: TracingConfig | None = None
     sai_template_id: str | None = field(
         default=None, metadata=_opt("SAI_TEMPLATE_ID", "upstream", _str)
     )
@@ -660,4 +664,8 @@ def load_settings(
             "PROXY_API_KEYS",
             "cannot be used with the bearer handler in AUTH_CHAIN (both read Authorization)",
         )
-    return Settings(models=models, default_model=default_model, **values)
+    try:
+        tracing = tracing_config(env)
+    except TracingConfigError as exc:
+        raise SettingsError(exc.variable, exc.problem) from None
+    return Settings(models=models, default_model=default_model, tracing=tracing, **values)

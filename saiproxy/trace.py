@@ -101,6 +101,10 @@ def render(request_id: str, found: list[tuple[Path, dict[str, Any]]], out: TextI
     start = parse_time(found[0][1].get("time"))
     sources = sorted({path.name for path, _ in found})
     print(f"request {request_id}: {len(found)} lines from {', '.join(sources)}", file=out)
+    # A traced request's lines carry its trace ID: the way into the trace backend.
+    trace_ids = sorted({t for _, r in found if isinstance(t := r.get("trace_id"), str)})
+    if trace_ids:
+        print(escape_controls(f"trace id: {', '.join(trace_ids)}"), file=out)
     tag = request_tag(request_id)
     summary: dict[str, Any] = {}
     for _, record in found:

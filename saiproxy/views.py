@@ -30,7 +30,7 @@ async def readiness(request: web.Request) -> web.Response:
 
 async def prometheus(request: web.Request) -> web.Response:
     """Prometheus metrics of this process."""
-    return metrics_response(request.app[METRICS])
+    return metrics_response(request.app[METRICS], request.headers.get("Accept", ""))
 
 
 def model_object(name: str, created: int) -> dict[str, Any]:

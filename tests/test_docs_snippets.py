@@ -118,6 +118,8 @@ NOT_HERE: dict[tuple[str, str], str] = {
     ("docs/limits.md", "$ saiproxy usage"): "an example's figures; tests/test_limits.py runs "
     "saiproxy usage against the store and the process and checks what it prints",
     ("docs/operations.md", "docker run --rm"): "needs a Docker engine and a registry",
+    ("docs/operations.md", "OTEL_EXPORTER_OTLP_ENDPOINT=http://otel-collector"): "needs those "
+    "backends; tests/test_phoenix.py sends to Phoenix the way the block says",
 }
 
 

@@ -46,6 +46,7 @@ from ..limits import gate
 from ..logs import RESPONSE_FINISHED, event
 from ..sai import CallBudget, SaiCall, SaiClient, SaiStream
 from ..settings import ModelConfig, Settings
+from ..tracing import hooks as tracing
 from .answer import AnswerFilter, Rejected, output_problem
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
@@ -80,7 +81,8 @@ class Exchange:
     __slots__ = (
         "_body", "call", "chars", "choice", "conversation", "created", "early", "first_byte",
         "loop", "max_output", "model", "model_config", "protocol", "rejected",
-        "rejected_detail", "request", "request_id", "settings", "started", "suffix", "usage",
+        "rejected_detail", "request", "request_id", "settings", "span", "started", "suffix",
+        "usage",
     )  # fmt: skip
 
     def __init__(
@@ -100,6 +102,9 @@ class Exchange:
         self.started = time.monotonic()
         self.created = int(time.time())
         self.request_id = request[REQUEST_ID]
+        # The request's server span; None: not traced. Tracing off, one attribute
+        # check: a missing request key costs a KeyError inside ``get`` (about 1 us).
+        self.span = request.get(tracing.SPAN) if self.settings.tracing is not None else None
         self.suffix = unique_suffix()
         self.model_config = self._model(conversation.model)
         # SAI's model header names the model; without it, the name the client asked for.
@@ -141,7 +146,8 @@ class Exchange:
         with InFlight(self.request, self.loop):
             try:
                 self.begin()
-                await admit((self,))  # the limits, once, before SAI
+                with tracing.admission(self.span, self.request):
+                    await admit((self,))  # the limits, once, before SAI
                 if self.conversation.stream:
                     response, ending = await respond_streamed(self, renderer)
                 else:
@@ -164,6 +170,8 @@ class Exchange:
         finally:
             self._log_received(credential)
         self.max_output = gate.requested_output(self._body)
+        if self.span is not None:
+            tracing.began(self.span, self, self._body)
         self._body = None  # parsed already; a long stream need not keep the raw JSON
 
     def _prepare(self) -> dict[str, Any]:
@@ -245,7 +253,8 @@ class Exchange:
         text = fetched.text
         output = conversation.output
         if output is not None and (problem := await self._output_problem(text)) is not None:
-            text = await self._repair(text, problem)
+            with tracing.child(self.span, self.request, "saiproxy.output.repair"):
+                text = await self._repair(text, problem)
         answer_filter = AnswerFilter(conversation, self._rejected)
         prose = answer_filter.feed(text) + answer_filter.close()
         return self.answered(answer_filter, prose)
@@ -295,7 +304,14 @@ class Exchange:
     async def _output_problem(self, text: str) -> str | None:
         output = self.conversation.output
         assert output is not None
-        return await output_problem(text, output, self.request.app[SCHEMA_CHECKER])
+        checker = self.request.app[SCHEMA_CHECKER]
+        if self.span is None:
+            return await output_problem(text, output, checker)
+        with tracing.child(self.span, self.request, "saiproxy.output.check") as span:
+            problem = await output_problem(text, output, checker)
+            if span is not None:
+                span.set_attribute("saiproxy.output.valid", problem is None)
+            return problem
 
     # --- streamed (the relay, core/relay.py, drives these)
 
@@ -350,6 +366,8 @@ class Exchange:
             finish = "tool_calls"
         else:
             finish = "stop"
+        if self.span is not None:
+            tracing.answered(self.span, self, text, calls)
         return Answer(text, self.model, finish, calls, answer_filter.stop_sequence, self.usage)
 
     def _rejected(self, rejected: Rejected) -> None:
@@ -427,9 +445,10 @@ class Exchange:
         generating = now - self.first_byte if self.first_byte is not None else 0.0
         metrics = self.request.app[METRICS]
         stream = "true" if self.conversation.stream else "false"
-        metrics.child(metrics.latency, stream).observe(latency)
+        exemplar = tracing.exemplar(self.span) if self.span is not None else None
+        metrics.child(metrics.latency, stream).observe(latency, exemplar)
         if self.first_byte is not None:
-            metrics.child(metrics.ttfb, stream).observe(self.first_byte - self.started)
+            metrics.child(metrics.ttfb, stream).observe(self.first_byte - self.started, exemplar)
         usage = self.usage
         # Raised, the early outcome's traceback holds this exchange's frames: a
         # cycle that would keep the whole conversation until the collector runs.
@@ -470,6 +489,8 @@ def conclude(exchanges: Sequence[Exchange], endings: Sequence[Ending]) -> None:
     request = exchanges[0].request
     request[OUTCOME] = next((e.outcome for e in endings if e.outcome != "ok"), "ok")
     settle(exchanges)  # however it ended: tokens corrected, lease ended
+    if (span := exchanges[0].span) is not None:
+        tracing.concluded(span, exchanges, endings)
     call_soon = exchanges[0].loop.call_soon
     for exchange, ending in zip(exchanges, endings, strict=True):
         call_soon(exchange.finish, ending)

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..bodies import json_response
 from ..errors import StreamBroken, UpstreamError
+from ..tracing import hooks as tracing
 from .ending import CLIENT_GONE, ERROR_HEADER, Ending
 from .exchange import Exchange, admit, conclude
 from .inflight import InFlight, OpenStream, cut_short
@@ -41,7 +42,8 @@ async def respond_all(exchanges: Sequence[Exchange], choices: Choices) -> web.St
             try:
                 for exchange in exchanges:
                     exchange.begin()
-                await admit(exchanges)  # the limits, once, before SAI
+                with tracing.admission(first.span, first.request):
+                    await admit(exchanges)  # the limits, once, before SAI
             except BaseException as exc:
                 # e.g. no credential: the request ends for every choice
                 fan_out.endings[:] = [Ending.failed(exc)] * len(exchanges)

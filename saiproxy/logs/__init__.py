@@ -13,7 +13,7 @@ One module per job:
 - ``setup``: the process's root logging, started and stopped with the app.
 """
 
-from .batch import event, request_id_var
+from .batch import event, request_id_var, trace_var
 from .format import (
     FILE_GLOB,
     LOGGER_PREFIX,
@@ -47,5 +47,6 @@ __all__ = [
     "request_id_var",
     "request_tag",
     "serialise",
+    "trace_var",
     "write_failures",
 ]

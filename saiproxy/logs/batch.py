@@ -23,6 +23,10 @@ from .mask import Masker
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
+# The traced request's (trace_id, span_id), as hex: its lines carry them (saiproxy.tracing).
+trace_var: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "trace", default=None
+)
 
 _TRACEBACKS: Final = logging.Formatter()
 
@@ -124,6 +128,9 @@ class BatchHandler(logging.handlers.QueueHandler):
             request_id = request_id_var.get()
             if request_id is not None:
                 record.request_id = request_id
+        trace = trace_var.get()
+        if trace is not None and "trace_id" not in record.__dict__:
+            record.trace_id, record.span_id = trace
         if self._loop is None:
             self.queue.put_nowait([self._render(record)])
             return True
@@ -137,6 +144,9 @@ class BatchHandler(logging.handlers.QueueHandler):
         """Note a lifecycle line for the next batch; False when not batching."""
         if self._loop is None:
             return False
+        trace = trace_var.get()
+        if trace is not None:
+            fields = {**fields, "trace_id": trace[0], "span_id": trace[1]}
         self._add(_Deferred(logger, message, fields, time.time(), request_id_var.get()))
         return True
 
