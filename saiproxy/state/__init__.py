@@ -15,9 +15,8 @@ from aiohttp import web
 from ..errors import NoCredential
 from ..keys import AUTH_CHAIN, OWNERS, SETTINGS, STATE_STORE
 from ..limits.identity import Identify
-from ..limits.shared import connect
 from ..settings import Settings
-from .backend import Backend, LocalBackend, SharedBackend
+from .backend import Backend, LocalBackend
 from .store import State
 
 
@@ -26,6 +25,10 @@ def backend_for(settings: Settings) -> Backend:
     url = settings.state_url or settings.limits_url
     if url is None:
         return LocalBackend(settings.responses_ttl, settings.state_max_bytes)
+    # Imported only with a store: see shared.py's docstring.
+    from ..limits.shared import connect
+    from .shared import SharedBackend
+
     store = connect(url.reveal(), settings.state_timeout)
     return SharedBackend(
         store, settings.state_prefix, settings.responses_ttl, settings.state_timeout
