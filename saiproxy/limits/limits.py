@@ -1,10 +1,12 @@
 """The limits of one replica: the store, the circuit breaker in front of it, the leases it holds.
 
-With LIMITS_URL every admission goes to the shared store, each call under
-LIMITS_TIMEOUT. A call that fails opens the breaker: the request (and every
-one after it) is admitted by this replica's share of the limits (limit /
-LIMITS_REPLICAS) in the process, and a probe asks the store every
-LIMITS_PROBE_INTERVAL until it answers, when the shared mode comes back. No
+With LIMITS_URL every admission goes to the shared store. A call that fails,
+or that the store leaves unanswered for LIMITS_TIMEOUT (see ``Limits._wait``:
+a store that answers, only later than this busy loop wished, is not down),
+opens the breaker: the request (and every one after it) is admitted by this
+replica's share of the limits (limit / LIMITS_REPLICAS) in the process, and a
+probe asks the store every LIMITS_PROBE_INTERVAL until it answers, pushes the
+leases of the requests admitted meanwhile, and the shared mode comes back. No
 request ever fails because the store did.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import secrets
@@ -38,6 +42,14 @@ if TYPE_CHECKING:
 Mode = Literal["local", "shared", "fallback"]
 MODES: Final[tuple[Mode, ...]] = ("local", "shared", "fallback")
 _T = TypeVar("_T")
+# A store call unanswered at LIMITS_TIMEOUT is an outage only if the store has been silent that
+# long (Limits._wait); one that keeps answering, slowly or to a loop too busy to read in time,
+# is waited for, at most PATIENCE times LIMITS_TIMEOUT in all (5 s by default: in a cold burst
+# of 500 agent-sized requests on 8 replicas sharing 2 cores, admissions took up to 1.2 s).
+PATIENCE: Final = 20
+# Turns of the loop a call lets pass at its deadline before it judges: the selector reads
+# what came, the store's reader parses it, the call's task takes its reply.
+TURNS: Final = 3
 
 
 def enabled(settings: Settings) -> bool:
@@ -101,6 +113,10 @@ class Grant:
     verdict: Verdict
     limiter: Limiter
     settled: bool = False
+    tokens: tuple[int, int] = (0, 0)  # input, output: what it settled with
+    # The store's grant of an admission given up on that landed while this (local) grant ran:
+    # settled with it (Limits._late).
+    late: Grant | None = None
 
 
 class Limits:
@@ -140,7 +156,8 @@ class Limits:
         self._released_while_renewing: list[tuple[str, str]] = []
         self._tasks: set[asyncio.Task[object]] = set()
         self._settling: list[tuple[Ask, Verdict, int, int]] = []
-        # Leases a failed store call may have left behind (scope, id): ended by the probe.
+        # Leases to end once the store answers again (scope, id): of requests that ended while
+        # it was down, or that a failed store call may have left behind. Ended by the probe.
         self._orphans: list[tuple[str, str]] = []
         self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -158,24 +175,69 @@ class Limits:
         """Admit the request or refuse it; never fails because the store did."""
         if self.shared is not None and self.mode == "shared":
             ask = self.ask(request_client, reserve, self.config)
+            # A task of its own: given up on, it still takes the store's late reply (_late).
+            call = asyncio.ensure_future(self.shared.admit(ask))
             try:
-                verdict = await self._call(self.shared.admit(ask))
+                verdict = await self._wait(call)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
             except Exception as error:
-                # A call that timed out may still have taken its lease: end it later.
-                self._orphans += _lease_pairs(ask)
                 self._failed(error)
-            else:
-                grant = Grant(ask, verdict, self.shared)
-                if verdict.granted:
-                    leased = tuple(name for name, rules in ask.scopes if rules.concurrency)
-                    if leased:
-                        self.leases[ask.id] = leased
-                self._count(grant)
-                return grant
-        ask = self.ask(request_client, reserve, self.local_config)
+                return await self._admit_locally(request_client, reserve, (ask, call))
+            grant = Grant(ask, verdict, self.shared)
+            if verdict.granted and (leased := _leased(ask)):
+                self.leases[ask.id] = leased
+            self._count(grant)
+            return grant
+        return await self._admit_locally(request_client, reserve)
+
+    async def _admit_locally(
+        self,
+        client: Client,
+        reserve: int,
+        given_up: tuple[Ask, asyncio.Future[Verdict]] | None = None,
+    ) -> Grant:
+        """Admit by this replica's share. With a store, the lease is also kept in
+        ``self.leases``: the probe pushes it to the store when it answers again, so the
+        requests admitted meanwhile count there, and it ends at the request's settlement.
+        ``given_up``: the store's admission of this request that failed or was given up on;
+        the request keeps its id (one lease in the store, whoever took it)."""
+        ask = self.ask(client, reserve, self.local_config)
+        if given_up is not None:
+            ask = dataclasses.replace(ask, id=given_up[0].id)
         grant = Grant(ask, await self.local.admit(ask), self.local)
         self._count(grant)
+        if self.shared is not None and grant.verdict.granted and (leased := _leased(ask)):
+            self.leases[ask.id] = leased
+        if given_up is not None:
+            store_ask, call = given_up
+            if call.done():
+                self._late(store_ask, grant, call)
+            else:
+                call.add_done_callback(functools.partial(self._late, store_ask, grant))
         return grant
+
+    def _late(self, ask: Ask, grant: Grant, call: asyncio.Future[Verdict]) -> None:
+        """The store's admission of a request admitted locally ended, after it was given up
+        on: what it took in the store belongs to the request, and ends with it (at once if
+        the request has ended, or was refused here). Never deleted while the request runs."""
+        assert self.shared is not None
+        running = grant.verdict.granted and not grant.settled
+        if call.cancelled() or call.exception() is not None:
+            # Unknown whether the lease was taken: a running request's own lease has its id
+            # (pushed by the probe, ended at settlement); otherwise end it once the store answers.
+            if not running:
+                self._end_leases(_lease_pairs(ask))
+            return
+        verdict = call.result()
+        if not verdict.granted:
+            return
+        late = Grant(ask, verdict, self.shared)
+        if running:
+            grant.late = late
+        else:
+            self._settle_shared(late, *grant.tokens)
 
     def settle(self, grant: Grant, input_tokens: int, output_tokens: int) -> None:
         """The request ended (however): correct its tokens and end its lease, in the background
@@ -183,6 +245,7 @@ class Limits:
         if grant.settled or not grant.verdict.granted:
             return
         grant.settled = True
+        grant.tokens = (input_tokens, output_tokens)
         client = grant.ask.client
         if client.id in self.identify.proxy_ids:
             self.metrics.client_tokens.labels(client.id, "input").inc(input_tokens)
@@ -192,14 +255,40 @@ class Limits:
             self._released_while_renewing += [(scope, grant.ask.id) for scope in leased]
         if grant.limiter is self.local:
             self.local.settle_now(grant.ask, grant.verdict, input_tokens, output_tokens)
+            if grant.late is not None:  # the store's grant, landed late: its settlement ends it
+                self._settle_shared(grant.late, input_tokens, output_tokens)
+            elif leased is not None:  # admitted in fallback: its lease may be in the store
+                self._end_leases([(scope, grant.ask.id) for scope in leased])
             return
+        self._settle_shared(grant, input_tokens, output_tokens)
+
+    def _settle_shared(self, grant: Grant, input_tokens: int, output_tokens: int) -> None:
         # Sent in the background, together with the other requests ending meanwhile: one
         # pipelined round trip for all of them.
         self._settling.append((grant.ask, grant.verdict, input_tokens, output_tokens))
         if len(self._settling) == 1:
-            task = asyncio.get_running_loop().create_task(self._settle_batch())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._settle_batch())
+
+    def _end_leases(self, pairs: list[tuple[str, str]]) -> None:
+        """End leases in the store: now if it answers, else by the probe once it does (after
+        it has pushed the running ones)."""
+        if self.mode == "shared":
+            self._background(self._release(pairs))
+        else:
+            self._orphans += pairs
+
+    async def _release(self, pairs: list[tuple[str, str]]) -> None:
+        assert self.shared is not None
+        try:
+            await self._call(self.shared.release(pairs))
+        except Exception as error:
+            self._orphans += pairs
+            self._failed(error)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _settle_batch(self) -> None:
         assert self.shared is not None
@@ -227,8 +316,46 @@ class Limits:
     # --- the store, the breaker
 
     async def _call(self, work: Awaitable[_T]) -> _T:
-        async with asyncio.timeout(self.timeout):
-            return await work
+        """Run one store call; TimeoutError when the store fell silent (see ``_wait``)."""
+        call = asyncio.ensure_future(work)
+        try:
+            return await self._wait(call)
+        finally:
+            call.cancel()  # given up: its reply is read and dropped when it comes
+
+    async def _wait(self, call: asyncio.Future[_T]) -> _T:
+        """Return the call's result; raise TimeoutError if the store is down.
+
+        A deadline measured in this loop measures the loop as much as the store: a replica
+        parsing a burst of large requests reads the store's replies late (and an
+        ``asyncio.timeout`` due in the same turn as the reply wins over it). So the call
+        waits in windows of LIMITS_TIMEOUT; at the end of each the loop first turns (TURNS)
+        to read what came, then the store is judged down only if no reply was read in the
+        whole window while it owed one since LIMITS_TIMEOUT before the turns began
+        (``Store.silent``), which a busy loop cannot fake: what the store sent by then has
+        been read. (A debt that began later is not judged yet: in a busy loop a turn can
+        last longer than LIMITS_TIMEOUT.) While the store answers, the call waits on, up to
+        PATIENCE x LIMITS_TIMEOUT in all.
+        """
+        assert self.shared is not None
+        store, loop = self.shared.store, asyncio.get_running_loop()
+        since = loop.time()
+        give_up = since + self.timeout * PATIENCE
+        while True:
+            await asyncio.wait((call,), timeout=min(self.timeout, give_up - since))
+            turned = loop.time()
+            for _ in range(TURNS):
+                if call.done():
+                    break
+                await asyncio.sleep(0)
+            if call.done():
+                return call.result()
+            now = loop.time()
+            if store.silent(since, turned - self.timeout):
+                raise TimeoutError(f"the limits store answered nothing for {self.timeout} s")
+            if now >= give_up:
+                raise TimeoutError(f"a limits store call took over {self.timeout * PATIENCE} s")
+            since = now
 
     async def _quietly(self, work: Awaitable[object]) -> None:
         try:
@@ -263,10 +390,17 @@ class Limits:
                 # once the probe succeeds no request meets a stale one.
                 await self.shared.store.reset()
                 await self._call(self.shared.store.execute("PING"))
+                # The leases of the requests still running, those admitted in fallback
+                # included, then those that ended meanwhile (or may have been taken by a
+                # call that failed): until none is left, with no await before the switch.
                 await self._call(self.shared.renew(self._lease_pairs()))
-                if self._orphans:
-                    await self._call(self.shared.release(self._orphans))
-                    self._orphans = []
+                while self._orphans:
+                    orphans, self._orphans = self._orphans, []
+                    try:
+                        await self._call(self.shared.release(orphans))
+                    except BaseException:
+                        self._orphans = orphans + self._orphans
+                        raise
             except Exception:
                 self.metrics.store_failures.inc()
                 continue
@@ -302,6 +436,12 @@ class Limits:
 
     async def start(self) -> None:
         if self.shared is not None:
+            # Connected before the first request: otherwise a cold replica's first burst
+            # would connect in a loop busy parsing it, and the replies of a connection's
+            # handshake do not show the store alive (Store.silent). Down now: the first
+            # call says so.
+            with contextlib.suppress(Exception):
+                await self._call(self.shared.store.execute("PING"))
             self._renewer = asyncio.get_running_loop().create_task(self._renewing_loop())
 
     async def close(self) -> None:
@@ -337,6 +477,11 @@ class Limits:
         return self.identify(request, credential)  # type: ignore[arg-type]
 
 
+def _leased(ask: Ask) -> tuple[str, ...]:
+    """Return the scopes of ``ask`` with a concurrency limit: where its lease is taken."""
+    return tuple(name for name, rules in ask.scopes if rules.concurrency)
+
+
 def _lease_pairs(ask: Ask) -> list[tuple[str, str]]:
     """Return the leases (scope, id) an admission of ``ask`` takes: one per concurrency limit."""
-    return [(name, ask.id) for name, rules in ask.scopes if rules.concurrency]
+    return [(name, ask.id) for name in _leased(ask)]
