@@ -196,7 +196,7 @@ class Limits:
         self,
         client: Client,
         reserve: int,
-        given_up: tuple[Ask, asyncio.Future[Verdict]] | None = None,
+        given_up: tuple[Ask, asyncio.Task[Verdict]] | None = None,
     ) -> Grant:
         """Admit by this replica's share. With a store, the lease is also kept in
         ``self.leases``: the probe pushes it to the store when it answers again, so the
@@ -216,6 +216,8 @@ class Limits:
                 self._late(store_ask, grant, call)
             else:
                 call.add_done_callback(functools.partial(self._late, store_ask, grant))
+                self._tasks.add(call)  # a drain waits for it too
+                call.add_done_callback(self._tasks.discard)
         return grant
 
     def _late(self, ask: Ask, grant: Grant, call: asyncio.Future[Verdict]) -> None:
