@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from bench.fake_sai import raise_nofile
 from bench.limits_cluster import FALLBACK_LOG, Cluster, cold_burst
 from bench.valkey import ValkeyServer
 from saiproxy.keys import LIMITS
+from saiproxy.limits.identity import Client
 
 from .conftest import FakeSai, MakeProxy, Reply, chat
 
@@ -101,3 +103,31 @@ async def test_an_admission_that_timed_out_keeps_its_late_grant_until_the_reques
         b"6",
     ]
     store.close()
+
+
+async def test_a_loop_busy_past_the_timeout_is_not_a_dead_store(
+    make_proxy: MakeProxy, valkey: ValkeyServer
+) -> None:
+    # The replica's loop is blocked for longer than LIMITS_TIMEOUT while an admission is on
+    # its way, the store answering at once: the timer and the reply are due in the same
+    # turn. The admission gets its reply; the breaker stays closed.
+    proxy = await make_proxy(LIMITS_URL=valkey.url, LIMITS_CLIENT_CONCURRENCY="5")
+    limits = proxy.app[LIMITS]
+    client = Client("anonymous", "anonymous", True)
+    loop = asyncio.get_running_loop()
+    for _ in range(4):
+        loop.call_soon(time.sleep, 0.4)  # a turn of the loop parsing a burst, say
+        grant = await limits.admit(client, 10)
+        assert grant.verdict.granted and limits.mode == "shared"
+        limits.settle(grant, 1, 1)
+    # A store that stops answering is still an outage, found within two windows.
+    assert valkey.process is not None
+    valkey.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        grant = await limits.admit(client, 10)
+        waited = time.monotonic() - started
+    finally:
+        valkey.process.send_signal(signal.SIGCONT)
+    assert grant.verdict.granted and limits.mode == "fallback"
+    assert 0.25 <= waited < 0.6, waited
