@@ -131,3 +131,45 @@ async def test_a_loop_busy_past_the_timeout_is_not_a_dead_store(
         valkey.process.send_signal(signal.SIGCONT)
     assert grant.verdict.granted and limits.mode == "fallback"
     assert 0.25 <= waited < 0.6, waited
+
+
+async def test_a_late_grant_for_a_request_that_already_ended_is_settled_at_once(
+    make_proxy: MakeProxy, sai: FakeSai, valkey: ValkeyServer
+) -> None:
+    # As above, but the request ends while the store still stalls: when its grant lands it
+    # is settled at once, with the tokens the request was settled with.
+    sai.script(Reply(headers=TOKENS))
+    sai.default = Reply(body=["a"] * 60, chunk_delay=0.1, headers=TOKENS)
+    proxy = await make_proxy(
+        LIMITS_URL=valkey.url, LIMITS_CLIENT_CONCURRENCY="5",
+        LIMITS_TIMEOUT="0.2", LIMITS_PROBE_INTERVAL="0.5",
+    )  # fmt: skip
+    limits = proxy.app[LIMITS]
+    assert (await proxy.post("/v1/chat/completions", json=chat(("user", "Hi")))).status == 200
+    store = redis.Redis.from_url(valkey.url, socket_timeout=5)
+    usage = f"saiproxy:usage:{datetime.now(UTC):%Y-%m-%d}"
+    for _ in range(50):
+        if store.hget(usage, "anonymous:input") == b"7":
+            break
+        await asyncio.sleep(0.02)
+    assert valkey.process is not None
+    valkey.process.send_signal(signal.SIGSTOP)
+    try:
+        stream = await proxy.post("/v1/chat/completions", json=chat(("user", "Hi"), stream=True))
+        assert stream.headers["X-Saiproxy-Limits"] == "fallback"
+        await stream.content.readany()
+        stream.close()  # the request ends (SAI's counts came with the first piece)
+        await asyncio.sleep(0.1)
+    finally:
+        valkey.process.send_signal(signal.SIGCONT)
+    for _ in range(50):
+        if limits.mode == "shared" and store.hget(usage, "anonymous:input") == b"14":
+            break
+        await asyncio.sleep(0.1)
+    assert store.zcard("saiproxy:c:client:anonymous") == 0
+    assert store.hmget(usage, "anonymous:requests", "anonymous:input", "anonymous:output") == [
+        b"2",
+        b"14",
+        b"6",
+    ]
+    store.close()
