@@ -1,5 +1,7 @@
 """The limits' breaker judges the store, not the replica's loop: a cold burst of agent-sized
-streams on 8 replicas with the store healthy, and an admission that timed out for real."""
+streams on 8 replicas with the store healthy, a loop blocked past LIMITS_TIMEOUT, and what
+an admission that timed out for real took in the store (its late grant), reconciled with the
+request admitted locally."""
 
 from __future__ import annotations
 
