@@ -4,6 +4,7 @@
     python -m bench.limits --smoke         # a few seconds: checks the bench still works
     python -m bench.limits --leaks 10000   # 8 replicas, one Valkey: cancelled streams, leases left
     python -m bench.limits --leaks 10000 --sigkill   # then a replica killed, at the default lease
+    python -m bench.limits --burst 10      # 10 cold bursts of 500 streams on 8 fresh replicas
 
 The cost: one fake SAI (bench/fake_sai.py) and three saiproxy processes started
 in turn: limits off, limits in the process, limits in a Valkey server on
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import signal
@@ -44,7 +46,7 @@ import aiohttp
 
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
-from bench.limits_cluster import Cluster
+from bench.limits_cluster import FALLBACK_LOG, Cluster, cold_burst
 from bench.run import Usage, stop, wait_ready
 from bench.valkey import ValkeyServer
 from saiproxy.limits.identity import digest
@@ -258,6 +260,37 @@ async def _sigkill(cluster: Cluster, held: int = 4, within: float = 40.0) -> boo
     return before == held and left == 0 and freed_in <= within
 
 
+BURST_LIMIT = 4
+
+
+async def bursts(count: int, streams: int, replicas: int) -> int:
+    """Run ``count`` cold bursts, each on fresh replicas and a fresh Valkey: ``streams`` streams
+    at once of one client (a concurrency limit of 4), each with an 80-turn conversation of
+    about 80 KB, at the default LIMITS_TIMEOUT. Fail unless none is over the limit."""
+    raise_nofile()
+    failed = 0
+    for number in range(1, count + 1):
+        with tempfile.TemporaryDirectory(prefix="saiproxy-bench-burst-") as tmp:
+            cluster = Cluster(Path(tmp), replicas, {"LIMITS_CLIENT_CONCURRENCY": str(BURST_LIMIT)})
+            try:
+                cluster.start()
+                burst = await cold_burst(cluster, streams, "sk-burst", BURST_LIMIT)
+            finally:
+                cluster.stop()
+            burst = dataclasses.replace(burst, fallback_logged=cluster.logged(FALLBACK_LOG))
+        bad = (
+            burst.over
+            or burst.peak > BURST_LIMIT
+            or burst.failed
+            or burst.fallback_answers
+            or burst.fallback_logged
+        )
+        failed += bool(bad)
+        print(f"burst {number}: {burst.line()}", flush=True)
+    print(f"{count - failed} of {count} bursts held the limit with no fallback")
+    return 1 if failed else 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -266,9 +299,15 @@ def main() -> None:
     parser.add_argument("--leaks", type=int, default=0, help="cancel this many streams instead")
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument(
+        "--burst", type=int, default=0, help="run this many cold bursts of --streams streams"
+    )
+    parser.add_argument("--streams", type=int, default=500, help="with --burst")
+    parser.add_argument(
         "--sigkill", action="store_true", help="with --leaks: then kill a replica holding streams"
     )
     args = parser.parse_args()
+    if args.burst:
+        sys.exit(asyncio.run(bursts(args.burst, args.streams, args.replicas)))
     if args.leaks:
         sys.exit(asyncio.run(leaks(args.leaks, args.replicas, sigkill=args.sigkill)))
     sys.exit(asyncio.run(cost(args.smoke)))

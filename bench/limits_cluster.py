@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +23,8 @@ from bench.fake_sai import free_port
 from bench.valkey import ValkeyServer
 
 ROOT = Path(__file__).resolve().parent.parent
+MODE_HEADER = "X-Saiproxy-Limits"
+FALLBACK_LOG = "limits store unreachable"
 
 
 def wait_http(url: str, within: float = 30) -> None:
@@ -62,6 +65,12 @@ class Cluster:
         }
         self.sai: subprocess.Popen[bytes] | None = None
         self.replicas: list[subprocess.Popen[bytes] | None] = [None] * replicas
+
+    def logged(self, text: str) -> int:
+        """Return how many replicas wrote ``text`` in their output (complete once stopped)."""
+        return sum(
+            text in path.read_text(errors="replace") for path in self.workdir.glob("replica-*.out")
+        )
 
     def url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.ports[index]}"
@@ -171,3 +180,130 @@ class Cluster:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(out)
+
+
+def agent_conversation(turns: int, turn_chars: int, last: str) -> list[dict[str, str]]:
+    """Return an agent-sized conversation: ``turns`` turns of about ``turn_chars`` characters
+    each, alternating user and assistant, ending with the user's ``last``."""
+    filler = ("read the file, run the tests, fix what fails and say what changed " * 40)[
+        :turn_chars
+    ]
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: {filler}"}
+        for i in range(turns - 1)
+    ]
+    return [*messages, {"role": "user", "content": last}]
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """What a cold burst of streams did (see :func:`cold_burst`)."""
+
+    streams: int
+    limit: int
+    admitted: int
+    refused: int
+    failed: int
+    peak: int  # the most streams open at once at the fake SAI
+    fallback_answers: int  # answers whose X-Saiproxy-Limits said fallback
+    fallback_replicas: int  # replicas that gave them
+    seconds: float  # from the first stream sent to the last answer's status
+    fallback_logged: int = -1  # replicas that logged the store unreachable (once stopped)
+
+    @property
+    def over(self) -> int:
+        """Streams admitted beyond the limit: every admitted stream is held open until the
+        last one has its answer, so all of them ran at once."""
+        return max(0, self.admitted - self.limit)
+
+    def line(self) -> str:
+        return (
+            f"{self.streams} streams: {self.admitted} admitted, {self.over} over the limit of "
+            f"{self.limit}, {self.refused} refused, {self.failed} failed; peak {self.peak} at "
+            f"SAI; fallback: {self.fallback_answers} answers from {self.fallback_replicas} "
+            f"replicas, logged by {self.fallback_logged}; {self.seconds:.1f} s"
+        )
+
+
+async def cold_burst(
+    cluster: Cluster,
+    streams: int,
+    user_key: str,
+    limit: int,
+    *,
+    turns: int = 80,
+    turn_chars: int = 1000,
+) -> Burst:
+    """Open ``streams`` streams at once, round-robin over the cluster's replicas, all with
+    ``user_key`` (a client with a concurrency limit of ``limit``), each carrying an agent-sized
+    conversation (``turns`` turns, about ``turns * turn_chars`` bytes: parsing it keeps each
+    replica's loop busy). Every admitted stream stays open until every stream has its answer,
+    then all are closed.
+
+    One request with the key goes first and ends before the burst: the key is then a client
+    SAI has accepted, as it would be in an agent's session.
+    """
+    headers = {"user-api-key": user_key, "Content-Type": "application/json"}
+    first = {"messages": [{"role": "user", "content": "hello warm"}]}
+    body = json.dumps(
+        {"stream": True, "messages": agent_conversation(turns, turn_chars, "stream:60 burst")}
+    ).encode()
+    answered = asyncio.Event()
+    statuses: list[tuple[int, str, int]] = []  # status, mode, replica
+
+    async def one(session: aiohttp.ClientSession, index: int) -> None:
+        replica = index % len(cluster.ports)
+        url = cluster.url(replica) + "/v1/chat/completions"
+        try:
+            async with session.post(url, data=body, headers=headers) as response:
+                mode = response.headers.get(MODE_HEADER, "")
+                statuses.append((response.status, mode, replica))
+                if len(statuses) == streams:
+                    answered.set()
+                if response.status == 200:
+                    await response.content.readany()
+                    await answered.wait()  # held open: every admitted stream runs at once
+                else:
+                    await response.read()
+        except aiohttp.ClientError as error:
+            statuses.append((0, type(error).__name__, replica))
+            if len(statuses) == streams:
+                answered.set()
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=180)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with session.post(
+            cluster.url(0) + "/v1/chat/completions", json=first, headers=headers
+        ) as response:
+            await response.read()
+            if response.status != 200:
+                raise RuntimeError(f"the first request was answered {response.status}")
+        await asyncio.to_thread(_reset_stats, cluster)
+        started = time.monotonic()
+        tasks = [asyncio.create_task(one(session, index)) for index in range(streams)]
+        await answered.wait()
+        seconds = time.monotonic() - started
+        stats = await asyncio.to_thread(cluster.stats)
+        await asyncio.gather(*tasks)
+    codes = [status for status, _, _ in statuses]
+    fallback = [replica for _, mode, replica in statuses if mode == "fallback"]
+    return Burst(
+        streams=streams,
+        limit=limit,
+        admitted=codes.count(200),
+        refused=codes.count(429),
+        failed=len(codes) - codes.count(200) - codes.count(429),
+        peak=stats["peak"].get("burst", 0),
+        fallback_answers=len(fallback),
+        fallback_replicas=len(set(fallback)),
+        seconds=seconds,
+    )
+
+
+def _reset_stats(cluster: Cluster) -> None:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{cluster.sai_port}/stats/reset", data=b"", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=5):
+        pass

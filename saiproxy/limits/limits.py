@@ -1,10 +1,12 @@
 """The limits of one replica: the store, the circuit breaker in front of it, the leases it holds.
 
-With LIMITS_URL every admission goes to the shared store, each call under
-LIMITS_TIMEOUT. A call that fails opens the breaker: the request (and every
-one after it) is admitted by this replica's share of the limits (limit /
-LIMITS_REPLICAS) in the process, and a probe asks the store every
-LIMITS_PROBE_INTERVAL until it answers, when the shared mode comes back. No
+With LIMITS_URL every admission goes to the shared store. A call that fails,
+or that the store leaves unanswered for LIMITS_TIMEOUT (see ``Limits._wait``:
+a store that answers, only later than this busy loop wished, is not down),
+opens the breaker: the request (and every one after it) is admitted by this
+replica's share of the limits (limit / LIMITS_REPLICAS) in the process, and a
+probe asks the store every LIMITS_PROBE_INTERVAL until it answers, pushes the
+leases of the requests admitted meanwhile, and the shared mode comes back. No
 request ever fails because the store did.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import secrets
@@ -42,6 +46,14 @@ USAGE_PAGE_TIMEOUT: Final = 5.0
 Mode = Literal["local", "shared", "fallback"]
 MODES: Final[tuple[Mode, ...]] = ("local", "shared", "fallback")
 _T = TypeVar("_T")
+# A store call unanswered at LIMITS_TIMEOUT is an outage only if the store has been silent that
+# long (Limits._wait); one that keeps answering, slowly or to a loop too busy to read in time,
+# is waited for, at most PATIENCE times LIMITS_TIMEOUT in all (5 s by default: in a cold burst
+# of 500 agent-sized requests on 8 replicas sharing 2 cores, admissions took up to 1.2 s).
+PATIENCE: Final = 20
+# Turns of the loop a call lets pass at its deadline before it judges: the selector reads
+# what came, the store's reader parses it, the call's task takes its reply.
+TURNS: Final = 3
 
 
 def enabled(settings: Settings) -> bool:
@@ -97,6 +109,9 @@ class LimitMetrics:
             self.mode.labels(name).set(1 if name == mode else 0)
 
 
+NOTHING: Final = Settlement(0, 0)  # the settlement of a request that never reached SAI
+
+
 @dataclass(slots=True)
 class Grant:
     """An admitted request: what it reserved, where, until it settles."""
@@ -105,6 +120,10 @@ class Grant:
     verdict: Verdict
     limiter: Limiter
     settled: bool = False
+    ended: Settlement = NOTHING  # what it settled with
+    # The store's grant of an admission given up on that landed while this (local) grant ran:
+    # settled with it (Limits._late).
+    late: Grant | None = None
 
 
 class Limits:
@@ -142,7 +161,8 @@ class Limits:
         self._released_while_renewing: list[tuple[str, str]] = []
         self._tasks: set[asyncio.Task[object]] = set()
         self._settling: list[tuple[Ask, Verdict, Settlement]] = []
-        # Leases a failed store call may have left behind (scope, id): ended by the probe.
+        # Leases to end once the store answers again (scope, id): of requests that ended while
+        # it was down, or that a failed store call may have left behind. Ended by the probe.
         self._orphans: list[tuple[str, str]] = []
         self._probe: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -175,62 +195,96 @@ class Limits:
         """Admit the request or refuse it; never fails because the store did.
 
         Whatever happens during it (the client hangs up, the handler is
-        cancelled at any await), an admission that the store granted ends in
-        exactly one settlement: the store's call runs in a task of its own, and
-        a grant nobody waits for any more is settled at once, as a request
-        that never reached SAI.
+        cancelled at any await, the store is slow), an admission that the
+        store granted ends in exactly one settlement: the store's call runs in
+        a task of its own, which a cancellation of the request does not cut; a
+        grant nobody waits for any more is settled at once, as a request that
+        never reached SAI (``_abandoned``), and one that lands after the
+        request was admitted locally belongs to that request (``_late``).
         """
         if self.shared is not None and self.mode == "shared":
-            admitting = self._admit_shared(client, reserve, kinds)
-            task = asyncio.get_running_loop().create_task(admitting)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            ask = self.ask(client, reserve, self.config, kinds)
+            call = asyncio.ensure_future(self.shared.admit(ask))
+            self._tasks.add(call)  # a drain waits for it
+            call.add_done_callback(self._tasks.discard)
             try:
-                grant = await asyncio.shield(task)
+                verdict = await self._wait(call)
             except asyncio.CancelledError:
-                task.add_done_callback(self._abandoned)
+                call.add_done_callback(functools.partial(self._abandoned, ask))
                 raise
-            if grant is not None:
-                return grant
+            except Exception as error:
+                self._failed(error)
+                return self._admit_locally(client, reserve, kinds, (ask, call))
+            return self._admitted(ask, verdict)
         # In the process nothing waits: a cancellation cannot land inside the admission.
-        ask = self.ask(client, reserve, self.local_config, kinds)
-        grant = Grant(ask, self.local.admit_now(ask), self.local)
-        self._count(grant)
-        return grant
+        return self._admit_locally(client, reserve, kinds)
 
-    async def _admit_shared(
-        self, client: Client, reserve: int, kinds: tuple[ScopeKind, ...]
-    ) -> Grant | None:
-        """Admit in the store; None when the store failed (the breaker is open then)."""
+    def _admitted(self, ask: Ask, verdict: Verdict) -> Grant:
+        """The store's verdict on ``ask``: its grant, its lease noted for renewals."""
         assert self.shared is not None
-        ask = self.ask(client, reserve, self.config, kinds)
-        try:
-            verdict = await self._call(self.shared.admit(ask))
-        except Exception as error:
-            # A call that timed out may still have taken its lease: end it later (the store
-            # took it as the client's, or as anonymous's for a credential not yet accepted).
-            self._orphans += _lease_pairs(ask, ask.client)
-            if ask.verify:
-                self._orphans += _lease_pairs(ask, ANONYMOUS)
-            self._failed(error)
-            return None
         grant = Grant(ask, verdict, self.shared)
         if ask.verify and verdict.client == ask.client:
             self.local.accept(ask.client)  # known here too if the store goes down
-        if verdict.granted:
-            leased = tuple(pair[0] for pair in _lease_pairs(ask, verdict.client))
-            if leased:
-                self.leases[ask.id] = leased
+        if verdict.granted and (leased := _leased(ask, verdict.client)):
+            self.leases[ask.id] = leased
         self._count(grant)
         return grant
 
-    def _abandoned(self, task: asyncio.Task[Grant | None]) -> None:
+    def _abandoned(self, ask: Ask, call: asyncio.Future[Verdict]) -> None:
         """The request of an admission in progress went away: settle what it was granted."""
-        if task.cancelled() or task.exception() is not None:
+        if call.cancelled() or call.exception() is not None:
+            self._end_leases(_possible_leases(ask))  # unknown whether it took them
             return
-        grant = task.result()
-        if grant is not None:
-            self.settle(grant, Settlement(0, 0))
+        self.settle(self._admitted(ask, call.result()), NOTHING)
+
+    def _admit_locally(
+        self,
+        client: Client,
+        reserve: int,
+        kinds: tuple[ScopeKind, ...],
+        given_up: tuple[Ask, asyncio.Future[Verdict]] | None = None,
+    ) -> Grant:
+        """Admit by this replica's share. With a store, the lease is also kept in
+        ``self.leases``: the probe pushes it to the store when it answers again, so the
+        requests admitted meanwhile count there, and it ends at the request's settlement.
+        ``given_up``: the store's admission of this request that failed or was given up on;
+        the request keeps its id (one lease in the store, whoever took it)."""
+        ask = self.ask(client, reserve, self.local_config, kinds)
+        if given_up is not None:
+            ask = dataclasses.replace(ask, id=given_up[0].id)
+        grant = Grant(ask, self.local.admit_now(ask), self.local)
+        self._count(grant)
+        verdict = grant.verdict
+        if self.shared is not None and verdict.granted and (leased := _leased(ask, verdict.client)):
+            self.leases[ask.id] = leased
+        if given_up is not None:
+            store_ask, call = given_up
+            if call.done():
+                self._late(store_ask, grant, call)
+            else:
+                call.add_done_callback(functools.partial(self._late, store_ask, grant))
+        return grant
+
+    def _late(self, ask: Ask, grant: Grant, call: asyncio.Future[Verdict]) -> None:
+        """The store's admission of a request admitted locally ended, after it was given up
+        on: what it took in the store belongs to the request, and ends with it (at once if
+        the request has ended, or was refused here). Never deleted while the request runs."""
+        assert self.shared is not None
+        running = grant.verdict.granted and not grant.settled
+        if call.cancelled() or call.exception() is not None:
+            # Unknown whether the lease was taken: a running request's own lease has its id
+            # (pushed by the probe, ended at settlement); otherwise end it once the store answers.
+            if not running:
+                self._end_leases(_possible_leases(ask))
+            return
+        verdict = call.result()
+        if not verdict.granted:
+            return
+        late = Grant(ask, verdict, self.shared)
+        if running:
+            grant.late = late
+        else:
+            self._settle_shared(late, grant.ended)
 
     def settle(self, grant: Grant, ended: Settlement) -> None:
         """The request ended (however): correct its tokens and end its lease, in the background
@@ -238,25 +292,52 @@ class Limits:
         if grant.settled or not grant.verdict.granted:
             return
         grant.settled = True
+        grant.ended = ended
         client = grant.verdict.client
         if client in self.identify.proxy_ids and grant.ask.usage:
             self.metrics.client_tokens.labels(client, "input").inc(ended.input_tokens)
             self.metrics.client_tokens.labels(client, "output").inc(ended.output_tokens)
+        if ended.accepted and grant.ask.client.startswith("user-"):
+            self.local.accept(grant.ask.client)
         leased = self.leases.pop(grant.ask.id, None)
         if leased is not None and self._renewing is not None and grant.ask.id in self._renewing:
             self._released_while_renewing += [(scope, grant.ask.id) for scope in leased]
-        if ended.accepted and grant.ask.client.startswith("user-"):
-            self.local.accept(grant.ask.client)
         if grant.limiter is self.local:
             self.local.settle_now(grant.ask, grant.verdict, ended)
+            if grant.late is not None:  # the store's grant, landed late: its settlement ends it
+                self._settle_shared(grant.late, ended)
+            elif leased is not None:  # admitted in fallback: its lease may be in the store
+                self._end_leases([(scope, grant.ask.id) for scope in leased])
             return
+        self._settle_shared(grant, ended)
+
+    def _settle_shared(self, grant: Grant, ended: Settlement) -> None:
         # Sent in the background, together with the other requests ending meanwhile: one
         # pipelined round trip for all of them.
         self._settling.append((grant.ask, grant.verdict, ended))
         if len(self._settling) == 1:
-            task = asyncio.get_running_loop().create_task(self._settle_batch())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._settle_batch())
+
+    def _end_leases(self, pairs: list[tuple[str, str]]) -> None:
+        """End leases in the store: now if it answers, else by the probe once it does (after
+        it has pushed the running ones)."""
+        if self.mode == "shared":
+            self._background(self._release(pairs))
+        else:
+            self._orphans += pairs
+
+    async def _release(self, pairs: list[tuple[str, str]]) -> None:
+        assert self.shared is not None
+        try:
+            await self._call(self.shared.release(pairs))
+        except Exception as error:
+            self._orphans += pairs
+            self._failed(error)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _settle_batch(self) -> None:
         assert self.shared is not None
@@ -286,8 +367,46 @@ class Limits:
     # --- the store, the breaker
 
     async def _call(self, work: Awaitable[_T]) -> _T:
-        async with asyncio.timeout(self.timeout):
-            return await work
+        """Run one store call; TimeoutError when the store fell silent (see ``_wait``)."""
+        call = asyncio.ensure_future(work)
+        try:
+            return await self._wait(call)
+        finally:
+            call.cancel()  # given up: its reply is read and dropped when it comes
+
+    async def _wait(self, call: asyncio.Future[_T]) -> _T:
+        """Return the call's result; raise TimeoutError if the store is down.
+
+        A deadline measured in this loop measures the loop as much as the store: a replica
+        parsing a burst of large requests reads the store's replies late (and an
+        ``asyncio.timeout`` due in the same turn as the reply wins over it). So the call
+        waits in windows of LIMITS_TIMEOUT; at the end of each the loop first turns (TURNS)
+        to read what came, then the store is judged down only if no reply was read in the
+        whole window while it owed one since LIMITS_TIMEOUT before the turns began
+        (``Store.silent``), which a busy loop cannot fake: what the store sent by then has
+        been read. (A debt that began later is not judged yet: in a busy loop a turn can
+        last longer than LIMITS_TIMEOUT.) While the store answers, the call waits on, up to
+        PATIENCE x LIMITS_TIMEOUT in all.
+        """
+        assert self.shared is not None
+        store, loop = self.shared.store, asyncio.get_running_loop()
+        since = loop.time()
+        give_up = since + self.timeout * PATIENCE
+        while True:
+            await asyncio.wait((call,), timeout=min(self.timeout, give_up - since))
+            turned = loop.time()
+            for _ in range(TURNS):
+                if call.done():
+                    break
+                await asyncio.sleep(0)
+            if call.done():
+                return call.result()
+            now = loop.time()
+            if store.silent(since, turned - self.timeout):
+                raise TimeoutError(f"the limits store answered nothing for {self.timeout} s")
+            if now >= give_up:
+                raise TimeoutError(f"a limits store call took over {self.timeout * PATIENCE} s")
+            since = now
 
     def _failed(self, error: BaseException) -> None:
         self.metrics.store_failures.inc()
@@ -316,10 +435,17 @@ class Limits:
                 # once the probe succeeds no request meets a stale one.
                 await self.shared.store.reset()
                 await self._call(self.shared.store.execute("PING"))
+                # The leases of the requests still running, those admitted in fallback
+                # included, then those that ended meanwhile (or may have been taken by a
+                # call that failed): until none is left, with no await before the switch.
                 await self._call(self.shared.renew(self._lease_pairs()))
-                if self._orphans:
-                    await self._call(self.shared.release(self._orphans))
-                    self._orphans = []
+                while self._orphans:
+                    orphans, self._orphans = self._orphans, []
+                    try:
+                        await self._call(self.shared.release(orphans))
+                    except BaseException:
+                        self._orphans = orphans + self._orphans
+                        raise
             except Exception:
                 self.metrics.store_failures.inc()
                 continue
@@ -355,6 +481,12 @@ class Limits:
 
     async def start(self) -> None:
         if self.shared is not None:
+            # Connected before the first request: otherwise a cold replica's first burst
+            # would connect in a loop busy parsing it, and the replies of a connection's
+            # handshake do not show the store alive (Store.silent). Down now: the first
+            # call says so.
+            with contextlib.suppress(Exception):
+                await self._call(self.shared.store.execute("PING"))
             self._renewer = asyncio.get_running_loop().create_task(self._renewing_loop())
 
     async def close(self) -> None:
@@ -409,7 +541,19 @@ class Limits:
         return self.identify(request, credential)  # type: ignore[arg-type]
 
 
-def _lease_pairs(ask: Ask, client: str) -> list[tuple[str, str]]:
-    """Return the leases (scope, id) an admission of ``ask`` as ``client`` takes: one per
+def _leased(ask: Ask, client: str) -> tuple[str, ...]:
+    """Return the scopes where an admission of ``ask`` as ``client`` takes a lease: one per
     concurrency limit."""
-    return [(scope_name(kind, client), ask.id) for kind, rules in ask.scopes if rules.concurrency]
+    return tuple(scope_name(kind, client) for kind, rules in ask.scopes if rules.concurrency)
+
+
+def _lease_pairs(ask: Ask, client: str) -> list[tuple[str, str]]:
+    """Return the leases (scope, id) an admission of ``ask`` as ``client`` takes."""
+    return [(scope, ask.id) for scope in _leased(ask, client)]
+
+
+def _possible_leases(ask: Ask) -> list[tuple[str, str]]:
+    """Return the leases a store admission of ``ask`` may have taken, its verdict unknown:
+    as its client, and as anonymous for a credential SAI has not accepted yet."""
+    pairs = _lease_pairs(ask, ask.client)
+    return pairs + _lease_pairs(ask, ANONYMOUS) if ask.verify else pairs

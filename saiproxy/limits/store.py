@@ -22,7 +22,10 @@ What a caller sees:
   a stalled server's connection is given up).
 
 There is no timeout here: each caller bounds its call (``LIMITS_TIMEOUT``,
-see limits.py), and connecting is bounded by the same value.
+see limits.py), and connecting is bounded by the same value. What a caller
+needs to tell a server that stopped answering from an event loop too busy to
+read its answers in time is :meth:`Store.silent`: whether the server, owing a
+reply, has sent none over a span of time.
 """
 
 from __future__ import annotations
@@ -87,6 +90,16 @@ class Store:
             link.wake.set_result(None)
         return future
 
+    def silent(self, since: float, owed: float) -> bool:
+        """Return whether the server has sent no reply since ``since`` (loop time) though it
+        owes one since ``owed`` or earlier (the write, or the connection, that began the debt,
+        or the last reply). A busy event loop reads replies late, but once it has turned it
+        has read all that came: called then, a silence is the server's, not the loop's."""
+        link = self._link
+        if link is None or link.broken is not None or link.owed_since is None:
+            return False
+        return link.answered <= since and link.owed_since <= owed
+
     async def reset(self) -> None:
         """Give up the connection: every call waiting fails; the next call connects again."""
         link, self._link = self._link, None
@@ -114,13 +127,19 @@ class _Link:
         self.pending: deque[tuple[asyncio.Future[Any], int]] = deque()
         self.wake: asyncio.Future[None] | None = None
         self.broken: BaseException | None = None
+        # Loop times, for Store.silent (one clock reading per reply read): the last reply
+        # read, and since when the server owes one (None: it owes none).
+        self.answered = float("-inf")
+        self.owed_since: float | None = None
         self.reader: asyncio.Task[None] | None = None
         self.writer: asyncio.Task[None] = self.loop.create_task(self._writing())
 
     async def _writing(self) -> None:
         connection = self.connection
         try:
+            self.owed_since = self.loop.time()  # the handshake's replies
             await connection.connect()  # type: ignore[no-untyped-call]
+            self.owed_since = None
             self.reader = self.loop.create_task(self._reading())
             while True:
                 if not self.outbox:
@@ -135,6 +154,8 @@ class _Link:
                     commands += entry_commands
                     self.pending.append((future, size))
                 if commands:
+                    if self.owed_since is None:
+                        self.owed_since = self.loop.time()
                     await connection.send_packed_command(
                         connection.pack_commands(commands), check_health=False
                     )
@@ -142,7 +163,7 @@ class _Link:
             await self._break(error)
 
     async def _reading(self) -> None:
-        connection, pending = self.connection, self.pending
+        connection, pending, clock = self.connection, self.pending, self.loop.time
         replies: list[Any] = []
         try:
             while True:
@@ -150,6 +171,8 @@ class _Link:
                     reply = await connection.read_response()
                 except ResponseError as error:  # an error reply: its caller's only
                     reply = error
+                # The server answers: it owes the rest from now.
+                self.answered = self.owed_since = clock()
                 if not pending:
                     raise StoreConnectionError("the limits store sent a reply nobody waits for")
                 future, size = pending[0]
@@ -159,6 +182,8 @@ class _Link:
                         continue
                     reply, replies = replies, []
                 pending.popleft()
+                if not pending:
+                    self.owed_since = None
                 if future.done():  # its caller gave up (timeout, cancellation)
                     continue
                 if not size and isinstance(reply, ResponseError):
