@@ -40,7 +40,7 @@ from .middlewares import (
     proxy_access_middleware,
 )
 from .openapi import openapi
-from .protocols import anthropic, conversations, stored
+from .protocols import anthropic, compaction, conversations, stored
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
@@ -184,6 +184,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/responses", responses)
         app.router.add_post(f"{prefix}/responses/input_tokens", stored.input_tokens)
+        app.router.add_post(f"{prefix}/responses/compact", compaction.compact)
         app.router.add_get(f"{prefix}/responses/{{response_id}}", stored.get_response)
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", stored.delete_response)
         app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", stored.input_items)

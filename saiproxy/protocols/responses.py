@@ -40,7 +40,7 @@ from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from ..state.store import new_id
-from . import openai
+from . import compaction, openai
 from .stored import Continuation, continuation
 
 log = logging.getLogger("saiproxy.protocols")
@@ -79,7 +79,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if body.get("background") is True:
         raise InvalidRequest(BACKGROUND, param="background")
     found = await continuation(request, body)
-    conversation, echo = parse({**body, "input": found.input} if found.state else body)
+    whole = await compaction.expand(request, body, found.input)
+    if compaction.triggered(whole):
+        return await compaction.respond(request, body, whole)
+    conversation, echo = parse(
+        {**body, "input": whole} if found.state or whole is not found.input else body
+    )
     echo["previous_response_id"] = found.previous
     echo["conversation"] = {"id": found.conversation} if found.conversation else None
     openai.fields_ignored(body, USED_FIELDS, request.headers.get("OpenAI-Beta"))

@@ -19,7 +19,8 @@ Extension points: a background response is a record kept before SAI answers
 (``keep`` with its ``in_progress`` Response, kept again when it ends; its
 status is then what every replica reads); a compaction item's opaque content
 can be the id of a stored item of its owner (``items``), so that no replica
-trusts what the client sends back.
+trusts what the client sends back: a compaction's summary is kept under its
+owner (``keep_summary``) and its item carries only the summary's id.
 """
 
 from __future__ import annotations
@@ -214,6 +215,24 @@ class State:
         keys = [self._key("r", owner, response_id)]
         keys += [self._key("i", owner, item_id) for item_id in record.owned]
         return await self.backend.delete(owner, keys, record.receipt, record.size) > 0
+
+    # --- compaction summaries
+
+    async def keep_summary(self, owner: str, summary_id: str, summary: str) -> None:
+        """Keep a compaction's summary under the id its item carries (within the quota)."""
+        entry = (self._key("s", owner, summary_id), orjson.dumps({"summary": summary}))
+        written = await self.backend.put(
+            owner, [entry], quota=self.quota, receipt=self.backend.receipt()
+        )
+        if written is None:
+            raise self._over_quota()
+
+    async def summaries(self, owner: str, ids: Sequence[str]) -> dict[str, str]:
+        """Return the stored summaries among ``ids`` of ``owner``, by id (others are absent)."""
+        wanted = [i for i in dict.fromkeys(ids) if _valid(i)]
+        found = await self.backend.get([self._key("s", owner, i) for i in wanted])
+        pairs = zip(wanted, found, strict=True)
+        return {i: orjson.loads(raw)["summary"] for i, raw in pairs if raw}
 
     # --- conversations
 
