@@ -290,6 +290,18 @@ def _stored_schemas() -> dict[str, Schema]:
             metadata={"type": ["object", "null"], "additionalProperties": _STRING},
             items={"type": ["array", "null"], "maxItems": 20, "items": {"type": "object"}},
         ),
+        "Compaction": _obj(
+            ["id", "object", "created_at", "output"],
+            id=_STRING,
+            object={"const": "response.compaction"},
+            created_at=_INT,
+            output={
+                "type": "array",
+                "items": _ref("Item"),
+                "description": "The input's user messages, then one compaction item",
+            },
+            usage={"type": "object"},
+        ),
         "ConversationDeleted": _obj(
             ["id", "object", "deleted"],
             id=_STRING,
@@ -347,6 +359,13 @@ def _stored_paths() -> dict[str, Schema]:
             "post": _stored(
                 "The input's estimated tokens (characters / 4), chain included",
                 "InputTokens",
+                body="ResponseRequest",
+            ),
+        },
+        "/v1/responses/compact": {
+            "post": _stored(
+                "The history summarised by SAI into one compaction item (the caller's)",
+                "Compaction",
                 body="ResponseRequest",
             ),
         },

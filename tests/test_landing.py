@@ -226,6 +226,7 @@ EXPECTED_PATHS = {
     "/v1/completions": "post",
     "/v1/responses": "post",
     "/v1/responses/input_tokens": "post",
+    "/v1/responses/compact": "post",
     "/v1/responses/{response_id}": "parameters",
     "/v1/responses/{response_id}/input_items": "parameters",
     "/v1/conversations": "post",

@@ -3,6 +3,8 @@
 What Codex CLI, the OpenAI Agents SDK and the SDKs' ``client.responses`` speak.
 What is stored and continued (``store``, ``previous_response_id``,
 ``conversation``, ``item_reference`` to a stored item) is :mod:`.stored`'s;
+compaction (a ``compaction_trigger`` item, a ``compaction`` item sent back)
+is :mod:`.compaction`'s;
 stored prompts and ``background`` are refused with a 400 that names them;
 hosted tools are left out of the prompt (logged), tools offered inside a
 namespace become tools of their own, and an ``item_reference`` found neither
