@@ -40,7 +40,7 @@ from .middlewares import (
     proxy_access_middleware,
 )
 from .openapi import openapi
-from .protocols import anthropic, compaction, conversations, stored
+from .protocols import anthropic, background, compaction, conversations, stored
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
@@ -188,6 +188,7 @@ def create_app(settings: Settings, *, log_setup: LogSetup | None = None) -> web.
         app.router.add_get(f"{prefix}/responses/{{response_id}}", stored.get_response)
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", stored.delete_response)
         app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", stored.input_items)
+        app.router.add_post(f"{prefix}/responses/{{response_id}}/cancel", background.cancel)
         conversations.add_routes(app.router, prefix)
         app.router.add_get(f"{prefix}/models", models)
         # Model IDs may contain "/" (``org/model``).

@@ -371,8 +371,16 @@ def _stored_paths() -> dict[str, Schema]:
         },
         "/v1/responses/{response_id}": {
             "parameters": [response],
-            "get": _stored("A stored response", "Response"),
+            "get": _stored(
+                "A stored response; stream=true (with starting_after): a background "
+                "response's events, replayed",
+                "Response",
+            ),
             "delete": _stored("Delete a stored response", "ResponseDeleted"),
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "parameters": [response],
+            "post": _stored("Cancel a background response (from any replica)", "Response"),
         },
         "/v1/responses/{response_id}/input_items": {
             "parameters": [response],

@@ -228,6 +228,7 @@ EXPECTED_PATHS = {
     "/v1/responses/input_tokens": "post",
     "/v1/responses/compact": "post",
     "/v1/responses/{response_id}": "parameters",
+    "/v1/responses/{response_id}/cancel": "parameters",
     "/v1/responses/{response_id}/input_items": "parameters",
     "/v1/conversations": "post",
     "/v1/conversations/{conversation_id}": "parameters",

@@ -220,13 +220,17 @@ def _not_found(response_id: str) -> NotFound:
     return NotFound(f"Response with id '{response_id[:80]}' not found.", param="response_id")
 
 
-async def get_response(request: web.Request) -> web.Response:
-    """``GET /v1/responses/{id}``: the stored Response object."""
+async def get_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{id}``: the stored Response object (``stream=true``: its events)."""
+    from . import background  # it imports this module
+
+    if request.query.get("stream") in ("true", "1"):
+        return await background.replay(request)
     state, owner, response_id = await _stored(request)
     record = await state.response(owner, response_id)
     if record is None:
         raise _not_found(response_id)
-    return json_response(record.response)
+    return json_response(await background.settled(state, owner, record.response))
 
 
 async def delete_response(request: web.Request) -> web.Response:
