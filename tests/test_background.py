@@ -185,3 +185,41 @@ async def test_a_killed_replicas_background_responses_end_failed_within_the_leas
         assert after <= LEASE + 1.5
     print(f"SIGKILL: {len(ended)} background responses failed in "
           f"{max(after for _, after in ended.values()):.1f} s (lease {LEASE:g} s)")  # fmt: skip
+
+
+async def test_a_drained_replicas_background_responses_end_failed(cluster: Cluster) -> None:
+    """SIGTERM: what the shutdown budget did not let end is ended ``failed``, saying why."""
+    drained = 1
+    headers = {"user-api-key": "sk-drained-user"}
+    async with openai.AsyncOpenAI(
+        base_url=cluster.url(drained) + "/v1", api_key="sk-user", max_retries=0
+    ) as victim, openai.AsyncOpenAI(
+        base_url=cluster.url(0) + "/v1", api_key="sk-user", max_retries=0
+    ) as alive:  # fmt: skip
+        created = [
+            await victim.responses.create(
+                model="sai-model", input=f"stream:60 drained{n}", background=True,
+                extra_headers=headers,
+            )
+            for n in range(3)
+        ]  # fmt: skip
+        await asyncio.sleep(0.3)  # SAI has them
+        process = cluster.signal(drained, signal.SIGTERM)
+        process.wait(15)
+        stopped_at = time.monotonic()
+        ended = []
+        for response in created:
+            while time.monotonic() - stopped_at < LEASE + 10:
+                seen = await alive.responses.retrieve(response.id, extra_headers=headers)
+                if seen.status not in ("queued", "in_progress"):
+                    ended.append(seen)
+                    break
+                await asyncio.sleep(0.1)
+        waited = time.monotonic() - stopped_at
+        cluster.start_replica(drained)
+    assert [seen.status for seen in ended] == ["failed"] * len(created)
+    assert all(
+        "restarting" in seen.error.message or "lease expired" in seen.error.message
+        for seen in ended
+    )
+    assert waited <= LEASE + 1.5

@@ -35,6 +35,7 @@ from aiohttp import web
 from ..bodies import json_response
 from ..core.conversation import Answer, Conversation
 from ..core.exchange import Exchange
+from ..core.sse import COMMENT_PING
 from ..errors import InvalidRequest, NotFound, ProxyError, UpstreamError
 from ..keys import SETTINGS, STATE_STORE
 from ..state import owner_of
@@ -154,17 +155,19 @@ async def _run(
     frames: list[str] = []
     try:
         await state.restatus(owner, renderer.pending("in_progress", model))
-        answered = await exchange.respond(renderer)
+        await exchange.respond(renderer)
+        answer = renderer.answer
         if renderer.completed is not None:  # SAI answered
             final = renderer.completed
-        else:  # an error explained as the answer's text (ERROR_MODE=message)
-            raw = answered.body if isinstance(answered, web.Response) else None
-            final = (
-                orjson.loads(raw) if isinstance(raw, bytes)
-                else renderer.pending("failed", model, error=_error("server_error", "No answer"))
-            )  # fmt: skip
-        if streamed and renderer.answer is not None:
-            frames = _frames(renderer.events(renderer.answer))
+        else:
+            # An error explained as text (ERROR_MODE=message) is still a failure here:
+            # the status is what a background response's client reads.
+            code = answer.outcome if answer is not None else "server_error"
+            text = answer.text.strip() if answer is not None else "No answer"
+            final = renderer.pending("failed", model, error=_error(code, text))
+            answer = None
+        if streamed and answer is not None:
+            frames = _frames(renderer.events(answer))
     except asyncio.CancelledError:
         work.uncancel()  # taken back: how it ended is still to be kept
         if watch.done() and not watch.cancelled():  # the cancel flag
@@ -236,12 +239,17 @@ async def _follow(
                  "X-Accel-Buffering": "no"}
     )  # fmt: skip
     await response.prepare(request)
-    sent = after + 1
+    interval = request.app[SETTINGS].ping_interval
+    sent, written = after + 1, time.monotonic()
     while True:
         current = await _current(state, owner, response_id)  # the status first: see _run
         frames = await state.events(owner, response_id)
-        for frame in frames[sent:]:
-            await response.write(frame.encode() + b"\n\n")
+        if frames[sent:]:
+            await response.write(b"".join(f.encode() + b"\n\n" for f in frames[sent:]))
+            written = time.monotonic()
+        elif time.monotonic() - written >= interval:  # a quiet stream is kept alive
+            await response.write(COMMENT_PING)
+            written = time.monotonic()
         sent = max(sent, len(frames))
         if current.get("status") in TERMINAL:
             break
