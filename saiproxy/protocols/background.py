@@ -36,7 +36,7 @@ from ..bodies import json_response
 from ..core.conversation import Answer, Conversation
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
-from ..errors import InvalidRequest, NotFound, ProxyError, UpstreamError
+from ..errors import InvalidRequest, NotFound, ProxyError, StateUnavailable, UpstreamError
 from ..keys import SETTINGS, STATE_STORE
 from ..state import owner_of
 from ..state.store import State
@@ -122,18 +122,28 @@ async def start(
 
 
 async def _watch(
-    state: State, owner: str, response_id: str, lease: float, work: asyncio.Task[Any]
+    state: State,
+    owner: str,
+    response_id: str,
+    lease: float,
+    work: asyncio.Task[Any],
+    asked: asyncio.Event,
 ) -> None:
     """Renew the lease and read the cancel flag until the work ends; cancel it when asked."""
     renewed = time.monotonic()
     while True:
         await asyncio.sleep(min(CANCEL_CHECK, lease / 3))
-        if time.monotonic() - renewed >= lease / 3:
-            await state.lease(owner, response_id, time.time() + lease)
-            renewed = time.monotonic()
-        if await state.cancel_asked(owner, response_id):
-            work.cancel()
-            return
+        try:
+            if time.monotonic() - renewed >= lease / 3:
+                await state.lease(owner, response_id, time.time() + lease)
+                renewed = time.monotonic()
+            if await state.cancel_asked(owner, response_id):
+                asked.set()
+                work.cancel()
+                return
+        except StateUnavailable:
+            # Tried again at the next tick; past the lease, readers end the response.
+            log.warning("a background response's lease could not be renewed")
 
 
 async def _run(
@@ -150,7 +160,8 @@ async def _run(
     model = exchange.model
     work = asyncio.current_task()
     assert work is not None
-    watch = asyncio.create_task(_watch(state, owner, response_id, lease, work))
+    asked = asyncio.Event()  # the cancel flag was read
+    watch = asyncio.create_task(_watch(state, owner, response_id, lease, work, asked))
     final: dict[str, Any]
     frames: list[str] = []
     try:
@@ -170,7 +181,7 @@ async def _run(
             frames = _frames(renderer.events(answer))
     except asyncio.CancelledError:
         work.uncancel()  # taken back: how it ended is still to be kept
-        if watch.done() and not watch.cancelled():  # the cancel flag
+        if asked.is_set():
             final = renderer.pending("cancelled", model)
         else:
             final = renderer.pending("failed", model, error=_error("server_error", DRAINED))
