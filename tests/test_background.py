@@ -113,6 +113,25 @@ async def test_stream_then_resume_after_a_sequence_number(
             await client.responses.retrieve(plain.id, stream=True)
 
 
+async def test_background_work_counts_against_the_clients_limits(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    """One request at a time for this client: a running background response is that one."""
+    proxy = await make_proxy(PROXY_API_KEYS=KEY_A, LIMITS_CLIENT_CONCURRENCY="1")
+    sai.default = Reply(body="slow answer", delay=1.5)
+    async with _client(proxy) as client:
+        created = await client.responses.create(model="sai-model", input="x", background=True)
+        for _ in range(100):  # SAI has it: the background response holds the client's slot
+            if sai.received:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.create(model="sai-model", input="y", store=False)
+        assert (await _until_ended(client, created.id)).status == "completed"
+        sai.default = Reply(body="fast")
+        assert (await client.responses.create(model="sai-model", input="z")).output_text == "fast"
+
+
 async def test_background_needs_store(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     async with _client(proxy) as client:
