@@ -20,7 +20,7 @@ import pytest
 from bench.limits_cluster import Cluster
 from bench.valkey import ValkeyServer
 
-from .conftest import FakeSai, MakeProxy, Received, Reply, openai_url
+from .conftest import FakeSai, MakeProxy, Received, Reply, openai_url, run_node
 
 KEY_A, KEY_B = "bg-key-a", "bg-key-b"
 LEASE = 2.0  # BACKGROUND_LEASE of these tests
@@ -130,6 +130,18 @@ async def test_background_work_counts_against_the_clients_limits(
         assert (await _until_ended(client, created.id)).status == "completed"
         sai.default = Reply(body="fast")
         assert (await client.responses.create(model="sai-model", input="z")).output_text == "fast"
+
+
+async def test_the_node_sdk_polls_cancels_and_resumes(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy()
+    sai.answer = lambda call: Reply(body=f"re: {call.user}", delay=30 if call.user == "slow" else 0)
+    result = await run_node("responses_background.mjs", openai_url(proxy))
+    assert result["first"] == "queued"
+    assert result["polled"] == ["completed", "re: poll me"]
+    assert result["cancelled"] == "cancelled"
+    assert result["numbers"] == list(range(len(result["numbers"])))
+    assert result["last"] == ["response.completed", "re: stream me"]
+    assert result["resumed"] == result["numbers"][3:]
 
 
 async def test_background_needs_store(make_proxy: MakeProxy, sai: FakeSai) -> None:
