@@ -156,6 +156,22 @@ async def test_the_next_turn_carries_the_summary_to_sai(
     assert json.dumps(SUMMARY_HEAD + SUMMARY)[1:-1] in sent
 
 
+async def test_input_tokens_count_the_summary(make_proxy: MakeProxy, sai: FakeSai) -> None:
+    proxy = await make_proxy(PROXY_API_KEYS=f"{KEY_A},{KEY_B}")
+    sai.answer = lambda call: Reply(body="S" * 4000 if is_summary_call(call) else "ok")
+    item = await compacted(proxy)
+    counted = {}
+    for key in (KEY_A, KEY_B):  # B: not its summary, left out
+        response = await proxy.post(
+            "/v1/responses/input_tokens",
+            json={"model": "sai-model", "input": [item, {"role": "user", "content": "go on"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status == 200
+        counted[key] = (await response.json())["input_tokens"]
+    assert counted[KEY_A] >= counted[KEY_B] + 1000
+
+
 @pytest.mark.parametrize("who", ["another client", "forged"])
 async def test_a_compaction_item_not_the_callers_is_left_out(
     make_proxy: MakeProxy, sai: FakeSai, who: str

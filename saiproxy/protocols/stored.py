@@ -264,8 +264,11 @@ async def input_tokens(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
     # Counting stores nothing.
+    from . import compaction  # it imports the adapter
+
     found = await continuation(request, {**body, "store": False})
-    conversation, _ = parse({**body, "store": False, "input": found.input})
+    whole = await compaction.expand(request, body, found.input)  # a summary counts as sent
+    conversation, _ = parse({**body, "store": False, "input": whole})
     _, chars = sai_payload(conversation, 0)
     tokens = estimate_tokens(chars)
     return json_response({"object": "response.input_tokens", "input_tokens": tokens})
