@@ -42,7 +42,7 @@ from .middlewares import (
     proxy_access_middleware,
 )
 from .openapi import openapi
-from .protocols import anthropic, conversations, stored
+from .protocols import anthropic, background, compaction, conversations, stored
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
@@ -210,9 +210,11 @@ def create_app(
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/responses", responses)
         app.router.add_post(f"{prefix}/responses/input_tokens", stored.input_tokens)
+        app.router.add_post(f"{prefix}/responses/compact", compaction.compact)
         app.router.add_get(f"{prefix}/responses/{{response_id}}", stored.get_response)
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", stored.delete_response)
         app.router.add_get(f"{prefix}/responses/{{response_id}}/input_items", stored.input_items)
+        app.router.add_post(f"{prefix}/responses/{{response_id}}/cancel", background.cancel)
         conversations.add_routes(app.router, prefix)
         app.router.add_get(f"{prefix}/models", models)
         # Model IDs may contain "/" (``org/model``).

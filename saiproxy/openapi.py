@@ -290,6 +290,18 @@ def _stored_schemas() -> dict[str, Schema]:
             metadata={"type": ["object", "null"], "additionalProperties": _STRING},
             items={"type": ["array", "null"], "maxItems": 20, "items": {"type": "object"}},
         ),
+        "Compaction": _obj(
+            ["id", "object", "created_at", "output"],
+            id=_STRING,
+            object={"const": "response.compaction"},
+            created_at=_INT,
+            output={
+                "type": "array",
+                "items": _ref("Item"),
+                "description": "The input's user messages, then one compaction item",
+            },
+            usage={"type": "object"},
+        ),
         "ConversationDeleted": _obj(
             ["id", "object", "deleted"],
             id=_STRING,
@@ -350,10 +362,25 @@ def _stored_paths() -> dict[str, Schema]:
                 body="ResponseRequest",
             ),
         },
+        "/v1/responses/compact": {
+            "post": _stored(
+                "The history summarised by SAI into one compaction item (the caller's)",
+                "Compaction",
+                body="ResponseRequest",
+            ),
+        },
         "/v1/responses/{response_id}": {
             "parameters": [response],
-            "get": _stored("A stored response", "Response"),
+            "get": _stored(
+                "A stored response; stream=true (with starting_after): a background "
+                "response's events, replayed",
+                "Response",
+            ),
             "delete": _stored("Delete a stored response", "ResponseDeleted"),
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "parameters": [response],
+            "post": _stored("Cancel a background response (from any replica)", "Response"),
         },
         "/v1/responses/{response_id}/input_items": {
             "parameters": [response],

@@ -408,6 +408,10 @@ class Settings:
         default=7 * 86_400.0,
         metadata=_opt("RESPONSES_TTL", "state", _positive_float, key="responses_ttl"),
     )
+    background_lease: float = field(
+        default=15.0,
+        metadata=_opt("BACKGROUND_LEASE", "state", _positive_float, key="background_lease"),
+    )
     state_client_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata=_opt("STATE_CLIENT_BYTES", "state", _non_negative_int, key="client_bytes"),

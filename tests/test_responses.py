@@ -141,7 +141,7 @@ async def test_items_of_every_kind_reach_sai(make_proxy: MakeProxy, sai: FakeSai
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input[0].content"),
         ({"input": []}, "input"),
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "background"),
     ],
 )  # fmt: skip
 async def test_unsupported_is_a_400_naming_it(

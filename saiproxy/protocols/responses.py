@@ -3,7 +3,10 @@
 What Codex CLI, the OpenAI Agents SDK and the SDKs' ``client.responses`` speak.
 What is stored and continued (``store``, ``previous_response_id``,
 ``conversation``, ``item_reference`` to a stored item) is :mod:`.stored`'s;
-stored prompts and ``background`` are refused with a 400 that names them;
+compaction (a ``compaction_trigger`` item, a ``compaction`` item sent back)
+is :mod:`.compaction`'s;
+``background`` is :mod:`.background`'s; stored prompts are refused with a
+400 that names them;
 hosted tools are left out of the prompt (logged), tools offered inside a
 namespace become tools of their own, and an ``item_reference`` found neither
 in the request nor in the store is skipped. The stream opens at once
@@ -40,11 +43,10 @@ from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from ..state.store import new_id
-from . import openai
+from . import compaction, openai
 from .stored import Continuation, continuation
 
 log = logging.getLogger("saiproxy.protocols")
-BACKGROUND: Final = "'background' is not supported yet: send the request without it"
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 # Present and not null, these need state saiproxy does not keep.
 STATEFUL_FIELDS: Final = {
@@ -76,13 +78,20 @@ async def responses(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
-    if body.get("background") is True:
-        raise InvalidRequest(BACKGROUND, param="background")
     found = await continuation(request, body)
-    conversation, echo = parse({**body, "input": found.input} if found.state else body)
+    whole = await compaction.expand(request, body, found.input)
+    if compaction.triggered(whole):
+        return await compaction.respond(request, body, whole)
+    conversation, echo = parse(
+        {**body, "input": whole} if found.state or whole is not found.input else body
+    )
     echo["previous_response_id"] = found.previous
     echo["conversation"] = {"id": found.conversation} if found.conversation else None
     openai.fields_ignored(body, USED_FIELDS, request.headers.get("OpenAI-Beta"))
+    if body.get("background") is True:
+        from . import background  # it imports this module
+
+        return await background.start(request, body, found, conversation, echo)
     exchange = Exchange(request, body, conversation, protocol="responses")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
     kept = found if found.keeps else None
@@ -228,8 +237,6 @@ def parse(body: Any) -> tuple[Conversation, dict[str, Any]]:
     for name, why in STATEFUL_FIELDS.items():
         if body.get(name) is not None:
             raise InvalidRequest(f"'{name}' is not supported: {why}", param=name)
-    if body.get("background") is True:
-        raise InvalidRequest(BACKGROUND, param="background")
     raw_input = body.get("input")
     if raw_input is None or raw_input == [] or raw_input == "":
         raise InvalidRequest("'input' is required: a string or an array of items", param="input")
@@ -378,6 +385,14 @@ class ResponsesRenderer:
         self._delta_head = b""
 
     # --- the Response object
+
+    @property
+    def response_id(self) -> str:
+        return self._id
+
+    def pending(self, status: str, model: str, **extra: Any) -> dict[str, Any]:
+        """Return the Response before its answer (a background response's ``queued``...)."""
+        return self._response(status, model, [], **extra)
 
     def _response(
         self,

@@ -220,13 +220,17 @@ def _not_found(response_id: str) -> NotFound:
     return NotFound(f"Response with id '{response_id[:80]}' not found.", param="response_id")
 
 
-async def get_response(request: web.Request) -> web.Response:
-    """``GET /v1/responses/{id}``: the stored Response object."""
+async def get_response(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/responses/{id}``: the stored Response object (``stream=true``: its events)."""
+    from . import background  # it imports this module
+
+    if request.query.get("stream") in ("true", "1"):
+        return await background.replay(request)
     state, owner, response_id = await _stored(request)
     record = await state.response(owner, response_id)
     if record is None:
         raise _not_found(response_id)
-    return json_response(record.response)
+    return json_response(await background.settled(state, owner, record.response))
 
 
 async def delete_response(request: web.Request) -> web.Response:
@@ -260,8 +264,11 @@ async def input_tokens(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
     # Counting stores nothing.
+    from . import compaction  # it imports the adapter
+
     found = await continuation(request, {**body, "store": False})
-    conversation, _ = parse({**body, "store": False, "input": found.input})
+    whole = await compaction.expand(request, body, found.input)  # a summary counts as sent
+    conversation, _ = parse({**body, "store": False, "input": whole})
     _, chars = sai_payload(conversation, 0)
     tokens = estimate_tokens(chars)
     return json_response({"object": "response.input_tokens", "input_tokens": tokens})

@@ -15,11 +15,13 @@ What is kept (see docs/protocols.md, "Stored responses and conversations"):
   output items (``item_reference`` resolves any of them);
 - a conversation's object, and the list of its item ids in order.
 
-Extension points: a background response is a record kept before SAI answers
-(``keep`` with its ``in_progress`` Response, kept again when it ends; its
-status is then what every replica reads); a compaction item's opaque content
-can be the id of a stored item of its owner (``items``), so that no replica
-trusts what the client sends back.
+A background response is a record kept before SAI answers (``keep`` with its
+``queued`` Response, ``restatus`` as it goes, kept again when it ends: its
+status is what every replica reads), with its owner replica's lease
+(``lease``), a cancel flag any replica may set (``ask_cancel``) and, when
+streamed, its events (``add_events``). A compaction item's opaque content
+is only the id of a summary kept under its owner (``keep_summary``), so that
+no replica trusts what the client sends back.
 """
 
 from __future__ import annotations
@@ -214,6 +216,62 @@ class State:
         keys = [self._key("r", owner, response_id)]
         keys += [self._key("i", owner, item_id) for item_id in record.owned]
         return await self.backend.delete(owner, keys, record.receipt, record.size) > 0
+
+    # --- background responses
+
+    async def restatus(self, owner: str, response: dict[str, Any]) -> None:
+        """Replace a kept response's object (a background response's status), nothing else."""
+        key = self._key("r", owner, response["id"])
+        (raw,) = await self.backend.get([key])
+        if raw is None:
+            return
+        record = orjson.loads(raw)
+        record["response"] = response
+        await self.backend.put(
+            owner, [(key, orjson.dumps(record))], quota=0, receipt=self.backend.receipt()
+        )
+
+    async def lease(self, owner: str, response_id: str, until: float) -> None:
+        """Say the replica running a background response is alive until ``until`` (epoch s)."""
+        entry = (self._key("b", owner, response_id), b"%f" % until)
+        await self.backend.put(owner, [entry], quota=0, receipt=self.backend.receipt())
+
+    async def lease_until(self, owner: str, response_id: str) -> float | None:
+        (raw,) = await self.backend.get([self._key("b", owner, response_id)])
+        return float(raw) if raw is not None else None
+
+    async def ask_cancel(self, owner: str, response_id: str) -> None:
+        entry = (self._key("x", owner, response_id), b"1")
+        await self.backend.put(owner, [entry], quota=0, receipt=self.backend.receipt())
+
+    async def cancel_asked(self, owner: str, response_id: str) -> bool:
+        (raw,) = await self.backend.get([self._key("x", owner, response_id)])
+        return raw is not None
+
+    async def add_events(self, owner: str, response_id: str, frames: Sequence[str]) -> None:
+        """Add a streamed background response's events, in order (replayed from any replica)."""
+        await self.backend.append(owner, self._key("e", owner, response_id), frames)
+
+    async def events(self, owner: str, response_id: str) -> list[str]:
+        return await self.backend.members(self._key("e", owner, response_id))
+
+    # --- compaction summaries
+
+    async def keep_summary(self, owner: str, summary_id: str, summary: str) -> None:
+        """Keep a compaction's summary under the id its item carries (within the quota)."""
+        entry = (self._key("s", owner, summary_id), orjson.dumps({"summary": summary}))
+        written = await self.backend.put(
+            owner, [entry], quota=self.quota, receipt=self.backend.receipt()
+        )
+        if written is None:
+            raise self._over_quota()
+
+    async def summaries(self, owner: str, ids: Sequence[str]) -> dict[str, str]:
+        """Return the stored summaries among ``ids`` of ``owner``, by id (others are absent)."""
+        wanted = [i for i in dict.fromkeys(ids) if _valid(i)]
+        found = await self.backend.get([self._key("s", owner, i) for i in wanted])
+        pairs = zip(wanted, found, strict=True)
+        return {i: orjson.loads(raw)["summary"] for i, raw in pairs if raw}
 
     # --- conversations
 
