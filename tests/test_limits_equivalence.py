@@ -216,4 +216,10 @@ async def run(url: str, scenario: Scenario) -> None:
 )
 @given(scenario=SCENARIOS)
 def test_both_stores_give_the_same_verdicts(valkey: ValkeyServer, scenario: Scenario) -> None:
-    asyncio.run(run(valkey.url, scenario))
+    # A loop of its own per example, closed here; not asyncio.run, which would also unset the
+    # thread's current loop (pytest-asyncio's, left unclosed on older releases).
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(run(valkey.url, scenario))
+    finally:
+        loop.close()
