@@ -332,3 +332,16 @@ def record(trigger: Any, carried: Any, scrub: dict[str, str]) -> None:
         text = text.replace(value, stand_in)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     (FIXTURES / "codex.json").write_text(text + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("kind", [{"a": 1}, ["compaction"], 7, None])
+async def test_an_input_item_whose_type_is_not_a_string_is_no_compaction_and_no_500(
+    make_proxy: MakeProxy, sai: FakeSai, kind: Any
+) -> None:
+    # Found by tests/test_properties.py: a type that is an object or an array is not hashable.
+    proxy = await make_proxy()
+    body = {"model": "sai-model", "store": False,
+            "input": [{"type": kind, "encrypted_content": "cmp_x"},
+                      {"type": "message", "role": "user", "content": "Hi"}]}  # fmt: skip
+    response = await proxy.post("/v1/responses", json=body)
+    assert response.status in (200, 400), await response.text()

@@ -55,13 +55,19 @@ SUMMARY_HEAD: Final = "A summary of the earlier part of this conversation (compa
 _NOT_HISTORY: Final = frozenset({TRIGGER, "additional_tools"})
 
 
+def _is_compaction(item: Any) -> bool:
+    """Return whether ``item`` is a compaction item (its type may be any JSON value)."""
+    if not isinstance(item, dict):
+        return False
+    kind = item.get("type")
+    return isinstance(kind, str) and kind in ITEM_TYPES
+
+
 def _compaction_ids(items: Sequence[Any]) -> list[str]:
     return [
         item["encrypted_content"]
         for item in items
-        if isinstance(item, dict)
-        and item.get("type") in ITEM_TYPES
-        and isinstance(item.get("encrypted_content"), str)
+        if _is_compaction(item) and isinstance(item.get("encrypted_content"), str)
     ]
 
 
@@ -71,13 +77,13 @@ async def expand(request: web.Request, body: dict[str, Any], raw_input: Any) -> 
     Items whose summary the caller does not own (or that expired) are left out.
     """
     items = as_items(raw_input)
-    if not any(isinstance(i, dict) and i.get("type") in ITEM_TYPES for i in items):
+    if not any(_is_compaction(item) for item in items):
         return raw_input
     ids = _compaction_ids(items)
     found = await request.app[STATE_STORE].summaries(owner_of(request, body), ids) if ids else {}
     whole: list[Any] = []
     for item in items:
-        if not isinstance(item, dict) or item.get("type") not in ITEM_TYPES:
+        if not _is_compaction(item):
             whole.append(item)
             continue
         content = item.get("encrypted_content")
