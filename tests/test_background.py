@@ -1,7 +1,7 @@
 """Background Responses with the openai Python SDK (saiproxy/protocols/background.py).
 
 Create and poll, cancel from another replica, stream and resume with
-``starting_after``, another client's 404; and several saiproxy processes on
+``starting_after``, another client's 404; and 8 saiproxy processes on
 one real Valkey, one SIGKILLed with background responses in flight: every
 one ends ``failed`` within the lease, read from a replica alive.
 """
@@ -157,7 +157,7 @@ async def test_background_needs_store(make_proxy: MakeProxy, sai: FakeSai) -> No
 # --- a replica killed
 
 
-REPLICAS = 3
+REPLICAS = 8  # as the service runs
 
 
 @pytest.fixture(scope="module")
