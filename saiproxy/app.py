@@ -46,7 +46,7 @@ from .protocols import anthropic, background, compaction, conversations, stored
 from .protocols.chat import chat_completions
 from .protocols.completions import completions
 from .protocols.openai import OpenAIErrors
-from .protocols.responses import responses
+from .protocols.responses import input_tokens, responses
 from .sai import SaiClient, client_timeout
 from .settings import Settings
 from .state import state_ctx
@@ -209,7 +209,7 @@ def create_app(
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_post(f"{prefix}/completions", completions)
         app.router.add_post(f"{prefix}/responses", responses)
-        app.router.add_post(f"{prefix}/responses/input_tokens", stored.input_tokens)
+        app.router.add_post(f"{prefix}/responses/input_tokens", input_tokens)
         app.router.add_post(f"{prefix}/responses/compact", compaction.compact)
         app.router.add_get(f"{prefix}/responses/{{response_id}}", stored.get_response)
         app.router.add_delete(f"{prefix}/responses/{{response_id}}", stored.delete_response)

@@ -173,3 +173,12 @@ def valkey(valkey_server: ValkeyServer) -> ValkeyServer:
         valkey_server.start()
     valkey_server.command("FLUSHALL")
     return valkey_server
+
+
+@pytest.fixture(params=["process", "valkey"])
+def store(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Run a test against both stores: in the process, and a real Valkey server."""
+    if request.param == "process":
+        return {}
+    server: ValkeyServer = request.getfixturevalue("valkey")
+    return {"LIMITS_URL": server.url}

@@ -9,7 +9,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from bench.valkey import ValkeyServer
@@ -25,15 +24,6 @@ TOKENS = {"prompttokens": "10", "completiontokens": "5"}
 
 def limits_of(proxy: Any) -> Any:
     return proxy.app[LIMITS]
-
-
-@pytest.fixture(params=["process", "valkey"])
-def store(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Run a test against both stores: in the process, and a real Valkey server."""
-    if request.param == "process":
-        return {}
-    server: ValkeyServer = request.getfixturevalue("valkey")
-    return {"LIMITS_URL": server.url}
 
 
 async def test_requests_per_minute_refused_in_openai_shape(

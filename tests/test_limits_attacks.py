@@ -30,15 +30,6 @@ from .conftest import ROOT, FakeSai, MakeProxy, Received, Reply, base_env, chat,
 HI = chat(("user", "Hi"))
 
 
-@pytest.fixture(params=["process", "valkey"])
-def store(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Run a test against both stores: in the process, and a real Valkey server."""
-    if request.param == "process":
-        return {}
-    server: ValkeyServer = request.getfixturevalue("valkey")
-    return {"LIMITS_URL": server.url}
-
-
 def keys_of(server: ValkeyServer) -> redis.Redis:
     return redis.Redis.from_url(server.url, socket_timeout=5)
 

@@ -25,15 +25,6 @@ TOKENS = {"prompttokens": "10", "completiontokens": "5"}
 ADMIN = "admin-key-5e1f"
 
 
-@pytest.fixture(params=["process", "valkey"])
-def store(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Run a test against both stores: in the process, and a real Valkey server."""
-    if request.param == "process":
-        return {}
-    server: ValkeyServer = request.getfixturevalue("valkey")
-    return {"LIMITS_URL": server.url}
-
-
 def key_id(key: str) -> str:
     return f"key-{digest(key)}"
 

@@ -158,7 +158,8 @@ class LocalLimiter:
                 del scopes[name]
         _drop_older(self._excess, lambda kept: kept[1] + EXCESS_KEEP_MS < now)
         _drop_older(self._verified, lambda until: until < now)
-        oldest_day = self._calendar.at(now - USAGE_KEEP_MS)[0]
+        # Worked out apart: asked of the calendar, it would throw away today's.
+        oldest_day = datetime.fromtimestamp((now - USAGE_KEEP_MS) // 1000, UTC).strftime("%Y-%m-%d")
         for date in [date for date in self._usage if date < oldest_day]:
             del self._usage[date]
 

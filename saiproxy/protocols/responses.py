@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import read_json
+from ..bodies import json_response, read_json
 from ..core.conversation import (
     MAX_MESSAGES,
     Answer,
@@ -40,6 +40,7 @@ from ..core.conversation import (
     check_count,
 )
 from ..core.exchange import Exchange
+from ..core.prompt import estimate_tokens, sai_payload
 from ..core.sse import COMMENT_PING
 from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from ..state.store import new_id
@@ -591,3 +592,21 @@ class ResponsesRenderer:
             "failed", self._model, self._output, error=error_object(error), usage=usage(Usage())
         )
         return frames + self._event("response.failed", {"response": response})
+
+
+async def input_tokens(request: web.Request) -> web.Response:
+    """``POST /v1/responses/input_tokens``: the estimate of what SAI would be sent.
+
+    The same count as the context check: the chain, the input, the
+    instructions and the tool definitions, characters / 4.
+    """
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    # Counting stores nothing.
+    found = await continuation(request, {**body, "store": False})
+    whole = await compaction.expand(request, body, found.input)  # a summary counts as sent
+    conversation, _ = parse({**body, "store": False, "input": whole})
+    _, chars = sai_payload(conversation, 0)
+    tokens = estimate_tokens(chars)
+    return json_response({"object": "response.input_tokens", "input_tokens": tokens})

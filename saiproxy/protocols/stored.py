@@ -20,8 +20,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response, read_json
-from ..core.prompt import estimate_tokens, sai_payload
+from ..bodies import json_response
 from ..errors import InvalidRequest, NotFound
 from ..keys import STATE_STORE
 from ..state import owner_of
@@ -250,25 +249,3 @@ async def input_items(request: web.Request) -> web.Response:
     ids, has_more = page(request, record.input)
     found = await state.items(owner, ids)
     return json_response(item_list([found[i] for i in ids if i in found], has_more))
-
-
-async def input_tokens(request: web.Request) -> web.Response:
-    """``POST /v1/responses/input_tokens``: the estimate of what SAI would be sent.
-
-    The same count as the context check: the chain, the input, the
-    instructions and the tool definitions, characters / 4.
-    """
-    from .responses import parse  # the adapter imports this module
-
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object")
-    # Counting stores nothing.
-    from . import compaction  # it imports the adapter
-
-    found = await continuation(request, {**body, "store": False})
-    whole = await compaction.expand(request, body, found.input)  # a summary counts as sent
-    conversation, _ = parse({**body, "store": False, "input": whole})
-    _, chars = sai_payload(conversation, 0)
-    tokens = estimate_tokens(chars)
-    return json_response({"object": "response.input_tokens", "input_tokens": tokens})
