@@ -1,0 +1,176 @@
+"""Where a non-streamed request's CPU goes, layer by layer, through saiproxy and the floor.
+
+    python -m bench.hop [--seconds 8] [--concurrency 64] [--limits local] [--via floor]
+
+One fake SAI, then the process under test (saiproxy at INFO, as bench/run.py
+starts it, or ``--via floor``: bench/floor.py), 64 clients at once. A
+sampling profiler (py-spy, installed apart: ``pip install py-spy``) records
+the process while the load runs; each sample is put in the layer of the
+innermost frame that names one (the rules in ``LAYERS``), and the layer's
+share of the samples times the process's CPU per request (from /proc) is its
+cost in microseconds per request. Without py-spy only the totals print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Final
+
+from bench import load
+from bench.limits import LIMITS
+from bench.run import ROOT, Usage, free_port, stop, wait_ready
+
+__all__ = ["LAYERS", "layer_of", "main"]
+
+# (layer, a fragment of the frame: "function (path"). A sample counts for the
+# innermost frame of saiproxy's own code (or of a library it calls for one job:
+# logging, metrics); the aiohttp code a layer calls (the SAI call's client, the
+# body's read) counts for that layer. A sample with none of these is the stack's
+# own work: aiohttp's server and the event loop, which the floor has too.
+LAYERS: Final = (
+    ("logging", "saiproxy/logs/"),
+    ("logging", "logging/__init__.py"),
+    ("metrics", "saiproxy/metrics.py"),
+    ("metrics", "prometheus_client/"),
+    ("limits", "saiproxy/limits/"),
+    ("auth chain", "saiproxy/auth.py"),
+    ("body read and validation", "saiproxy/bodies.py"),
+    ("body read and validation", "saiproxy/protocols/openai.py"),
+    ("body read and validation", "parse (saiproxy/protocols/chat.py"),
+    ("body read and validation", "_turn (saiproxy/protocols/chat.py"),
+    ("rendering", "body (saiproxy/protocols/chat.py"),
+    ("rendering", "json_response (saiproxy/"),
+    ("conversation and SAI payload", "saiproxy/core/prompt.py"),
+    ("conversation and SAI payload", "saiproxy/core/conversation.py"),
+    ("conversation and SAI payload", "_new_call (saiproxy/core/exchange.py"),
+    ("SAI call", "saiproxy/sai.py"),
+    ("answer filter", "saiproxy/core/answer.py"),
+    ("tracing hooks", "saiproxy/tracing/"),
+    ("middlewares", "saiproxy/middlewares.py"),
+    ("access log, response hooks", "saiproxy/app.py"),
+    ("exchange", "saiproxy/core/"),
+    ("handler", "saiproxy/protocols/"),
+)
+# Outer frames that are no layer's: the process's main function runs the loop.
+_NO_LAYER: Final = ("saiproxy/__main__.py", "saiproxy/server.py", "saiproxy/workers.py")
+STACK: Final = (
+    ("SAI call", "aiohttp/client"),
+    ("SAI call", "aiohttp/connector.py"),
+    ("floor handler", "bench/floor.py"),
+    ("aiohttp server", "aiohttp/"),
+)
+
+
+def layer_of(stack: str) -> str:
+    """Return the layer of one collapsed stack (outermost frame first, ``;`` between)."""
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        if any(fragment in frame for fragment in _NO_LAYER):
+            continue
+        for layer, fragment in LAYERS:
+            if fragment in frame:
+                return layer
+    for frame in reversed(frames):
+        for layer, fragment in STACK:
+            if fragment in frame:
+                return layer
+    return "event loop and other"
+
+
+def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", "500", "--duration", str(int(seconds)),
+         "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _layers(raw: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            counts[layer_of(stack)] += int(count)
+    return counts
+
+
+async def hop(seconds: float, concurrency: int, via: str, limits: str) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="hop-"))
+    sai_port, port = free_port(), free_port()
+    sai = subprocess.Popen(
+        [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port), "--chars", "200"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    sai_url = f"http://127.0.0.1:{sai_port}/api/templates/bench/execute"
+    env = {
+        **os.environ, "SAI_URL": f"http://127.0.0.1:{sai_port}", "SAI_KEY": "bench-key",
+        "SAI_TEMPLATE_ID": "bench", "HOST": "127.0.0.1", "PORT": str(port),
+        "LOG_DIR": str(workdir / "logs"), "SHUTDOWN_DELAY": "0",
+        "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
+    }  # fmt: skip
+    if limits != "off":
+        env.update(LIMITS)
+    argv = ["-m", "saiproxy"] if via == "saiproxy" else ["-m", "bench.floor", "--port", str(port),
+                                                          "--upstream", sai_url]  # fmt: skip
+    out = (workdir / "proxy.out").open("wb")
+    process = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=out,
+                               stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        await wait_ready(sai_url, sai)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        await wait_ready(url, process)
+        body = load.chat_body(False)
+        await load.run(url, body, concurrency=concurrency, duration=1.0)  # warm up
+        usage = Usage(process.pid)
+        spy = _profile(process.pid, seconds, workdir / "raw.txt")
+        results, elapsed = await load.run(url, body, concurrency=concurrency, duration=seconds)
+        cpu_us = (usage.cpu() - usage.cpu_start) / len(results) * 1e6
+        if spy is not None:
+            spy.wait(timeout=60)
+        summary = load.summary(results, elapsed)
+        print(f"{via} (limits {limits}), c={concurrency}: {summary['rps']:,.0f} req/s, "
+              f"{summary['errors']} errors, {cpu_us:.0f} us CPU per request, "
+              f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+        raw = workdir / "raw.txt"
+        if spy is None or not raw.exists():
+            print("(no py-spy: no breakdown)")
+            return 0
+        counts = _layers(raw)
+        total = sum(counts.values())
+        for layer, count in counts.most_common():
+            print(f"  {layer:<30} {count / total * cpu_us:7.1f} us  {count / total * 100:5.1f} %")
+        print(f"  ({total} samples; raw stacks in {raw})")
+    finally:
+        stop(process)
+        stop(sai)
+        out.close()
+        time.sleep(0.1)
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--via", choices=("saiproxy", "floor"), default="saiproxy")
+    parser.add_argument("--limits", choices=("off", "local"), default="off")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(hop(args.seconds, args.concurrency, args.via, args.limits)))
+
+
+if __name__ == "__main__":
+    main()
