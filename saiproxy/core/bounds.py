@@ -10,7 +10,7 @@ from typing import Any, Final
 
 import orjson
 
-from ..errors import InvalidRequest
+from ..base.errors import InvalidRequest
 
 # Stop sequences, as the providers bound them: OpenAI takes 4; Anthropic
 # documents no count, so saiproxy takes 64 (Claude Code sends none or a few).

@@ -24,7 +24,7 @@ MAX_CONTENT_PARTS: Final = 1_000
 def check_count(items: list[Any], limit: int, param: str, what: str) -> None:
     """Refuse a list longer than ``limit`` with a 400 that names the limit."""
     if len(items) > limit:
-        from ..errors import InvalidRequest
+        from ..base.errors import InvalidRequest
 
         raise InvalidRequest(
             f"'{param}' has {len(items)} {what}; saiproxy takes at most {limit}", param=param

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import UpstreamError
+from ..base.errors import UpstreamError
 from .conversation import Answer
 
 # Names the outcome of an answer that explains a failure (``message`` error

@@ -16,9 +16,9 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ..bodies import json_response
-from ..errors import StreamBroken, UpstreamError
+from ..base.errors import StreamBroken, UpstreamError
 from ..tracing import hooks as tracing
+from ..web.bodies import json_response
 from .ending import CLIENT_GONE, ERROR_HEADER, Ending
 from .exchange import Exchange, admit, conclude
 from .inflight import InFlight, OpenStream, cut_short

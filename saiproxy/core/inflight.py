@@ -13,8 +13,8 @@ import logging
 
 from aiohttp import web
 
-from ..errors import ShutdownCut
-from ..keys import KEEP_ALIVE, SETTINGS, STATE
+from ..base.errors import ShutdownCut
+from ..base.keys import KEEP_ALIVE, SETTINGS, STATE
 from .sse import EventStream
 
 # The exchange's log lines keep its logger name, whichever module writes them.

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from ..errors import StreamBroken, UpstreamError
-from ..keys import KEEP_ALIVE
-from ..sai import SaiStream
+from ..base.errors import StreamBroken, UpstreamError
+from ..base.keys import KEEP_ALIVE
+from ..upstream.sai import SaiStream
 from .conversation import Answer
 from .ending import ERROR_HEADER, Ending
 from .inflight import OpenStream, cut_short

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from ..errors import ProxyError, UpstreamError
+from ..base.errors import ProxyError, UpstreamError
 from .conversation import Answer, ToolCall
 
 

@@ -16,7 +16,7 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
-from ..keys import STREAM
+from ..base.keys import STREAM
 
 SSE_HEADERS: Final = {
     hdrs.CONTENT_TYPE: "text/event-stream",

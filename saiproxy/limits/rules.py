@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
-from ..settings import Settings
+from ..base.settings import Settings
 
 WINDOW_MS: Final = 60_000  # requests and tokens per minute: a sliding window of 60 s
 GLOBAL: Final = "global"  # the scope of the shared SAI credentials

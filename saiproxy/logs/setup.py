@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from ..settings import SettingsError
+from ..base.settings import SettingsError
 from .batch import BatchHandler, current_batcher, set_batcher
 from .format import log_file_name, make_formatter
 from .mask import Masker

@@ -19,7 +19,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response, read_json
+from ..base.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from ..base.keys import SETTINGS
 from ..core import bounds, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
@@ -36,8 +37,7 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
-from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
-from ..keys import SETTINGS
+from ..web.bodies import json_response, read_json
 from . import openai
 
 # Content the answer would silently miss if it were dropped: refused with a 400.

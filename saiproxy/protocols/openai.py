@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ..base.errors import InvalidRequest, ProxyError
 from ..core import bounds, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
@@ -17,8 +18,7 @@ from ..core.conversation import (
     Usage,
     check_count,
 )
-from ..errors import InvalidRequest, ProxyError
-from ..middlewares import error_response
+from ..web.middlewares import error_response
 
 TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
 # Content that would change the answer if it were dropped: refused with a 400

@@ -20,11 +20,11 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response
-from ..errors import InvalidRequest, NotFound
-from ..keys import STATE_STORE
+from ..base.errors import InvalidRequest, NotFound
+from ..base.keys import STATE_STORE
 from ..state import owner_of
 from ..state.store import State, as_items, stored_item
+from ..web.bodies import json_response
 from . import openai
 
 log = logging.getLogger("saiproxy.protocols")

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import orjson
 
-from ..errors import StorageQuotaExceeded
+from ..base.errors import StorageQuotaExceeded
 from .backend import ENTRY_OVERHEAD, Backend
 
 MAX_ID: Final = 256  # characters of an id a client names; longer ones are found nowhere

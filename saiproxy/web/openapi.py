@@ -14,7 +14,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
 from .landing import base_url
 
 JSON: Final = "application/json"

@@ -20,10 +20,10 @@ from typing import Any, Final, Literal, Protocol
 
 from aiohttp import hdrs, web
 
-from .errors import InvalidRequest, NoCredential
-from .settings import AuthHandlerName, Secret, Settings
+from ..base.errors import InvalidRequest, NoCredential
+from ..base.settings import AuthHandlerName, Secret, Settings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("saiproxy.auth")
 
 COOKIE_MARKER: Final = "Cookies"
 USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")

@@ -10,10 +10,12 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import __version__, check, trace, workers
-from .demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
-from .server import ListenError, check_open_relay, serve
-from .settings import SettingsError, load_settings, setting
+from .. import __version__
+from ..base.settings import SettingsError, load_settings, setting
+from ..upstream.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
+from ..web import workers
+from ..web.server import ListenError, check_open_relay, serve
+from . import check, trace
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check"]:
         return check.main(argv[1:])
     if argv[:1] == ["usage"]:
-        from .limits import usage
+        from ..limits import usage
 
         return usage.main(argv[1:])
     args = _parser().parse_args(argv)

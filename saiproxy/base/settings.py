@@ -18,14 +18,14 @@ from typing import Any, Final, Literal
 
 from yarl import URL
 
-from .tracing.config import TracingConfig, TracingConfigError, tracing_config
+from ..tracing.config import TracingConfig, TracingConfigError, tracing_config
 
 SECRETS_DIR: Final = "/run/secrets"
 DEFAULT_CONFIG_PATH: Final = "config/saiproxy.toml"
 
 
 class AuthHandlerName(StrEnum):
-    """The handlers AUTH_CHAIN may name (saiproxy/auth.py builds one for each)."""
+    """The handlers AUTH_CHAIN may name (saiproxy/upstream/auth.py builds one for each)."""
 
     METADATA = "metadata"
     HEADER = "header"

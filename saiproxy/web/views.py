@@ -9,11 +9,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
+from ..base.errors import ModelNotFound
+from ..base.keys import METRICS, SETTINGS, STATE
+from ..base.metrics import metrics_response
 from .bodies import json_response
-from .errors import ModelNotFound
-from .keys import METRICS, SETTINGS, STATE
-from .metrics import metrics_response
 
 
 async def health(request: web.Request) -> web.Response:

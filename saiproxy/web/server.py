@@ -12,13 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
+from ..base.keys import STATE, ServingState
+from ..base.settings import Settings, SettingsError
 from .app import AccessLogger, create_app, log_setup_for
-from .keys import STATE, ServingState
 from .malformed import ProxyRunner
-from .settings import Settings, SettingsError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("saiproxy.server")
 
 
 CUT_GRACE = 1.0  # seconds a cut answer gets to write its ending (at most a quarter of the budget)
