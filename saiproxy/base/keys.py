@@ -24,6 +24,26 @@ if TYPE_CHECKING:
     from ..state.store import State
     from ..tracing.hooks import Tracing
 
+__all__ = [
+    "AUTH_CHAIN",
+    "CALL_BUDGET",
+    "ERROR_SHAPES",
+    "KEEP_ALIVE",
+    "LIMITS",
+    "METRICS",
+    "OUTCOME",
+    "OWNERS",
+    "REQUEST_ID",
+    "SAI",
+    "SCHEMA_CHECKER",
+    "SETTINGS",
+    "STATE",
+    "STATE_STORE",
+    "STREAM",
+    "TRACING",
+    "ServingState",
+]
+
 
 @dataclass(slots=True)
 class ServingState:

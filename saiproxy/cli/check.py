@@ -39,6 +39,20 @@ from ..logs import Masker
 from ..upstream.auth import AuthChain, Credential, SystemHandler
 from ..upstream.sai import SaiClient, client_timeout
 
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "PROBE_PROMPT",
+    "Probe",
+    "advice_for",
+    "format_probe",
+    "main",
+    "probe",
+    "probe_payload",
+    "report",
+    "run_probes",
+    "system_credentials",
+]
+
 PROBE_PROMPT: Final = "saiproxy check: reply with the single word OK."
 DEFAULT_TIMEOUT: Final = 60.0
 

@@ -17,6 +17,8 @@ from ..web import workers
 from ..web.server import ListenError, check_open_relay, serve
 from . import check, trace
 
+__all__ = ["main"]
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

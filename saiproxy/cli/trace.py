@@ -26,6 +26,14 @@ from ..logs import (
     request_tag,
 )
 
+__all__ = [
+    "MAX_LINE_CHARS",
+    "default_files",
+    "find",
+    "main",
+    "render",
+]
+
 # Longer lines are skipped: saiproxy's own are far shorter (fields are cut), and
 # a file that is one endless line must not be read into memory whole.
 MAX_LINE_CHARS: Final = 1024 * 1024

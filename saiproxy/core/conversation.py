@@ -6,6 +6,27 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+__all__ = [
+    "MAX_CONTENT_PARTS",
+    "MAX_MESSAGES",
+    "PLUGIN_MARKER",
+    "PLUGIN_PREFIX",
+    "Answer",
+    "Conversation",
+    "Finish",
+    "OutputFormat",
+    "Role",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
+    "ToolKind",
+    "Turn",
+    "Usage",
+    "check_count",
+    "new_call_id",
+    "unwrap_plugin",
+]
+
 Role = Literal["system", "user", "assistant", "tool"]
 ToolKind = Literal["function", "custom"]
 Finish = Literal["stop", "length", "tool_calls", "stop_sequence"]

@@ -9,6 +9,8 @@ from typing import Final
 from ..base.errors import UpstreamError
 from .conversation import Answer
 
+__all__ = ["CLIENT_GONE", "ERROR_HEADER", "Ending"]
+
 # Names the outcome of an answer that explains a failure (``message`` error
 # mode), when its headers were still unsent.
 ERROR_HEADER: Final = "X-Saiproxy-Error"

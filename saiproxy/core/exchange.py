@@ -56,6 +56,15 @@ from .prompt import estimate_tokens, header_tokens, sai_payload
 from .relay import respond_streamed
 from .render import Renderer
 
+__all__ = [
+    "Exchange",
+    "Policy",
+    "admit",
+    "conclude",
+    "settle",
+    "unique_suffix",
+]
+
 log = logging.getLogger("saiproxy.exchange")
 
 Policy = Literal["raise", "in_band", "explain"]

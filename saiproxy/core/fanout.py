@@ -26,6 +26,8 @@ from .relay import Stream
 from .render import Choices
 from .sse import EventStream
 
+__all__ = ["respond_all"]
+
 log = logging.getLogger("saiproxy.exchange")
 _T = TypeVar("_T")
 

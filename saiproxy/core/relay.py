@@ -30,6 +30,8 @@ from .sse import EventStream
 if TYPE_CHECKING:
     from .exchange import Exchange
 
+__all__ = ["EAGER_GRACE", "Stream", "respond_streamed"]
+
 # The exchange's log lines keep its logger name, whichever module writes them.
 log = logging.getLogger("saiproxy.exchange")
 

@@ -10,6 +10,8 @@ from aiohttp import web
 from ..base.errors import ProxyError, UpstreamError
 from .conversation import Answer, ToolCall
 
+__all__ = ["Choices", "ErrorShape", "Renderer"]
+
 
 class Renderer(Protocol):
     """Renders one request's answer in a protocol's wire format; may keep state per request.

@@ -18,6 +18,13 @@ from aiohttp.abc import AbstractStreamWriter
 
 from ..base.keys import STREAM
 
+__all__ = [
+    "COMMENT_PING",
+    "SSE_HEADERS",
+    "EventStream",
+    "KeepAlive",
+]
+
 SSE_HEADERS: Final = {
     hdrs.CONTENT_TYPE: "text/event-stream",
     hdrs.CACHE_CONTROL: "no-cache",

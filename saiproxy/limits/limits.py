@@ -34,6 +34,19 @@ from .identity import ANONYMOUS, Client, Identify
 from .local import LocalLimiter
 from .rules import Config, Rules, Verdict
 
+__all__ = [
+    "MODES",
+    "NOTHING",
+    "PATIENCE",
+    "TURNS",
+    "USAGE_PAGE_TIMEOUT",
+    "Grant",
+    "LimitMetrics",
+    "Limits",
+    "Mode",
+    "enabled",
+]
+
 log = logging.getLogger("saiproxy.limits")
 
 if TYPE_CHECKING:

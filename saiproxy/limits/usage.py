@@ -27,6 +27,16 @@ from .base import USAGE_PAGE_MAX, UsageCursor, UsageRow
 from .identity import digest
 from .rules import Period
 
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_DAYS",
+    "MAX_LIMIT",
+    "USAGE_PATH",
+    "dates",
+    "main",
+    "usage_view",
+]
+
 log = logging.getLogger("saiproxy.limits")
 
 USAGE_PATH: Final = "/limits/usage"

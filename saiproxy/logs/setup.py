@@ -17,6 +17,8 @@ from .format import log_file_name, make_formatter
 from .mask import Masker
 from .write import RotatingFile, Writer
 
+__all__ = ["LogSetup"]
+
 
 class LogSetup:
     """Root logging for one process: a batching queue handler and its writer thread."""

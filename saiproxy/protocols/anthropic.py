@@ -40,6 +40,24 @@ from ..core.prompt import estimate_tokens, sai_payload
 from ..web.bodies import json_response, read_json
 from . import openai
 
+__all__ = [
+    "CLIENT_TOOL_TYPES",
+    "ERROR_TYPES",
+    "MEDIA_BLOCKS",
+    "MESSAGE_STOP",
+    "PING",
+    "STATUS_MAP",
+    "STOP_REASONS",
+    "USED_FIELDS",
+    "AnthropicErrors",
+    "MessagesRenderer",
+    "count_tokens",
+    "error_body",
+    "messages",
+    "parse",
+    "usage",
+]
+
 # Content the answer would silently miss if it were dropped: refused with a 400.
 # Any other block SAI cannot use (thinking, server tool blocks, types saiproxy
 # does not know) carries nothing it could act on and is left out.

@@ -43,6 +43,19 @@ from ..web.bodies import json_response
 from .responses import ResponsesRenderer, error_object
 from .stored import Continuation
 
+__all__ = [
+    "CANCEL_CHECK",
+    "DRAINED",
+    "LOST",
+    "POLL",
+    "TERMINAL",
+    "BackgroundRenderer",
+    "cancel",
+    "replay",
+    "settled",
+    "start",
+]
+
 log = logging.getLogger("saiproxy.protocols")
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
 POLL: Final = 0.1  # seconds between two reads of a followed response (stream, cancel)

@@ -15,6 +15,15 @@ from ..core.sse import COMMENT_PING
 from ..web.bodies import read_json
 from . import openai
 
+__all__ = [
+    "DONE",
+    "SYSTEM_ROLES",
+    "USED_FIELDS",
+    "ChatRenderer",
+    "chat_completions",
+    "parse",
+]
+
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 # The top-level fields saiproxy reads (the auth chain may read "metadata" and "user").
 USED_FIELDS: Final = frozenset(

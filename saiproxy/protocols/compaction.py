@@ -38,6 +38,18 @@ from ..state import owner_of
 from ..state.store import as_items, new_id
 from ..web.bodies import read_json
 
+__all__ = [
+    "ITEM_TYPES",
+    "SUMMARISE",
+    "SUMMARY_HEAD",
+    "TRIGGER",
+    "CompactionRenderer",
+    "compact",
+    "expand",
+    "respond",
+    "triggered",
+]
+
 log = logging.getLogger("saiproxy.protocols")
 TRIGGER: Final = "compaction_trigger"
 # The item's type; ``compaction_summary`` is the name some releases of Codex use.

@@ -24,6 +24,20 @@ from ..core.sse import COMMENT_PING
 from ..web.bodies import read_json
 from . import openai
 
+__all__ = [
+    "DONE",
+    "FILL_INSTRUCTION",
+    "FILL_MARKER",
+    "MAX_PROMPTS",
+    "USED_FIELDS",
+    "ChoiceRenderer",
+    "CompletionChoices",
+    "CompletionRenderer",
+    "Parsed",
+    "completions",
+    "parse",
+]
+
 DONE: Final = b"data: [DONE]\n\n"
 USED_FIELDS: Final = frozenset(
     {"model", "prompt", "stream", "stream_options", "n", "logprobs", "suffix", "echo", "stop",

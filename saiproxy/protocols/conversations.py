@@ -21,6 +21,20 @@ from ..state.store import State
 from ..web.bodies import json_response, read_json
 from .stored import item_list, page
 
+__all__ = [
+    "MAX_METADATA",
+    "MAX_NEW_ITEMS",
+    "add_items",
+    "add_routes",
+    "create",
+    "delete",
+    "delete_item",
+    "get_item",
+    "list_items",
+    "retrieve",
+    "update",
+]
+
 MAX_NEW_ITEMS: Final = 20  # items one request may add, as OpenAI allows
 MAX_METADATA: Final = 16  # metadata keys, as OpenAI allows
 

@@ -20,6 +20,29 @@ from ..core.conversation import (
 )
 from ..web.middlewares import error_response
 
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "FINISH_REASONS",
+    "MAX_MODEL_CHARS",
+    "MEDIA_PART_TYPES",
+    "TEXT_PART_TYPES",
+    "OpenAIErrors",
+    "content_text",
+    "fields_ignored",
+    "flag",
+    "flat_name",
+    "hosted_tools_left_out",
+    "ignored",
+    "json_format",
+    "media_refused",
+    "model_name",
+    "stop_sequences",
+    "tool",
+    "tool_choice",
+    "tools",
+    "usage",
+]
+
 TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
 # Content that would change the answer if it were dropped: refused with a 400
 # that says so. Any other part type SAI cannot use carries nothing it could act

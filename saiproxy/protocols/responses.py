@@ -47,6 +47,19 @@ from ..web.bodies import json_response, read_json
 from . import compaction, openai
 from .stored import Continuation, continuation
 
+__all__ = [
+    "ECHOED",
+    "STATEFUL_FIELDS",
+    "SYSTEM_ROLES",
+    "USED_FIELDS",
+    "ResponsesRenderer",
+    "error_object",
+    "input_tokens",
+    "parse",
+    "responses",
+    "usage",
+]
+
 log = logging.getLogger("saiproxy.protocols")
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 # Present and not null, these need state saiproxy does not keep.

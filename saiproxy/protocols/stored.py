@@ -27,6 +27,17 @@ from ..state.store import State, as_items, stored_item
 from ..web.bodies import json_response
 from . import openai
 
+__all__ = [
+    "MAX_PAGE",
+    "Continuation",
+    "continuation",
+    "delete_response",
+    "get_response",
+    "input_items",
+    "item_list",
+    "page",
+]
+
 log = logging.getLogger("saiproxy.protocols")
 # Input items that are not turns of the conversation: not kept in a chain.
 _NOT_KEPT: Final = frozenset({"item_reference", "additional_tools"})

@@ -19,6 +19,8 @@ from ..limits.identity import Identify
 from .backend import Backend, LocalBackend
 from .store import State
 
+__all__ = ["backend_for", "owner_of", "state_ctx"]
+
 
 def backend_for(settings: Settings) -> Backend:
     """Return the state's backend: STATE_URL's store, else LIMITS_URL's, else the process."""

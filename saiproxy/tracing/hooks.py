@@ -29,6 +29,23 @@ if TYPE_CHECKING:
     from ..upstream.sai import SaiCall
     from .sdk import Pipeline
 
+__all__ = [
+    "PROVIDER",
+    "SPAN",
+    "UNTRACED",
+    "Tracing",
+    "admission",
+    "answered",
+    "attempt_ended",
+    "attempt_started",
+    "began",
+    "child",
+    "concluded",
+    "content_json",
+    "exemplar",
+    "tracing_of",
+]
+
 log = logging.getLogger("saiproxy.tracing.hooks")
 
 PROVIDER: Final = "sai"

@@ -34,6 +34,13 @@ from ..upstream.sai import SaiCall
 from .config import SCHEMA_URL, TracingConfig
 from .hooks import content_json
 
+__all__ = [
+    "FLUSH_TIMEOUT",
+    "BoundedBatchProcessor",
+    "Dropped",
+    "Pipeline",
+]
+
 log = logging.getLogger("saiproxy.tracing")
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()

@@ -23,6 +23,20 @@ from aiohttp import hdrs, web
 from ..base.errors import InvalidRequest, NoCredential
 from ..base.settings import AuthHandlerName, Secret, Settings
 
+__all__ = [
+    "COOKIE_MARKER",
+    "UNCLEAN_HEADER_TEXT",
+    "USER_KEY_HEADERS",
+    "AuthChain",
+    "AuthHandler",
+    "BearerHandler",
+    "Credential",
+    "HeaderHandler",
+    "Kind",
+    "MetadataHandler",
+    "SystemHandler",
+]
+
 log = logging.getLogger("saiproxy.auth")
 
 COOKIE_MARKER: Final = "Cookies"

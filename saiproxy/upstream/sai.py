@@ -41,6 +41,21 @@ from .auth import UNCLEAN_HEADER_TEXT, AuthChain, Credential
 if TYPE_CHECKING:
     from ..tracing.hooks import Tracing
 
+__all__ = [
+    "BACKOFF_CAP",
+    "CONTEXT_TOO_LONG",
+    "ERROR_BODY_LIMIT",
+    "RETRYABLE_STATUSES",
+    "CallBudget",
+    "CleanHeaders",
+    "SaiAnswer",
+    "SaiCall",
+    "SaiClient",
+    "SaiStream",
+    "clean_header_value",
+    "client_timeout",
+]
+
 log = logging.getLogger("saiproxy.sai")
 
 RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})

@@ -53,6 +53,8 @@ from .middlewares import (
 from .openapi import openapi
 from .views import health, model, models, prometheus, readiness
 
+__all__ = ["AccessLogger", "create_app", "log_setup_for"]
+
 
 class AccessLogger(AbstractAccessLogger):
     """One line per HTTP request, tagged with its request ID like every other line."""

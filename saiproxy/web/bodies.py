@@ -16,6 +16,13 @@ from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest
 from ..base.keys import SETTINGS, STATE
 from ..core.bounds import check_depth
 
+__all__ = [
+    "LARGE_BODY",
+    "TRIM_DELAY",
+    "json_response",
+    "read_json",
+]
+
 # Its lines keep the logger name they had when this lived in the exchange (operators filter on it).
 log = logging.getLogger("saiproxy.exchange")
 

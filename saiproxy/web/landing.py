@@ -22,6 +22,13 @@ from .. import __version__
 from ..base.keys import SETTINGS, STATE
 from ..base.settings import Settings
 
+__all__ = [
+    "KEY_VARIABLE",
+    "base_url",
+    "landing",
+    "render_landing",
+]
+
 # A host name, IPv4 or bracketed IPv6 address, with an optional port: anything
 # else in Host or X-Forwarded-Host is not echoed back into the page.
 _HOST: Final = re.compile(

@@ -27,6 +27,8 @@ from ..base.errors import MalformedRequest
 from ..logs import bound
 from .middlewares import REQUEST_ID_HEADER, error_response, new_request_id
 
+__all__ = ["ProxyRunner", "fits"]
+
 log = logging.getLogger("saiproxy.server")  # its lines keep the logger they had
 
 # What the overrides below rely on: handle_error's parameters, in order.

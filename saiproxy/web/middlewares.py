@@ -20,6 +20,22 @@ from ..base.metrics import Metrics
 from ..base.settings import Secret
 from ..logs import request_id_var
 
+__all__ = [
+    "API_KEY_HEADER",
+    "OPEN_PATHS",
+    "REQUEST_ID_HEADER",
+    "add_request_id_header",
+    "any_key_matches",
+    "count_request",
+    "error_response",
+    "failure_response",
+    "front_middleware",
+    "new_request_id",
+    "presented_keys",
+    "proxy_access_middleware",
+    "request_id_for",
+]
+
 log = logging.getLogger("saiproxy.middlewares")
 
 

@@ -17,6 +17,14 @@ from aiohttp import web
 from .. import __version__
 from .landing import base_url
 
+__all__ = [
+    "JSON",
+    "SSE",
+    "Schema",
+    "openapi",
+    "openapi_document",
+]
+
 JSON: Final = "application/json"
 SSE: Final = "text/event-stream"
 

@@ -18,6 +18,20 @@ from ..base.settings import Settings, SettingsError
 from .app import AccessLogger, create_app, log_setup_for
 from .malformed import ProxyRunner
 
+__all__ = [
+    "CUT_GRACE",
+    "GC_MIDDLE_THRESHOLD",
+    "GC_YOUNG_THRESHOLD",
+    "ListenError",
+    "check_open_relay",
+    "drain",
+    "is_loopback",
+    "raise_open_file_limit",
+    "runner_options",
+    "serve",
+    "tune_garbage_collector",
+]
+
 log = logging.getLogger("saiproxy.server")
 
 

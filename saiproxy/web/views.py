@@ -15,6 +15,16 @@ from ..base.keys import METRICS, SETTINGS, STATE
 from ..base.metrics import metrics_response
 from .bodies import json_response
 
+__all__ = [
+    "ANTHROPIC_VERSION",
+    "health",
+    "model",
+    "model_object",
+    "models",
+    "prometheus",
+    "readiness",
+]
+
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: the process answers; no upstream call."""
