@@ -15,7 +15,7 @@ import sys
 
 from aiohttp import web
 
-from saiproxy.fake_sai import FakeSai, Reply
+from saiproxy.upstream.fake_sai import FakeSai, Reply
 
 
 def make_app(chars: int, delay: float, drip_chunks: int, drip_seconds: float) -> web.Application:

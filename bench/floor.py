@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from saiproxy.server import tune_garbage_collector
+from saiproxy.web.server import tune_garbage_collector
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)

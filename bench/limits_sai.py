@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from saiproxy.fake_sai import FakeSai, Received, Reply
+from saiproxy.upstream.fake_sai import FakeSai, Received, Reply
 
 
 class Stats:

@@ -1,4 +1,4 @@
-"""A real fake SAI (saiproxy.fake_sai, on a loopback port) and a proxy pointed at it."""
+"""A real fake SAI (saiproxy.upstream.fake_sai, on a loopback port) and a proxy pointed at it."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bench.valkey import ValkeyServer
-from saiproxy.app import create_app, log_setup_for
-from saiproxy.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, demo_sai
+from saiproxy.base.settings import Settings, load_settings
+from saiproxy.upstream.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, demo_sai
 
 # Re-exported: the tests import them from here.
-from saiproxy.fake_sai import FakeSai as FakeSai
-from saiproxy.fake_sai import Received as Received
-from saiproxy.fake_sai import Reply as Reply
-from saiproxy.server import runner_options
-from saiproxy.settings import Settings, load_settings
+from saiproxy.upstream.fake_sai import FakeSai as FakeSai
+from saiproxy.upstream.fake_sai import Received as Received
+from saiproxy.upstream.fake_sai import Reply as Reply
+from saiproxy.web.app import create_app, log_setup_for
+from saiproxy.web.server import runner_options
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "config" / "saiproxy.toml")
@@ -110,7 +110,7 @@ async def proxy(make_proxy: MakeProxy) -> TestClient[web.Request, web.Applicatio
 
 
 def settings_of(client: TestClient[web.Request, web.Application]) -> Settings:
-    from saiproxy.keys import SETTINGS
+    from saiproxy.base.keys import SETTINGS
 
     return client.app[SETTINGS]  # type: ignore[index]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from saiproxy.check import run_probes
-from saiproxy.settings import load_settings
+from saiproxy.base.settings import load_settings
+from saiproxy.cli.check import run_probes
 
 from .conftest import ROOT, SYSTEM_COOKIE, SYSTEM_KEY, TEMPLATE, FakeSai, Reply
 

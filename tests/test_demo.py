@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from saiproxy.demo import MAGIC
+from saiproxy.upstream.demo import MAGIC
 
 from .conftest import MakeProxy, chat
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from saiproxy.middlewares import API_KEY_HEADER, OPEN_PATHS
+from saiproxy.web.middlewares import API_KEY_HEADER, OPEN_PATHS
 
 from .conftest import ROOT
 

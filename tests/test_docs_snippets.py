@@ -29,10 +29,10 @@ from typing import Any
 import aiohttp
 
 from saiproxy import __version__
+from saiproxy.base.settings import load_settings
 from saiproxy.core.conversation import Conversation, Tool, Turn
 from saiproxy.core.prompt import sai_payload
-from saiproxy.demo import DEMO_COOKIE, DEMO_KEY
-from saiproxy.settings import load_settings
+from saiproxy.upstream.demo import DEMO_COOKIE, DEMO_KEY
 
 from .conftest import ROOT, MakeProxy, log_lines, settings_of
 
@@ -76,7 +76,7 @@ RUN_HERE: dict[tuple[str, str], str] = {
     ("README.md", "grep -h"): "test_finding_a_requests_lines",
     ("README.md", "$ saiproxy check "): "test_the_check_transcripts",
     ("README.md", "$ saiproxy trace 7c1e9a04"): "test_the_trace_transcript",
-    ("README.md", "saiproxy/     app.py"): "test_the_layouts_name_every_module",
+    ("README.md", "saiproxy/     one folder per layer"): "test_the_layouts_name_every_module",
     ("docs/architecture.md", "──► SAI client"): "test_the_layouts_name_every_module",
     ("docs/configuration.md", "[models.sai-opus]"): "test_the_models_table",
     ("docs/configuration.md", "unknown key 'prot'"): "test_the_unknown_key_line",
@@ -512,17 +512,20 @@ async def test_the_unknown_key_line(tmp_path: Path) -> None:
 
 
 def test_the_layouts_name_every_module() -> None:
-    layout = block("README.md", "saiproxy/     app.py").code
+    layout = block("README.md", "saiproxy/     one folder per layer").code
     package = ROOT / "saiproxy"
-    modules = {p.relative_to(package) for p in package.rglob("*.py")}
-    for module in modules:
-        if module.name in ("__init__.py", "__main__.py"):
-            continue
-        if module.parent.name == "core":  # "core/ (exchange, relay, ...)"
-            section = re.search(r"core/ \(([^)]*)\)", layout)
-            assert section is not None and module.stem in re.split(r"[,\s]+", section[1]), module
-        elif not module.parent.name:
-            assert module.name in layout, module
+    tree = layout[: layout.index("\nbench/")]  # the package's part of the layout
+    listed = dict(re.findall(r"(\w+)/\s+\(([^)]*)\)", tree))
+    layers = {p.parent.name for p in package.glob("*/__init__.py")}
+    assert set(listed) == layers
+    for layer, names in listed.items():
+        folder = package / layer
+        children = {
+            f"{child.stem}/" if child.is_dir() else child.stem
+            for child in folder.iterdir()
+            if child.name != "__pycache__" and not child.name.startswith("__init__")
+        }
+        assert set(re.split(r"[,\s]+", names.strip())) == children, layer
     for named in re.findall(r"[\w/]+\.py", layout):
         assert (package / named).exists() or list(ROOT.glob(f"*/{named}")), named
     diagram = block("docs/architecture.md", "──► SAI client").code

@@ -22,11 +22,12 @@ import pytest
 import yaml
 from aiohttp import web
 
-from saiproxy import malformed, trace
+from saiproxy.base.settings import load_settings
+from saiproxy.cli import trace
 from saiproxy.logs import LogSetup, write_failures
-from saiproxy.malformed import ProxyRunner
-from saiproxy.server import serve
-from saiproxy.settings import load_settings
+from saiproxy.web import malformed
+from saiproxy.web.malformed import ProxyRunner
+from saiproxy.web.server import serve
 
 from . import hostile
 from .conftest import ROOT, SYSTEM_KEY, FakeSai, MakeProxy, base_env, chat, log_lines
@@ -116,7 +117,7 @@ async def test_undecodable_model_header_is_cleaned_and_logs_go_on(
 
 
 def test_clean_header_value() -> None:
-    from saiproxy.sai import clean_header_value
+    from saiproxy.upstream.sai import clean_header_value
 
     assert clean_header_value("sai-model") == "sai-model"
     assert clean_header_value("caf\u00e9") == "caf\u00e9"
@@ -321,15 +322,15 @@ async def test_requests_aiohttp_cannot_parse_answer_in_the_openai_shape(
 
 
 async def test_the_private_aiohttp_api_malformed_py_relies_on_still_fits() -> None:
-    # saiproxy/malformed.py is the one place aiohttp's private API is used; a
+    # saiproxy/web/malformed.py is the one place aiohttp's private API is used; a
     # release that changes it must fail here, by name, not only in the test above.
     runner = ProxyRunner(web.Application())
     await runner.setup()
     try:
         assert malformed.fits(web.Server(runner.server.request_handler)), (
-            "this aiohttp release changed the private API saiproxy/malformed.py relies on"
+            "this aiohttp release changed the private API saiproxy/web/malformed.py relies on"
         )
-        assert type(runner.server).__module__ == "saiproxy.malformed"
+        assert type(runner.server).__module__ == "saiproxy.web.malformed"
     finally:
         await runner.cleanup()
 

@@ -21,13 +21,13 @@ import orjson
 import pytest
 from aiohttp import web
 
-from saiproxy.app import create_app, log_setup_for
+from saiproxy.base.settings import load_settings
 from saiproxy.core.exchange import Exchange
 from saiproxy.core.fanout import respond_all
 from saiproxy.core.sse import EventStream
 from saiproxy.protocols.completions import ChoiceRenderer, CompletionChoices
 from saiproxy.protocols.completions import parse as parse_completion
-from saiproxy.settings import load_settings
+from saiproxy.web.app import create_app, log_setup_for
 
 from . import hostile
 from .conftest import (

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from saiproxy.openapi import openapi_document
+from saiproxy.web.openapi import openapi_document
 
 from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, MakeProxy
 
@@ -200,7 +200,7 @@ async def test_hostile_forwarded_values_are_not_echoed(proxy: Client) -> None:
 
 
 async def test_shutting_down_and_strict_models(make_proxy: MakeProxy) -> None:
-    from saiproxy.keys import STATE
+    from saiproxy.base.keys import STATE
 
     proxy = await make_proxy(STRICT_MODELS="true", ERROR_MODE="http")
     proxy.app[STATE].ready = False  # type: ignore[index]
@@ -263,8 +263,8 @@ async def test_openapi_document_is_valid_and_names_this_server(proxy: Client) ->
 
 def test_every_routed_api_path_is_documented() -> None:
     """A route added without describing it fails here (aliases without /v1 excepted)."""
-    from saiproxy.app import create_app
-    from saiproxy.settings import load_settings
+    from saiproxy.base.settings import load_settings
+    from saiproxy.web.app import create_app
 
     settings = load_settings(
         {"SAI_URL": "http://sai.invalid", "SAI_KEY": "k", "SAI_TEMPLATE_ID": "t"}

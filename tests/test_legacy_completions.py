@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from saiproxy.keys import STATE
+from saiproxy.base.keys import STATE
 from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
 
 from .conftest import FakeSai, MakeProxy, Reply, log_lines, openai_url, run_node

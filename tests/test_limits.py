@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from bench.valkey import ValkeyServer
-from saiproxy.keys import LIMITS
+from saiproxy.base.keys import LIMITS
 from saiproxy.limits.gate import duration
 from saiproxy.limits.identity import digest
 

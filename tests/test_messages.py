@@ -9,8 +9,8 @@ import orjson
 import pytest
 from aiohttp import ClientResponse
 
+from saiproxy.base.errors import InvalidRequest, ProxyError
 from saiproxy.core.prompt import estimate_tokens, sai_payload
-from saiproxy.errors import InvalidRequest, ProxyError
 from saiproxy.protocols.anthropic import error_body, parse
 
 from .conftest import FakeSai, MakeProxy, Reply

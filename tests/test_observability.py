@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from saiproxy import trace
+from saiproxy.cli import trace
 
 from .conftest import SYSTEM_COOKIE, FakeSai, MakeProxy, Reply, chat
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from saiproxy.settings import Secret, SettingsError, load_settings
+from saiproxy.base.settings import Secret, SettingsError, load_settings
 
 from .conftest import CONFIG, ROOT
 
@@ -219,14 +219,14 @@ def test_every_key_the_shipped_config_shows_is_known(tmp_path: Path) -> None:
 
 
 def test_known_config_keys_come_from_the_settings() -> None:
-    from saiproxy.settings import OPTIONS, unknown_toml_keys
+    from saiproxy.base.settings import OPTIONS, unknown_toml_keys
 
     for option in OPTIONS.values():
         assert unknown_toml_keys({option.section: {option.toml_key: "x"}}) == [], option.env
 
 
 def test_env_example_and_readme_document_every_variable() -> None:
-    from saiproxy.settings import OPTIONS
+    from saiproxy.base.settings import OPTIONS
 
     documented = (ROOT / "config" / ".env.example").read_text()
     readme = (ROOT / "README.md").read_text()
@@ -255,7 +255,7 @@ def test_the_configuration_reference_is_the_settings_table() -> None:
     # are not copied from row to row.
     from dataclasses import MISSING, fields
 
-    from saiproxy.settings import OPTIONS, Settings
+    from saiproxy.base.settings import OPTIONS, Settings
 
     lines = (ROOT / "docs" / "configuration.md").read_text().splitlines()
     start = lines.index("| variable | TOML table and key | default | meaning |")
@@ -291,7 +291,7 @@ def test_the_configuration_reference_is_the_settings_table() -> None:
 def test_the_readme_settings_table_shows_the_built_in_defaults() -> None:
     from dataclasses import MISSING, fields
 
-    from saiproxy.settings import OPTIONS, Settings
+    from saiproxy.base.settings import OPTIONS, Settings
 
     defaults = {f.name: f.default for f in fields(Settings)}
     by_variable = {option.env: defaults[name] for name, option in OPTIONS.items()}

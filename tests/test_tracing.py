@@ -28,12 +28,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from saiproxy import trace
-from saiproxy.app import create_app, log_setup_for
-from saiproxy.keys import TRACING
-from saiproxy.server import runner_options
-from saiproxy.settings import SettingsError, load_settings
+from saiproxy.base.keys import TRACING
+from saiproxy.base.settings import SettingsError, load_settings
+from saiproxy.cli import trace
 from saiproxy.tracing.config import tracing_config
+from saiproxy.web.app import create_app, log_setup_for
+from saiproxy.web.server import runner_options
 
 from .conftest import (
     ROOT,
@@ -179,9 +179,9 @@ def test_tracing_off_never_imports_opentelemetry(tmp_path: Path) -> None:
     script = (
         "import sys, asyncio\n"
         "from aiohttp.test_utils import TestServer, TestClient\n"
-        "from saiproxy.app import create_app\n"
-        "from saiproxy.fake_sai import FakeSai\n"
-        "from saiproxy.settings import load_settings\n"
+        "from saiproxy.web.app import create_app\n"
+        "from saiproxy.upstream.fake_sai import FakeSai\n"
+        "from saiproxy.base.settings import load_settings\n"
         "async def main():\n"
         "    fake = FakeSai(); sai = TestServer(fake.app, host='127.0.0.1')\n"
         "    await sai.start_server()\n"

@@ -18,3 +18,5 @@ core/exchange.py      credentials, early context check, the SAI call with
       ▼
 sai.py                the SAI client: one template execution, status → outcome
 """
+
+__all__: list[str] = []

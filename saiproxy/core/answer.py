@@ -24,6 +24,14 @@ from .conversation import Conversation, OutputFormat, Tool, ToolCall, new_call_i
 from .prompt import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from .schemacheck import SchemaChecker
 
+__all__ = [
+    "AnswerFilter",
+    "OnRejected",
+    "Rejected",
+    "output_problem",
+    "strip_fence",
+]
+
 _JSON_CALLS_KEY: Final = '"tool_calls"'
 _JSON_CALLS_START: Final = re.compile(r'(?:```(?:json)?\s*)?\{\s*"tool_calls"\s*:')
 _TAG_BLOCK: Final = re.compile(

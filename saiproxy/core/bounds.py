@@ -10,7 +10,19 @@ from typing import Any, Final
 
 import orjson
 
-from ..errors import InvalidRequest
+from ..base.errors import InvalidRequest
+
+__all__ = [
+    "ANTHROPIC_MAX_STOPS",
+    "MAX_ARGUMENT_DEPTH",
+    "MAX_STOP_CHARS",
+    "OPENAI_MAX_STOPS",
+    "check_depth",
+    "check_output_schema",
+    "depth_exceeds",
+    "external_ref",
+    "stop_sequences",
+]
 
 # Stop sequences, as the providers bound them: OpenAI takes 4; Anthropic
 # documents no count, so saiproxy takes 64 (Claude Code sends none or a few).

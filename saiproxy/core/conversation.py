@@ -6,6 +6,27 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+__all__ = [
+    "MAX_CONTENT_PARTS",
+    "MAX_MESSAGES",
+    "PLUGIN_MARKER",
+    "PLUGIN_PREFIX",
+    "Answer",
+    "Conversation",
+    "Finish",
+    "OutputFormat",
+    "Role",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
+    "ToolKind",
+    "Turn",
+    "Usage",
+    "check_count",
+    "new_call_id",
+    "unwrap_plugin",
+]
+
 Role = Literal["system", "user", "assistant", "tool"]
 ToolKind = Literal["function", "custom"]
 Finish = Literal["stop", "length", "tool_calls", "stop_sequence"]
@@ -24,7 +45,7 @@ MAX_CONTENT_PARTS: Final = 1_000
 def check_count(items: list[Any], limit: int, param: str, what: str) -> None:
     """Refuse a list longer than ``limit`` with a 400 that names the limit."""
     if len(items) > limit:
-        from ..errors import InvalidRequest
+        from ..base.errors import InvalidRequest
 
         raise InvalidRequest(
             f"'{param}' has {len(items)} {what}; saiproxy takes at most {limit}", param=param

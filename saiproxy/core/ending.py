@@ -6,8 +6,10 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final
 
-from ..errors import UpstreamError
+from ..base.errors import UpstreamError
 from .conversation import Answer
+
+__all__ = ["CLIENT_GONE", "ERROR_HEADER", "Ending"]
 
 # Names the outcome of an answer that explains a failure (``message`` error
 # mode), when its headers were still unsent.

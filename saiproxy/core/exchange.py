@@ -28,10 +28,8 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from ..auth import Credential
-from ..bodies import json_response
-from ..errors import ContextTooLong, ModelNotFound, UpstreamError
-from ..keys import (
+from ..base.errors import ContextTooLong, ModelNotFound, UpstreamError
+from ..base.keys import (
     AUTH_CHAIN,
     CALL_BUDGET,
     LIMITS,
@@ -42,11 +40,13 @@ from ..keys import (
     SCHEMA_CHECKER,
     SETTINGS,
 )
+from ..base.settings import ModelConfig, Settings
 from ..limits import gate
 from ..logs import RESPONSE_FINISHED, event
-from ..sai import CallBudget, SaiCall, SaiClient, SaiStream
-from ..settings import ModelConfig, Settings
 from ..tracing import hooks as tracing
+from ..upstream.auth import Credential
+from ..upstream.sai import CallBudget, SaiCall, SaiClient, SaiStream
+from ..web.bodies import json_response
 from .answer import AnswerFilter, Rejected, output_problem
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
@@ -55,6 +55,15 @@ from .inflight import InFlight, cut_short
 from .prompt import estimate_tokens, header_tokens, sai_payload
 from .relay import respond_streamed
 from .render import Renderer
+
+__all__ = [
+    "Exchange",
+    "Policy",
+    "admit",
+    "conclude",
+    "settle",
+    "unique_suffix",
+]
 
 log = logging.getLogger("saiproxy.exchange")
 

@@ -16,15 +16,17 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ..bodies import json_response
-from ..errors import StreamBroken, UpstreamError
+from ..base.errors import StreamBroken, UpstreamError
 from ..tracing import hooks as tracing
+from ..web.bodies import json_response
 from .ending import CLIENT_GONE, ERROR_HEADER, Ending
 from .exchange import Exchange, admit, conclude
 from .inflight import InFlight, OpenStream, cut_short
 from .relay import Stream
 from .render import Choices
 from .sse import EventStream
+
+__all__ = ["respond_all"]
 
 log = logging.getLogger("saiproxy.exchange")
 _T = TypeVar("_T")

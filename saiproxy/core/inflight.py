@@ -13,9 +13,11 @@ import logging
 
 from aiohttp import web
 
-from ..errors import ShutdownCut
-from ..keys import KEEP_ALIVE, SETTINGS, STATE
+from ..base.errors import ShutdownCut
+from ..base.keys import KEEP_ALIVE, SETTINGS, STATE
 from .sse import EventStream
+
+__all__ = ["InFlight", "OpenStream", "cut_short"]
 
 # The exchange's log lines keep its logger name, whichever module writes them.
 log = logging.getLogger("saiproxy.exchange")

@@ -21,6 +21,21 @@ from . import toolcache
 from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
 
+__all__ = [
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
+    "call_block",
+    "chat_tool",
+    "estimate_tokens",
+    "header_tokens",
+    "output_instructions",
+    "result_block",
+    "sai_payload",
+    "system_text",
+    "tool_instructions",
+    "tool_parts",
+]
+
 log = logging.getLogger("saiproxy.exchange")
 
 TOOL_CALL_OPEN: Final = "<tool_call>"

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from ..errors import StreamBroken, UpstreamError
-from ..keys import KEEP_ALIVE
-from ..sai import SaiStream
+from ..base.errors import StreamBroken, UpstreamError
+from ..base.keys import KEEP_ALIVE
+from ..upstream.sai import SaiStream
 from .conversation import Answer
 from .ending import ERROR_HEADER, Ending
 from .inflight import OpenStream, cut_short
@@ -29,6 +29,8 @@ from .sse import EventStream
 
 if TYPE_CHECKING:
     from .exchange import Exchange
+
+__all__ = ["EAGER_GRACE", "Stream", "respond_streamed"]
 
 # The exchange's log lines keep its logger name, whichever module writes them.
 log = logging.getLogger("saiproxy.exchange")

@@ -7,8 +7,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from ..errors import ProxyError, UpstreamError
+from ..base.errors import ProxyError, UpstreamError
 from .conversation import Answer, ToolCall
+
+__all__ = ["Choices", "ErrorShape", "Renderer"]
 
 
 class Renderer(Protocol):

@@ -37,6 +37,8 @@ from typing import Any, Final
 
 import orjson
 
+__all__ = ["SchemaChecker", "check", "judge"]
+
 log = logging.getLogger("saiproxy.schema")
 
 _LENGTH: Final = struct.Struct(">I")

@@ -16,7 +16,14 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
-from ..keys import STREAM
+from ..base.keys import STREAM
+
+__all__ = [
+    "COMMENT_PING",
+    "SSE_HEADERS",
+    "EventStream",
+    "KeepAlive",
+]
 
 SSE_HEADERS: Final = {
     hdrs.CONTENT_TYPE: "text/event-stream",

@@ -19,6 +19,15 @@ import orjson
 
 from .conversation import Tool
 
+__all__ = [
+    "PARSED_WEIGHT",
+    "PARTS",
+    "TOOL_CACHE_BYTES",
+    "ByteBoundedCache",
+    "cache_sizes",
+    "parsed_tools",
+]
+
 TOOL_CACHE_BYTES: Final = 16 * 1024 * 1024
 # Parsed JSON takes several times its text: what an entry is charged per byte of it.
 PARSED_WEIGHT: Final = 4

@@ -5,3 +5,5 @@ replica through Valkey or Redis (docs/limits.md).
 ``local`` and ``shared`` (the two stores), ``limits`` (the breaker, the leases, the
 metrics), ``gate`` (the hook around an answer and the headers), ``usage`` (the CLI).
 """
+
+__all__: list[str] = []

@@ -19,9 +19,9 @@ from typing import Final
 
 from aiohttp import web
 
-from ..auth import Credential
-from ..errors import ClientError
-from ..keys import LIMITS
+from ..base.errors import ClientError
+from ..base.keys import LIMITS
+from ..upstream.auth import Credential
 from .base import ScopeKind, Settlement
 from .identity import Client
 from .limits import Grant

@@ -20,8 +20,8 @@ from typing import Final, Literal
 
 from aiohttp import hdrs, web
 
-from ..auth import Credential
-from ..settings import Secret
+from ..base.settings import Secret
+from ..upstream.auth import Credential
 
 __all__ = ["ANONYMOUS", "Client", "Identify", "digest", "session_value"]
 

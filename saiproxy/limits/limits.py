@@ -26,13 +26,26 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from prometheus_client import Counter, Gauge
 
-from ..auth import Credential
-from ..metrics import Metrics
-from ..settings import Settings
+from ..base.metrics import Metrics
+from ..base.settings import Settings
+from ..upstream.auth import Credential
 from .base import Ask, Limiter, ScopeKind, Settlement, UsageCursor, UsagePage, UsageRow, scope_name
 from .identity import ANONYMOUS, Client, Identify
 from .local import LocalLimiter
 from .rules import Config, Rules, Verdict
+
+__all__ = [
+    "MODES",
+    "NOTHING",
+    "PATIENCE",
+    "TURNS",
+    "USAGE_PAGE_TIMEOUT",
+    "Grant",
+    "LimitMetrics",
+    "Limits",
+    "Mode",
+    "enabled",
+]
 
 log = logging.getLogger("saiproxy.limits")
 

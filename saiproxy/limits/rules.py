@@ -6,7 +6,30 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
-from ..settings import Settings
+from ..base.settings import Settings
+
+__all__ = [
+    "CONCURRENCY_RETRY_MS",
+    "EXCESS_KEEP_MS",
+    "GLOBAL",
+    "MAX_TOKENS",
+    "OUTPUT_FIELDS",
+    "USAGE_KEEP_MS",
+    "VERIFIED_KEEP_MS",
+    "WINDOW_MS",
+    "Config",
+    "Figures",
+    "Period",
+    "Reason",
+    "Rules",
+    "Used",
+    "Verdict",
+    "learn_excess",
+    "remaining",
+    "requested_output",
+    "seconds_ceil",
+    "tighter",
+]
 
 WINDOW_MS: Final = 60_000  # requests and tokens per minute: a sliding window of 60 s
 GLOBAL: Final = "global"  # the scope of the shared SAI credentials

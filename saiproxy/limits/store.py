@@ -42,6 +42,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as StoreConnectionError
 from redis.exceptions import ResponseError
 
+__all__ = ["Command", "Store"]
+
 Command: TypeAlias = Sequence[Any]  # the command's name, then its arguments
 
 

@@ -19,13 +19,23 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..errors import ClientError
-from ..keys import LIMITS, SETTINGS
-from ..middlewares import any_key_matches, presented_keys
-from ..settings import SettingsError, setting
+from ..base.errors import ClientError
+from ..base.keys import LIMITS, SETTINGS
+from ..base.settings import SettingsError, setting
+from ..web.middlewares import any_key_matches, presented_keys
 from .base import USAGE_PAGE_MAX, UsageCursor, UsageRow
 from .identity import digest
 from .rules import Period
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_DAYS",
+    "MAX_LIMIT",
+    "USAGE_PATH",
+    "dates",
+    "main",
+    "usage_view",
+]
 
 log = logging.getLogger("saiproxy.limits")
 

@@ -20,6 +20,15 @@ from typing import Any, Final, NamedTuple
 from .format import JsonFormatter, TextFormatter, request_tag
 from .mask import Masker
 
+__all__ = [
+    "BatchHandler",
+    "current_batcher",
+    "event",
+    "request_id_var",
+    "set_batcher",
+    "trace_var",
+]
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )

@@ -18,6 +18,27 @@ from typing import Any, Final
 
 import orjson
 
+__all__ = [
+    "FIELD_LIMIT",
+    "FILE_GLOB",
+    "FILE_PREFIX",
+    "LOGGER_PREFIX",
+    "RESPONSE_FINISHED",
+    "TIME_FORMAT",
+    "JsonFormatter",
+    "TextFormatter",
+    "bound",
+    "escape_controls",
+    "extras",
+    "json_field",
+    "log_file_name",
+    "make_formatter",
+    "parse_time",
+    "request_tag",
+    "serialise",
+    "serialise_fields",
+]
+
 FILE_PREFIX: Final = "saiproxy-"
 FILE_GLOB: Final = f"{FILE_PREFIX}*.log*"  # every process's file, rotated ones included
 TIME_FORMAT: Final = "%Y-%m-%d %H:%M:%S"  # then ",mmm": 2026-11-26 21:04:51,123

@@ -9,6 +9,8 @@ from typing import Final
 
 from .format import request_tag
 
+__all__ = ["MASK", "MIN_SECRET_LENGTH", "Masker"]
+
 # Header-like "name: value" or "name=value" pairs whose value is a credential.
 _SENSITIVE: Final = re.compile(
     r"(?i)\b(authorization|x-api-key|cookie|user[_-]api[_-]key)([\"']?\s*[:=]\s*[\"']?)"

@@ -11,11 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from ..settings import SettingsError
+from ..base.settings import SettingsError
 from .batch import BatchHandler, current_batcher, set_batcher
 from .format import log_file_name, make_formatter
 from .mask import Masker
 from .write import RotatingFile, Writer
+
+__all__ = ["LogSetup"]
 
 
 class LogSetup:

@@ -13,6 +13,8 @@ from typing import Final, TextIO
 
 from .batch import BatchHandler
 
+__all__ = ["RotatingFile", "Writer", "write_failures"]
+
 _write_failures = 0  # writes of a batch that failed, per destination (read by /metrics)
 
 

@@ -2,3 +2,5 @@
 the core's Answer, stream and errors in its own shapes. Adding a protocol touches its
 module here and the routes in ``app.py``; the core stays as it is.
 """
+
+__all__: list[str] = []

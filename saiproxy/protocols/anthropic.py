@@ -19,7 +19,8 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response, read_json
+from ..base.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from ..base.keys import SETTINGS
 from ..core import bounds, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
@@ -36,9 +37,26 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
-from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
-from ..keys import SETTINGS
+from ..web.bodies import json_response, read_json
 from . import openai
+
+__all__ = [
+    "CLIENT_TOOL_TYPES",
+    "ERROR_TYPES",
+    "MEDIA_BLOCKS",
+    "MESSAGE_STOP",
+    "PING",
+    "STATUS_MAP",
+    "STOP_REASONS",
+    "USED_FIELDS",
+    "AnthropicErrors",
+    "MessagesRenderer",
+    "count_tokens",
+    "error_body",
+    "messages",
+    "parse",
+    "usage",
+]
 
 # Content the answer would silently miss if it were dropped: refused with a 400.
 # Any other block SAI cannot use (thinking, server tool blocks, types saiproxy

@@ -32,16 +32,29 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response
+from ..base.errors import InvalidRequest, NotFound, ProxyError, StateUnavailable, UpstreamError
+from ..base.keys import SETTINGS, STATE_STORE
 from ..core.conversation import Answer, Conversation
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
-from ..errors import InvalidRequest, NotFound, ProxyError, StateUnavailable, UpstreamError
-from ..keys import SETTINGS, STATE_STORE
 from ..state import owner_of
 from ..state.store import State
+from ..web.bodies import json_response
 from .responses import ResponsesRenderer, error_object
 from .stored import Continuation
+
+__all__ = [
+    "CANCEL_CHECK",
+    "DRAINED",
+    "LOST",
+    "POLL",
+    "TERMINAL",
+    "BackgroundRenderer",
+    "cancel",
+    "replay",
+    "settled",
+    "start",
+]
 
 log = logging.getLogger("saiproxy.protocols")
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})

@@ -8,12 +8,21 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import read_json
+from ..base.errors import InvalidRequest, UpstreamError
 from ..core.conversation import MAX_MESSAGES, Answer, Conversation, ToolCall, Turn, check_count
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
-from ..errors import InvalidRequest, UpstreamError
+from ..web.bodies import read_json
 from . import openai
+
+__all__ = [
+    "DONE",
+    "SYSTEM_ROLES",
+    "USED_FIELDS",
+    "ChatRenderer",
+    "chat_completions",
+    "parse",
+]
 
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 # The top-level fields saiproxy reads (the auth chain may read "metadata" and "user").

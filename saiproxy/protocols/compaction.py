@@ -29,14 +29,26 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import read_json
+from ..base.errors import InvalidRequest, UpstreamError
+from ..base.keys import STATE_STORE
 from ..core.conversation import Answer, ToolCall, Turn, Usage
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
-from ..errors import InvalidRequest, UpstreamError
-from ..keys import STATE_STORE
 from ..state import owner_of
 from ..state.store import as_items, new_id
+from ..web.bodies import read_json
+
+__all__ = [
+    "ITEM_TYPES",
+    "SUMMARISE",
+    "SUMMARY_HEAD",
+    "TRIGGER",
+    "CompactionRenderer",
+    "compact",
+    "expand",
+    "respond",
+    "triggered",
+]
 
 log = logging.getLogger("saiproxy.protocols")
 TRIGGER: Final = "compaction_trigger"

@@ -16,13 +16,27 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import read_json
+from ..base.errors import InvalidRequest, UpstreamError
 from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
 from ..core.exchange import Exchange
 from ..core.fanout import respond_all
 from ..core.sse import COMMENT_PING
-from ..errors import InvalidRequest, UpstreamError
+from ..web.bodies import read_json
 from . import openai
+
+__all__ = [
+    "DONE",
+    "FILL_INSTRUCTION",
+    "FILL_MARKER",
+    "MAX_PROMPTS",
+    "USED_FIELDS",
+    "ChoiceRenderer",
+    "CompletionChoices",
+    "CompletionRenderer",
+    "Parsed",
+    "completions",
+    "parse",
+]
 
 DONE: Final = b"data: [DONE]\n\n"
 USED_FIELDS: Final = frozenset(

@@ -13,13 +13,27 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..bodies import json_response, read_json
+from ..base.errors import InvalidRequest, NotFound
+from ..base.keys import STATE_STORE
 from ..core.conversation import check_count
-from ..errors import InvalidRequest, NotFound
-from ..keys import STATE_STORE
 from ..state import owner_of
 from ..state.store import State
+from ..web.bodies import json_response, read_json
 from .stored import item_list, page
+
+__all__ = [
+    "MAX_METADATA",
+    "MAX_NEW_ITEMS",
+    "add_items",
+    "add_routes",
+    "create",
+    "delete",
+    "delete_item",
+    "get_item",
+    "list_items",
+    "retrieve",
+    "update",
+]
 
 MAX_NEW_ITEMS: Final = 20  # items one request may add, as OpenAI allows
 MAX_METADATA: Final = 16  # metadata keys, as OpenAI allows

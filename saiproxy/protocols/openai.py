@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ..base.errors import InvalidRequest, ProxyError
 from ..core import bounds, toolcache
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
@@ -17,8 +18,30 @@ from ..core.conversation import (
     Usage,
     check_count,
 )
-from ..errors import InvalidRequest, ProxyError
-from ..middlewares import error_response
+from ..web.middlewares import error_response
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "FINISH_REASONS",
+    "MAX_MODEL_CHARS",
+    "MEDIA_PART_TYPES",
+    "TEXT_PART_TYPES",
+    "OpenAIErrors",
+    "content_text",
+    "fields_ignored",
+    "flag",
+    "flat_name",
+    "hosted_tools_left_out",
+    "ignored",
+    "json_format",
+    "media_refused",
+    "model_name",
+    "stop_sequences",
+    "tool",
+    "tool_choice",
+    "tools",
+    "usage",
+]
 
 TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
 # Content that would change the answer if it were dropped: refused with a 400

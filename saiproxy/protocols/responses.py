@@ -29,7 +29,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response, read_json
+from ..base.errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from ..core.conversation import (
     MAX_MESSAGES,
     Answer,
@@ -42,10 +42,23 @@ from ..core.conversation import (
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
 from ..core.sse import COMMENT_PING
-from ..errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
 from ..state.store import new_id
+from ..web.bodies import json_response, read_json
 from . import compaction, openai
 from .stored import Continuation, continuation
+
+__all__ = [
+    "ECHOED",
+    "STATEFUL_FIELDS",
+    "SYSTEM_ROLES",
+    "USED_FIELDS",
+    "ResponsesRenderer",
+    "error_object",
+    "input_tokens",
+    "parse",
+    "responses",
+    "usage",
+]
 
 log = logging.getLogger("saiproxy.protocols")
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})

@@ -20,12 +20,23 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..bodies import json_response
-from ..errors import InvalidRequest, NotFound
-from ..keys import STATE_STORE
+from ..base.errors import InvalidRequest, NotFound
+from ..base.keys import STATE_STORE
 from ..state import owner_of
 from ..state.store import State, as_items, stored_item
+from ..web.bodies import json_response
 from . import openai
+
+__all__ = [
+    "MAX_PAGE",
+    "Continuation",
+    "continuation",
+    "delete_response",
+    "get_response",
+    "input_items",
+    "item_list",
+    "page",
+]
 
 log = logging.getLogger("saiproxy.protocols")
 # Input items that are not turns of the conversation: not kept in a chain.

@@ -12,12 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import NoCredential
-from ..keys import AUTH_CHAIN, OWNERS, SETTINGS, STATE_STORE
+from ..base.errors import NoCredential
+from ..base.keys import AUTH_CHAIN, OWNERS, SETTINGS, STATE_STORE
+from ..base.settings import Settings
 from ..limits.identity import Identify
-from ..settings import Settings
 from .backend import Backend, LocalBackend
 from .store import State
+
+__all__ = ["backend_for", "owner_of", "state_ctx"]
 
 
 def backend_for(settings: Settings) -> Backend:

@@ -28,6 +28,14 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+__all__ = [
+    "BUCKETS",
+    "ENTRY_OVERHEAD",
+    "LOCAL_OVERHEAD",
+    "Backend",
+    "LocalBackend",
+]
+
 BUCKETS: Final = 30  # a client's bytes are counted in this many buckets per TTL
 ENTRY_OVERHEAD: Final = 64  # bytes counted per key besides its name and value
 # What an entry costs the process besides what is counted against its owner: the key's

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from redis.exceptions import NoScriptError, RedisError
 
-from ..errors import StateUnavailable
+from ..base.errors import StateUnavailable
 from ..limits.store import Store
 from .backend import BUCKETS, ENTRY_OVERHEAD
 

@@ -34,8 +34,17 @@ from typing import Any, Final
 
 import orjson
 
-from ..errors import StorageQuotaExceeded
+from ..base.errors import StorageQuotaExceeded
 from .backend import ENTRY_OVERHEAD, Backend
+
+__all__ = [
+    "MAX_ID",
+    "State",
+    "StoredResponse",
+    "as_items",
+    "new_id",
+    "stored_item",
+]
 
 MAX_ID: Final = 256  # characters of an id a client names; longer ones are found nowhere
 _ITEM_PREFIXES: Final = {

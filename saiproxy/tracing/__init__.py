@@ -10,3 +10,5 @@ and flushes it in the drain.
 :mod:`.config` reads the variables, :mod:`.hooks` holds the middleware and
 what the exchange and the SAI client call with a span in hand.
 """
+
+__all__: list[str] = []

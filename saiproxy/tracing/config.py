@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
 
+__all__ = [
+    "SCHEMA_URL",
+    "SEMCONV_VERSION",
+    "TracingConfig",
+    "TracingConfigError",
+    "tracing_config",
+]
+
 # The GenAI semantic conventions followed (still "Development"): names and
 # attributes as in this release. OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental
 # drops the names it deprecates (gen_ai.system).

@@ -26,10 +26,27 @@ if TYPE_CHECKING:
 
     from ..core.ending import Ending
     from ..core.exchange import Exchange
-    from ..sai import SaiCall
+    from ..upstream.sai import SaiCall
     from .sdk import Pipeline
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "PROVIDER",
+    "SPAN",
+    "UNTRACED",
+    "Tracing",
+    "admission",
+    "answered",
+    "attempt_ended",
+    "attempt_started",
+    "began",
+    "child",
+    "concluded",
+    "content_json",
+    "exemplar",
+    "tracing_of",
+]
+
+log = logging.getLogger("saiproxy.tracing.hooks")
 
 PROVIDER: Final = "sai"
 SPAN: Final[web.RequestKey[Any]] = web.RequestKey("otel_span")
@@ -125,7 +142,7 @@ async def _in_thread(work: Any) -> None:
 
 def tracing_of(request: web.Request) -> Tracing:
     """Return the application's tracing (only called with a span in hand)."""
-    from ..keys import TRACING
+    from ..base.keys import TRACING
 
     return request.app[TRACING]
 
@@ -225,7 +242,7 @@ def admission(span: Span | None, request: web.Request) -> Any:
     """Return the admission span's context manager: a child only when limits are on."""
     if span is None:
         return _NOTHING
-    from ..keys import LIMITS
+    from ..base.keys import LIMITS
 
     if LIMITS not in request.app:
         return _NOTHING

@@ -26,13 +26,20 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .. import __version__
-from ..auth import Credential
-from ..keys import REQUEST_ID, SETTINGS
+from ..base.keys import REQUEST_ID, SETTINGS
 from ..limits.identity import Identify
 from ..logs.mask import Masker
-from ..sai import SaiCall
+from ..upstream.auth import Credential
+from ..upstream.sai import SaiCall
 from .config import SCHEMA_URL, TracingConfig
 from .hooks import content_json
+
+__all__ = [
+    "FLUSH_TIMEOUT",
+    "BoundedBatchProcessor",
+    "Dropped",
+    "Pipeline",
+]
 
 log = logging.getLogger("saiproxy.tracing")
 

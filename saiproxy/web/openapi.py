@@ -14,8 +14,16 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
 from .landing import base_url
+
+__all__ = [
+    "JSON",
+    "SSE",
+    "Schema",
+    "openapi",
+    "openapi_document",
+]
 
 JSON: Final = "application/json"
 SSE: Final = "text/event-stream"

@@ -12,13 +12,27 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
+from ..base.keys import STATE, ServingState
+from ..base.settings import Settings, SettingsError
 from .app import AccessLogger, create_app, log_setup_for
-from .keys import STATE, ServingState
 from .malformed import ProxyRunner
-from .settings import Settings, SettingsError
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "CUT_GRACE",
+    "GC_MIDDLE_THRESHOLD",
+    "GC_YOUNG_THRESHOLD",
+    "ListenError",
+    "check_open_relay",
+    "drain",
+    "is_loopback",
+    "raise_open_file_limit",
+    "runner_options",
+    "serve",
+    "tune_garbage_collector",
+]
+
+log = logging.getLogger("saiproxy.server")
 
 
 CUT_GRACE = 1.0  # seconds a cut answer gets to write its ending (at most a quarter of the budget)

@@ -8,21 +8,41 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .auth import AuthChain
+from ..upstream.auth import AuthChain
+from ..upstream.sai import CallBudget, SaiClient
 from .metrics import Metrics
-from .sai import CallBudget, SaiClient
 from .settings import Settings
 
 if TYPE_CHECKING:
     # The core imports this module; this one names the core's types for the
     # type checker only, so at run time no import runs back up into core/.
-    from .core.render import ErrorShape
-    from .core.schemacheck import SchemaChecker
-    from .core.sse import KeepAlive
-    from .limits.identity import Identify
-    from .limits.limits import Limits
-    from .state.store import State
-    from .tracing.hooks import Tracing
+    from ..core.render import ErrorShape
+    from ..core.schemacheck import SchemaChecker
+    from ..core.sse import KeepAlive
+    from ..limits.identity import Identify
+    from ..limits.limits import Limits
+    from ..state.store import State
+    from ..tracing.hooks import Tracing
+
+__all__ = [
+    "AUTH_CHAIN",
+    "CALL_BUDGET",
+    "ERROR_SHAPES",
+    "KEEP_ALIVE",
+    "LIMITS",
+    "METRICS",
+    "OUTCOME",
+    "OWNERS",
+    "REQUEST_ID",
+    "SAI",
+    "SCHEMA_CHECKER",
+    "SETTINGS",
+    "STATE",
+    "STATE_STORE",
+    "STREAM",
+    "TRACING",
+    "ServingState",
+]
 
 
 @dataclass(slots=True)

@@ -12,10 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
-from .auth import AuthChain
-from .core.schemacheck import SchemaChecker
-from .core.sse import KeepAlive
-from .keys import (
+from ..base.keys import (
     AUTH_CHAIN,
     ERROR_SHAPES,
     KEEP_ALIVE,
@@ -30,28 +27,33 @@ from .keys import (
     TRACING,
     ServingState,
 )
+from ..base.metrics import Metrics
+from ..base.settings import Settings
+from ..core.schemacheck import SchemaChecker
+from ..core.sse import KeepAlive
+from ..limits.gate import add_limit_headers
+from ..limits.limits import Limits, enabled
+from ..limits.usage import USAGE_PATH, usage_view
+from ..logs import LogSetup, write_failures
+from ..protocols import anthropic, background, compaction, conversations, stored
+from ..protocols.chat import chat_completions
+from ..protocols.completions import completions
+from ..protocols.openai import OpenAIErrors
+from ..protocols.responses import input_tokens, responses
+from ..state import state_ctx
+from ..tracing.hooks import Tracing
+from ..upstream.auth import AuthChain
+from ..upstream.sai import SaiClient, client_timeout
 from .landing import landing
-from .limits.gate import add_limit_headers
-from .limits.limits import Limits, enabled
-from .limits.usage import USAGE_PATH, usage_view
-from .logs import LogSetup, write_failures
-from .metrics import Metrics
 from .middlewares import (
     add_request_id_header,
     front_middleware,
     proxy_access_middleware,
 )
 from .openapi import openapi
-from .protocols import anthropic, background, compaction, conversations, stored
-from .protocols.chat import chat_completions
-from .protocols.completions import completions
-from .protocols.openai import OpenAIErrors
-from .protocols.responses import input_tokens, responses
-from .sai import SaiClient, client_timeout
-from .settings import Settings
-from .state import state_ctx
-from .tracing.hooks import Tracing
 from .views import health, model, models, prometheus, readiness
+
+__all__ = ["AccessLogger", "create_app", "log_setup_for"]
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -32,6 +32,30 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+__all__ = [
+    "BodyTimeout",
+    "BodyTooLarge",
+    "ClientError",
+    "ContextTooLong",
+    "InvalidRequest",
+    "MalformedRequest",
+    "ModelNotFound",
+    "NoCredential",
+    "NotFound",
+    "ProxyAccessDenied",
+    "ProxyError",
+    "ShutdownCut",
+    "StateUnavailable",
+    "StorageQuotaExceeded",
+    "StreamBroken",
+    "UpstreamAnswerTooLarge",
+    "UpstreamAuthRejected",
+    "UpstreamError",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+]
+
 
 class ProxyError(Exception):
     """A failure with an OpenAI error object and an HTTP status."""

@@ -23,8 +23,7 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
-from .auth import UNCLEAN_HEADER_TEXT, AuthChain, Credential
-from .errors import (
+from ..base.errors import (
     ContextTooLong,
     UpstreamAnswerTooLarge,
     UpstreamAuthRejected,
@@ -33,15 +32,31 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .logs import event
-from .metrics import Metrics
-from .settings import ModelConfig, Settings
-from .tracing import hooks as tracing
+from ..base.metrics import Metrics
+from ..base.settings import ModelConfig, Settings
+from ..logs import event
+from ..tracing import hooks as tracing
+from .auth import UNCLEAN_HEADER_TEXT, AuthChain, Credential
 
 if TYPE_CHECKING:
-    from .tracing.hooks import Tracing
+    from ..tracing.hooks import Tracing
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "BACKOFF_CAP",
+    "CONTEXT_TOO_LONG",
+    "ERROR_BODY_LIMIT",
+    "RETRYABLE_STATUSES",
+    "CallBudget",
+    "CleanHeaders",
+    "SaiAnswer",
+    "SaiCall",
+    "SaiClient",
+    "SaiStream",
+    "clean_header_value",
+    "client_timeout",
+]
+
+log = logging.getLogger("saiproxy.sai")
 
 RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.IGNORECASE)

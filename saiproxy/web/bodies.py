@@ -12,9 +12,16 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from .core.bounds import check_depth
-from .errors import BodyTimeout, BodyTooLarge, InvalidRequest
-from .keys import SETTINGS, STATE
+from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest
+from ..base.keys import SETTINGS, STATE
+from ..core.bounds import check_depth
+
+__all__ = [
+    "LARGE_BODY",
+    "TRIM_DELAY",
+    "json_response",
+    "read_json",
+]
 
 # Its lines keep the logger name they had when this lived in the exchange (operators filter on it).
 log = logging.getLogger("saiproxy.exchange")

@@ -14,13 +14,29 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
-from .keys import ERROR_SHAPES, OUTCOME, REQUEST_ID, STREAM
-from .logs import request_id_var
-from .metrics import Metrics
-from .settings import Secret
+from ..base.errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
+from ..base.keys import ERROR_SHAPES, OUTCOME, REQUEST_ID, STREAM
+from ..base.metrics import Metrics
+from ..base.settings import Secret
+from ..logs import request_id_var
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "API_KEY_HEADER",
+    "OPEN_PATHS",
+    "REQUEST_ID_HEADER",
+    "add_request_id_header",
+    "any_key_matches",
+    "count_request",
+    "error_response",
+    "failure_response",
+    "front_middleware",
+    "new_request_id",
+    "presented_keys",
+    "proxy_access_middleware",
+    "request_id_for",
+]
+
+log = logging.getLogger("saiproxy.middlewares")
 
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"

@@ -15,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from .logs import (
+from ..base.settings import SettingsError, setting
+from ..logs import (
     FILE_GLOB,
     LOGGER_PREFIX,
     RESPONSE_FINISHED,
@@ -24,7 +25,14 @@ from .logs import (
     parse_time,
     request_tag,
 )
-from .settings import SettingsError, setting
+
+__all__ = [
+    "MAX_LINE_CHARS",
+    "default_files",
+    "find",
+    "main",
+    "render",
+]
 
 # Longer lines are skipped: saiproxy's own are far shorter (fields are cut), and
 # a file that is one endless line must not be read into memory whole.

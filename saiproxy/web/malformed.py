@@ -23,9 +23,11 @@ import logging
 
 from aiohttp import web
 
-from .errors import MalformedRequest
-from .logs import bound
+from ..base.errors import MalformedRequest
+from ..logs import bound
 from .middlewares import REQUEST_ID_HEADER, error_response, new_request_id
+
+__all__ = ["ProxyRunner", "fits"]
 
 log = logging.getLogger("saiproxy.server")  # its lines keep the logger they had
 
@@ -94,7 +96,7 @@ class ProxyRunner(web.AppRunner):
         if not fits(server):
             log.warning(
                 "this aiohttp release changed what saiproxy relies on to answer malformed "
-                "requests; they get aiohttp's plain-text answers (see saiproxy/malformed.py)"
+                "requests; they get aiohttp's plain-text answers (see saiproxy/web/malformed.py)"
             )
             return server
         # The server aiohttp built is the same object with one method changed.

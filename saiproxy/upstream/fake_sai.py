@@ -25,6 +25,14 @@ import orjson
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
+__all__ = [
+    "EXECUTE_PATH",
+    "Answer",
+    "FakeSai",
+    "Received",
+    "Reply",
+]
+
 EXECUTE_PATH = "/api/templates/{template}/execute"
 
 

@@ -14,6 +14,19 @@ import orjson
 
 from .fake_sai import FakeSai, Received, Reply
 
+__all__ = [
+    "DEMO_COOKIE",
+    "DEMO_KEY",
+    "DEMO_TEMPLATE",
+    "HANG_SECONDS",
+    "MAGIC",
+    "PREFIX",
+    "WORD_DELAY",
+    "demo_answer",
+    "demo_sai",
+    "start_demo_upstream",
+]
+
 DEMO_KEY: Final = "demo-key"
 DEMO_COOKIE: Final = "demo-session=1; Cookies=demo"
 DEMO_TEMPLATE: Final = "demo-template"

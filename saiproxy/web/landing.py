@@ -18,9 +18,16 @@ from typing import Final
 
 from aiohttp import hdrs, web
 
-from . import __version__
-from .keys import SETTINGS, STATE
-from .settings import Settings
+from .. import __version__
+from ..base.keys import SETTINGS, STATE
+from ..base.settings import Settings
+
+__all__ = [
+    "KEY_VARIABLE",
+    "base_url",
+    "landing",
+    "render_landing",
+]
 
 # A host name, IPv4 or bracketed IPv6 address, with an optional port: anything
 # else in Host or X-Forwarded-Host is not echoed back into the page.
@@ -64,7 +71,7 @@ def base_url(request: web.BaseRequest) -> str:
 
 @cache
 def _template() -> Template:
-    text = resources.files("saiproxy").joinpath("static/landing.html").read_text("utf-8")
+    text = resources.files(__package__).joinpath("static/landing.html").read_text("utf-8")
     return Template(text)
 
 

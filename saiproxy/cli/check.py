@@ -31,13 +31,27 @@ from typing import IO, Any, Final
 import aiohttp
 import orjson
 
-from . import __version__
-from .auth import AuthChain, Credential, SystemHandler
-from .errors import UpstreamError
-from .logs import Masker
-from .metrics import Metrics
-from .sai import SaiClient, client_timeout
-from .settings import ModelConfig, Settings, SettingsError, load_settings
+from .. import __version__
+from ..base.errors import UpstreamError
+from ..base.metrics import Metrics
+from ..base.settings import ModelConfig, Settings, SettingsError, load_settings
+from ..logs import Masker
+from ..upstream.auth import AuthChain, Credential, SystemHandler
+from ..upstream.sai import SaiClient, client_timeout
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "PROBE_PROMPT",
+    "Probe",
+    "advice_for",
+    "format_probe",
+    "main",
+    "probe",
+    "probe_payload",
+    "report",
+    "run_probes",
+    "system_credentials",
+]
 
 PROBE_PROMPT: Final = "saiproxy check: reply with the single word OK."
 DEFAULT_TIMEOUT: Final = 60.0

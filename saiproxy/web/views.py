@@ -9,11 +9,21 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from . import __version__
+from .. import __version__
+from ..base.errors import ModelNotFound
+from ..base.keys import METRICS, SETTINGS, STATE
+from ..base.metrics import metrics_response
 from .bodies import json_response
-from .errors import ModelNotFound
-from .keys import METRICS, SETTINGS, STATE
-from .metrics import metrics_response
+
+__all__ = [
+    "ANTHROPIC_VERSION",
+    "health",
+    "model",
+    "model_object",
+    "models",
+    "prometheus",
+    "readiness",
+]
 
 
 async def health(request: web.Request) -> web.Response:

@@ -20,10 +20,24 @@ from typing import Any, Final, Literal, Protocol
 
 from aiohttp import hdrs, web
 
-from .errors import InvalidRequest, NoCredential
-from .settings import AuthHandlerName, Secret, Settings
+from ..base.errors import InvalidRequest, NoCredential
+from ..base.settings import AuthHandlerName, Secret, Settings
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "COOKIE_MARKER",
+    "UNCLEAN_HEADER_TEXT",
+    "USER_KEY_HEADERS",
+    "AuthChain",
+    "AuthHandler",
+    "BearerHandler",
+    "Credential",
+    "HeaderHandler",
+    "Kind",
+    "MetadataHandler",
+    "SystemHandler",
+]
+
+log = logging.getLogger("saiproxy.auth")
 
 COOKIE_MARKER: Final = "Cookies"
 USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")

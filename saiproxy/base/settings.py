@@ -18,14 +18,38 @@ from typing import Any, Final, Literal
 
 from yarl import URL
 
-from .tracing.config import TracingConfig, TracingConfigError, tracing_config
+from ..tracing.config import TracingConfig, TracingConfigError, tracing_config
+
+__all__ = [
+    "DEFAULT_AUTH_CHAIN",
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_MODEL_KEY",
+    "MAX_LIMIT",
+    "MODELS_TABLE",
+    "MODEL_KEYS",
+    "OPTIONS",
+    "SECRETS_DIR",
+    "AuthHandlerName",
+    "ErrorMode",
+    "LogFormat",
+    "ModelConfig",
+    "Option",
+    "Secret",
+    "Settings",
+    "SettingsError",
+    "known_toml_keys",
+    "load_settings",
+    "redact_url",
+    "setting",
+    "unknown_toml_keys",
+]
 
 SECRETS_DIR: Final = "/run/secrets"
 DEFAULT_CONFIG_PATH: Final = "config/saiproxy.toml"
 
 
 class AuthHandlerName(StrEnum):
-    """The handlers AUTH_CHAIN may name (saiproxy/auth.py builds one for each)."""
+    """The handlers AUTH_CHAIN may name (saiproxy/upstream/auth.py builds one for each)."""
 
     METADATA = "metadata"
     HEADER = "header"

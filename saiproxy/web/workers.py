@@ -14,6 +14,8 @@ import sys
 from collections.abc import Mapping
 from typing import Final
 
+__all__ = ["WORKER_ENV", "is_worker", "supervise"]
+
 WORKER_ENV: Final = "SAIPROXY_WORKER"
 
 

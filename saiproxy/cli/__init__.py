@@ -1,0 +1,3 @@
+"""The command line: ``saiproxy`` serves; ``check``, ``trace`` and ``usage`` are its tools."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""HTTP: the application, its middlewares and plain views, the server; no completions."""
+
+__all__: list[str] = []
