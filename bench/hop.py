@@ -39,11 +39,11 @@ __all__ = ["LAYERS", "layer_of", "main"]
 LAYERS: Final = (
     ("logging", "saiproxy/logs/"),
     ("logging", "logging/__init__.py"),
-    ("metrics", "saiproxy/metrics.py"),
+    ("metrics", "saiproxy/base/metrics.py"),
     ("metrics", "prometheus_client/"),
     ("limits", "saiproxy/limits/"),
-    ("auth chain", "saiproxy/auth.py"),
-    ("body read and validation", "saiproxy/bodies.py"),
+    ("auth chain", "saiproxy/upstream/auth.py"),
+    ("body read and validation", "saiproxy/web/bodies.py"),
     ("body read and validation", "saiproxy/protocols/openai.py"),
     ("body read and validation", "parse (saiproxy/protocols/chat.py"),
     ("body read and validation", "_turn (saiproxy/protocols/chat.py"),
@@ -52,16 +52,17 @@ LAYERS: Final = (
     ("conversation and SAI payload", "saiproxy/core/prompt.py"),
     ("conversation and SAI payload", "saiproxy/core/conversation.py"),
     ("conversation and SAI payload", "_new_call (saiproxy/core/exchange.py"),
-    ("SAI call", "saiproxy/sai.py"),
+    ("SAI call", "saiproxy/upstream/sai.py"),
     ("answer filter", "saiproxy/core/answer.py"),
     ("tracing hooks", "saiproxy/tracing/"),
-    ("middlewares", "saiproxy/middlewares.py"),
-    ("access log, response hooks", "saiproxy/app.py"),
+    ("middlewares", "saiproxy/web/middlewares.py"),
+    ("access log, response hooks", "saiproxy/web/app.py"),
     ("exchange", "saiproxy/core/"),
     ("handler", "saiproxy/protocols/"),
 )
 # Outer frames that are no layer's: the process's main function runs the loop.
-_NO_LAYER: Final = ("saiproxy/__main__.py", "saiproxy/server.py", "saiproxy/workers.py")
+_NO_LAYER: Final = ("saiproxy/__main__.py", "saiproxy/cli/", "saiproxy/web/server.py",
+                    "saiproxy/web/workers.py")
 STACK: Final = (
     ("SAI call", "aiohttp/client"),
     ("SAI call", "aiohttp/connector.py"),

@@ -24,12 +24,12 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from bench.limits import LIMITS
-from saiproxy.auth import Credential
-from saiproxy.keys import LIMITS as LIMITS_KEY
+from saiproxy.upstream.auth import Credential
+from saiproxy.base.keys import LIMITS as LIMITS_KEY
 from saiproxy.limits import gate
 from saiproxy.limits.limits import Limits
-from saiproxy.metrics import Metrics
-from saiproxy.settings import Secret, load_settings
+from saiproxy.base.metrics import Metrics
+from saiproxy.base.settings import Secret, load_settings
 
 __all__ = ["TARGET_US", "cpu_per_request", "main"]
 

@@ -96,26 +96,37 @@ def _rfc3339(ms: int) -> str:
     return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+# Each protocol's header names, per kind: (limit, remaining, reset), made once.
+_OPENAI_NAMES: Final = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+           f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}  # fmt: skip
+_ANTHROPIC_NAMES: Final = {
+    kind: (f"anthropic-ratelimit-{kind}-limit", f"anthropic-ratelimit-{kind}-remaining",
+           f"anthropic-ratelimit-{kind}-reset")
+    for kind in ("requests", "tokens")
+}  # fmt: skip
+
+
 def headers_for(path: str, mode: str, verdict: Verdict) -> dict[str, str]:
     """Return the rate-limit headers of an answer on ``path``, in its protocol's names."""
     headers = {MODE_HEADER: mode}
     figures: Figures | None = verdict.figures
-    anthropic = path.startswith(ANTHROPIC_PREFIXES)
     if figures is not None:
+        anthropic = path.startswith(ANTHROPIC_PREFIXES)
+        names = _ANTHROPIC_NAMES if anthropic else _OPENAI_NAMES
+        reset_text = _rfc3339 if anthropic else duration
         for kind, limit, left, reset in (
             ("requests", figures.rpm, figures.requests_left, figures.requests_reset_ms),
             ("tokens", figures.tpm, figures.tokens_left, figures.tokens_reset_ms),
         ):
             if not limit:
                 continue
-            if anthropic:
-                headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
-                headers[f"anthropic-ratelimit-{kind}-remaining"] = str(left)
-                headers[f"anthropic-ratelimit-{kind}-reset"] = _rfc3339(reset)
-            else:
-                headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(left)
-                headers[f"x-ratelimit-reset-{kind}"] = duration(reset)
+            limit_name, left_name, reset_name = names[kind]
+            headers[limit_name] = str(limit)
+            headers[left_name] = str(left)
+            headers[reset_name] = reset_text(reset)
     if not verdict.granted:
         headers["Retry-After"] = str(seconds_ceil(verdict.retry_ms))
         headers["retry-after-ms"] = str(verdict.retry_ms)
@@ -157,6 +168,7 @@ async def admit(
     reserve = counted(prompt_tokens + sum(bound or output for bound in max_outputs))
     client = limits.client(request, credential)
     request[ASKED] = (client, reserve)
+    request[GRANTS] = []  # the request's admissions (admit_shared's follows this one)
     await _admit(request, client, reserve, ("client", "global"))
 
 
@@ -184,10 +196,9 @@ async def _admit(
 ) -> None:
     limits = request.app[LIMITS]
     grant = await limits.admit(client, reserve, kinds)
-    grants = request.get(GRANTS)
-    if grants is None:
-        grants = request[GRANTS] = []
-    grants.append(grant)  # at once: whatever happens next, the request's end settles it
+    # At once: whatever happens next, the request's end settles it. (GRANTS is made
+    # with ASKED, before the first admission: a missing key would cost a KeyError.)
+    request[GRANTS].append(grant)
     verdict = grant.verdict
     headers = headers_for(request.path, limits.mode, verdict)
     if kinds != ("global",):  # a fallback refused is SAI's 429, with SAI's Retry-After
@@ -210,9 +221,11 @@ def settle(request: web.Request, input_tokens: int, output_tokens: int, accepted
     """The request ended, however (answered, failed, client gone, cancelled): correct its
     tokens to what SAI counted (``accepted``: SAI answered the user's own credential) and
     end its leases. Never raises; never waits."""
-    grants = request.get(GRANTS)
     limits = request.app.get(LIMITS)
-    if not grants or limits is None:
+    if limits is None:
+        return  # limits off: no request key is looked up (a missing one raises inside get)
+    grants = request.get(GRANTS)
+    if not grants:
         return
     ended = Settlement(counted(input_tokens), counted(output_tokens), accepted)
     for grant in grants:

@@ -72,6 +72,12 @@ class Client:
         return self.kind in ("user_key", "user_cookie")
 
 
+# Most requests are nobody in particular's: the two values made once (a Client is frozen).
+_NOBODY: Final = {
+    shared: Client(ANONYMOUS, "anonymous", shared) for shared in (True, False)
+}
+
+
 class Identify:
     """Find a request's client from its proxy key or its SAI credential."""
 
@@ -99,4 +105,4 @@ class Identify:
             session = session_value(secret, self._session_cookie)
             if session:
                 return Client(f"user-{digest(session)}", "user_cookie", shared)
-        return Client(ANONYMOUS, "anonymous", shared)
+        return _NOBODY[shared]

@@ -69,6 +69,9 @@ PATIENCE: Final = 20
 TURNS: Final = 3
 
 
+_Scopes = tuple[tuple[ScopeKind, Rules], ...]
+
+
 def enabled(settings: Settings) -> bool:
     """Return whether the limits run: a store is named, or any limit is set."""
     config = Config.from_settings(settings)
@@ -153,6 +156,8 @@ class Limits:
         self.shared: SharedLimiter | None = None
         self.local = LocalLimiter(config.period)
         self.local_config = config
+        # The scopes an ask checks, by (config, kinds, shared): worked out once, not per request.
+        self._scopes: dict[tuple[bool, bool, tuple[ScopeKind, ...], bool], _Scopes] = {}
         if settings.limits_url is not None:
             # Imported only with a store: the Redis client costs about 9 MB
             # and 80 ms at start, for nothing when the limits run in the process.
@@ -186,16 +191,23 @@ class Limits:
     def ask(
         self, client: Client, reserve: int, config: Config, kinds: tuple[ScopeKind, ...]
     ) -> Ask:
-        scopes: list[tuple[ScopeKind, Rules]] = []
-        if "client" in kinds and config.client.any:
-            scopes.append(("client", config.client))
-        if "global" in kinds and client.shared and config.shared.any:
-            scopes.append(("global", config.shared))
+        # Cached for the replica's two configs (the limits, its share while the store is down).
+        key = (config is self.config, config is self.local_config, kinds, client.shared)
+        scopes = self._scopes.get(key) if key[0] or key[1] else None
+        if scopes is None:
+            found: list[tuple[ScopeKind, Rules]] = []
+            if "client" in kinds and config.client.any:
+                found.append(("client", config.client))
+            if "global" in kinds and client.shared and config.shared.any:
+                found.append(("global", config.shared))
+            scopes = tuple(found)
+            if key[0] or key[1]:  # a handful of entries: two configs, a few kinds
+                self._scopes[key] = scopes
         # A credential this replica knows SAI accepted (or the store did) needs no check:
         # its own client even if the store lost its data meanwhile.
         verify = client.verify and not self.local.accepted(client.id)
         return Ask(
-            f"{self._replica}.{next(self._ids):x}", client.id, verify, reserve, tuple(scopes),
+            f"{self._replica}.{next(self._ids):x}", client.id, verify, reserve, scopes,
             usage="client" in kinds,
         )  # fmt: skip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from ..base.settings import Settings
 
@@ -187,9 +187,12 @@ class Verdict:
         return self.reason == "budget"
 
 
-@dataclass(frozen=True, slots=True)
-class Used:
-    """What one scope had used when a request asked (before it was admitted)."""
+class Used(NamedTuple):
+    """What one scope had used when a request asked (before it was admitted).
+
+    A named tuple: one is made per scope of every admission, at a fraction of
+    a frozen dataclass's cost (which sets each field through ``object.__setattr__``).
+    """
 
     rpm: int
     requests: int
@@ -201,21 +204,28 @@ class Used:
 
 def remaining(used: list[Used], costs: list[tuple[int, int]] | None) -> Figures | None:
     """Return the tighter scope's figures left after an admission took one request and
-    ``costs`` tokens from each scope (None: it was refused, and took nothing)."""
-    result: Figures | None = None
+    ``costs`` tokens from each scope (None: it was refused, and took nothing).
+
+    :func:`tighter` of every scope's figures in turn, worked out on numbers: one
+    :class:`Figures` is made per admission, not two per scope.
+    """
+    if not used:
+        return None
+    taken = 1 if costs is not None else 0
+    # (limit, left, reset) of the tighter scope so far, per kind.
+    requests: tuple[int, int, int] | None = None
+    tokens: tuple[int, int, int] | None = None
     for index, scope in enumerate(used):
-        taken = 1 if costs is not None else 0
         cost = costs[index][0] if costs is not None else 0
-        left = Figures(
-            scope.rpm,
-            max(0, scope.rpm - scope.requests - taken),
-            scope.requests_reset_ms or (WINDOW_MS if taken else 0),
-            scope.tpm,
-            max(0, scope.tpm - scope.tokens - cost),
-            scope.tokens_reset_ms or (WINDOW_MS if taken else 0),
-        )
-        result = tighter(result, left)
-    return result
+        rpm, tpm = scope.rpm, scope.tpm
+        left_r = max(0, rpm - scope.requests - taken)
+        left_t = max(0, tpm - scope.tokens - cost)
+        if requests is None or not (requests[0] and (not rpm or requests[1] <= left_r)):
+            requests = (rpm, left_r, scope.requests_reset_ms or (WINDOW_MS if taken else 0))
+        if tokens is None or not (tokens[0] and (not tpm or tokens[1] <= left_t)):
+            tokens = (tpm, left_t, scope.tokens_reset_ms or (WINDOW_MS if taken else 0))
+    assert requests is not None and tokens is not None
+    return Figures(*requests, *tokens)
 
 
 def tighter(a: Figures | None, b: Figures | None) -> Figures | None:
