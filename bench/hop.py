@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Final
@@ -61,8 +60,12 @@ LAYERS: Final = (
     ("handler", "saiproxy/protocols/"),
 )
 # Outer frames that are no layer's: the process's main function runs the loop.
-_NO_LAYER: Final = ("saiproxy/__main__.py", "saiproxy/cli/", "saiproxy/web/server.py",
-                    "saiproxy/web/workers.py")
+_NO_LAYER: Final = (
+    "saiproxy/__main__.py",
+    "saiproxy/cli/",
+    "saiproxy/web/server.py",
+    "saiproxy/web/workers.py",
+)
 STACK: Final = (
     ("SAI call", "aiohttp/client"),
     ("SAI call", "aiohttp/connector.py"),
@@ -157,7 +160,7 @@ async def hop(seconds: float, concurrency: int, via: str, limits: str) -> int:
         stop(process)
         stop(sai)
         out.close()
-        time.sleep(0.1)
+
     return 0
 
 

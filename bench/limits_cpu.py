@@ -24,12 +24,12 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from bench.limits import LIMITS
-from saiproxy.upstream.auth import Credential
 from saiproxy.base.keys import LIMITS as LIMITS_KEY
-from saiproxy.limits import gate
-from saiproxy.limits.limits import Limits
 from saiproxy.base.metrics import Metrics
 from saiproxy.base.settings import Secret, load_settings
+from saiproxy.limits import gate
+from saiproxy.limits.limits import Limits
+from saiproxy.upstream.auth import Credential
 
 __all__ = ["TARGET_US", "cpu_per_request", "main"]
 
@@ -38,8 +38,12 @@ TARGET_US: Final = 20.0
 
 async def cpu_per_request(requests: int) -> float:
     """Return the CPU microseconds one admission, its headers and its settlement take."""
-    env = {"SAI_URL": "http://127.0.0.1:9", "SAI_KEY": "bench-key", "SAI_TEMPLATE_ID": "bench",
-           **LIMITS}
+    env = {
+        "SAI_URL": "http://127.0.0.1:9",
+        "SAI_KEY": "bench-key",
+        "SAI_TEMPLATE_ID": "bench",
+        **LIMITS,
+    }
     settings = load_settings(env)
     app = web.Application()
     limits = Limits(settings, Metrics())

@@ -73,9 +73,7 @@ class Client:
 
 
 # Most requests are nobody in particular's: the two values made once (a Client is frozen).
-_NOBODY: Final = {
-    shared: Client(ANONYMOUS, "anonymous", shared) for shared in (True, False)
-}
+_NOBODY: Final = {shared: Client(ANONYMOUS, "anonymous", shared) for shared in (True, False)}
 
 
 class Identify:
