@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Final
 
 from bench import load
+from bench.fake_sai import free_port
 from bench.limits import LIMITS
-from bench.run import ROOT, Usage, free_port, stop, wait_ready
+from bench.run import ROOT, Usage, stop, wait_ready
 
 __all__ = ["LAYERS", "layer_of", "main"]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 __all__ = [
+    "AUTO",
     "MAX_CONTENT_PARTS",
     "MAX_MESSAGES",
     "PLUGIN_MARKER",
@@ -112,6 +113,10 @@ class ToolChoice:
     name: str | None = None
 
 
+# The usual choice, made once (a ToolChoice is frozen): most requests take it.
+AUTO: Final = ToolChoice()
+
+
 @dataclass(frozen=True, slots=True)
 class OutputFormat:
     """Structured output: any JSON object, or one that follows a schema."""
@@ -130,7 +135,7 @@ class Conversation:
     model: str | None = None
     stream: bool = False
     tools: tuple[Tool, ...] = ()
-    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    tool_choice: ToolChoice = AUTO
     parallel_tool_calls: bool = True
     output: OutputFormat | None = None
     stop: tuple[str, ...] = ()

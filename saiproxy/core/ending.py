@@ -9,7 +9,7 @@ from typing import Final
 from ..base.errors import UpstreamError
 from .conversation import Answer
 
-__all__ = ["CLIENT_GONE", "ERROR_HEADER", "Ending"]
+__all__ = ["CLIENT_GONE", "ERROR_HEADER", "STOPPED", "Ending"]
 
 # Names the outcome of an answer that explains a failure (``message`` error
 # mode), when its headers were still unsent.
@@ -34,6 +34,8 @@ class Ending:
     @classmethod
     def answered(cls, answer: Answer) -> Ending:
         """Return the ending of a finished answer (an explained failure included)."""
+        if answer.finish == "stop" and answer.outcome == "ok" and not answer.calls:
+            return STOPPED  # most answers: the value made once
         return cls(200, answer.outcome, answer.finish, len(answer.calls))
 
     @classmethod
@@ -55,3 +57,4 @@ class Ending:
 
 
 CLIENT_GONE: Final = Ending(499, "client_disconnected")
+STOPPED: Final = Ending(200, "ok", "stop", 0)

@@ -10,6 +10,7 @@ from aiohttp import web
 from ..base.errors import InvalidRequest, ProxyError
 from ..core import bounds, toolcache
 from ..core.conversation import (
+    AUTO,
     MAX_CONTENT_PARTS,
     Finish,
     OutputFormat,
@@ -303,7 +304,7 @@ def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool
 def tool_choice(value: Any, offered: tuple[Tool, ...], *, flat: bool = False) -> ToolChoice:
     """Parse ``tool_choice``: auto, none, required, or one named function or custom tool."""
     if value is None:
-        return ToolChoice()
+        return AUTO
     if value in ("auto", "none", "required"):
         return ToolChoice(value)
     if isinstance(value, dict) and value.get("type") in ("function", "custom"):
