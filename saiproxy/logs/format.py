@@ -347,6 +347,8 @@ class JsonFormatter(logging.Formatter):
                 value = mask(value)
                 if len(value) > FIELD_LIMIT:
                     value = bound(value)
+            elif kind is int or value is None or kind is bool:  # most fields: as they are
+                pass
             elif kind is float:
                 if value - value != 0:  # NaN and infinities are not JSON
                     value = None
