@@ -211,9 +211,11 @@ class LocalLimiter:
         budget_left: int | None = None
         used: list[Used] = []
         costs: list[tuple[int, int]] = []
+        found: list[tuple[str, _Scope]] = []  # each scope's name and state, for the grant
         for kind, rules in ask.scopes:
             name = scope_name(kind, client)
             scope = self._scope(name, now)
+            found.append((name, scope))
             scope.expire(now)
             requests = scope.requests or ()
             used_r = len(requests)
@@ -251,9 +253,9 @@ class LocalLimiter:
             refused = remaining(used, None)
             return Verdict(False, deny, max(1, wait), refused, period, date, client, (),
                            budget_left)  # fmt: skip
-        for (kind, rules), (cost, budget_cost) in zip(ask.scopes, costs, strict=True):
-            name = scope_name(kind, client)
-            scope = self._scopes[name]
+        for (_, rules), (cost, budget_cost), (name, scope) in zip(
+            ask.scopes, costs, found, strict=True
+        ):
             if rules.rpm:
                 if scope.requests is None:
                     scope.requests = deque()
