@@ -195,7 +195,9 @@ async def _admit(
     request: web.Request, client: Client, reserve: int, kinds: tuple[ScopeKind, ...]
 ) -> None:
     limits = request.app[LIMITS]
-    grant = await limits.admit(client, reserve, kinds)
+    grant = limits.admit_at_once(client, reserve, kinds) or await limits.admit(
+        client, reserve, kinds
+    )
     # At once: whatever happens next, the request's end settles it. (GRANTS is made
     # with ASKED, before the first admission: a missing key would cost a KeyError.)
     request[GRANTS].append(grant)
