@@ -80,8 +80,16 @@ class Identify:
     """Find a request's client from its proxy key or its SAI credential."""
 
     def __init__(self, proxy_keys: Sequence[Secret], session_cookie: str = ".AspNetCore.Cookies"):
-        self._keys = [(key.reveal().encode(), f"key-{digest(key.reveal())}") for key in proxy_keys]
-        self.proxy_ids = frozenset(client_id for _, client_id in self._keys)
+        # By the SHA-256 of the key: a request's key is found with one lookup, however many
+        # keys there are (comparing it with each would cost per request what the keys number).
+        self._keys = {
+            hashlib.sha256(key.reveal().encode()).digest(): (
+                key.reveal().encode(),
+                f"key-{digest(key.reveal())}",
+            )
+            for key in proxy_keys
+        }
+        self.proxy_ids = frozenset(client_id for _, client_id in self._keys.values())
         self._session_cookie = session_cookie
 
     def __call__(self, request: web.Request, credential: Credential | None) -> Client:
@@ -93,9 +101,10 @@ class Identify:
                 presented.append(token)
             for candidate in presented:
                 raw = candidate.strip().encode("utf-8", "surrogateescape")
-                for key, client_id in self._keys:
-                    if hmac.compare_digest(raw, key):
-                        return Client(client_id, "proxy_key", shared)
+                found = self._keys.get(hashlib.sha256(raw).digest())
+                # The lookup tells nothing of a key's bytes; the comparison confirms it.
+                if found is not None and hmac.compare_digest(raw, found[0]):
+                    return Client(found[1], "proxy_key", shared)
         if credential is not None and credential.user:
             secret = credential.secret.reveal()
             if credential.kind == "key":
