@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 import random
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Final
 
 import orjson
@@ -24,6 +25,7 @@ __all__ = [
     "API_KEY_HEADER",
     "OPEN_PATHS",
     "REQUEST_ID_HEADER",
+    "KeyRing",
     "add_request_id_header",
     "any_key_matches",
     "count_request",
@@ -207,6 +209,30 @@ def any_key_matches(presented: Collection[bytes], allowed: Collection[bytes]) ->
     return matched
 
 
+class KeyRing:
+    """Keys found by their SHA-256: one lookup per presented key, however many keys there are.
+
+    :func:`any_key_matches` compares every pair, so with a thousand proxy keys
+    every request paid two thousand comparisons (about 90 us). Found by its
+    hash, a key's bytes still tell nothing through the timing (the lookup sees
+    only the hash); the one candidate found is confirmed with a constant-time
+    comparison.
+    """
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self._keys = {hashlib.sha256(key).digest(): key for key in keys}
+
+    def matches(self, presented: Collection[bytes]) -> bool:
+        """Return whether a presented key is one of the ring's; every presented key is looked up."""
+        matched = False
+        for candidate in presented:
+            key = self._keys.get(hashlib.sha256(candidate).digest())
+            matched |= key is not None and hmac.compare_digest(candidate, key)
+        return matched
+
+
 def proxy_access_middleware(
     *,
     keys: Collection[Secret],
@@ -219,8 +245,9 @@ def proxy_access_middleware(
     The key comes as ``Authorization: Bearer <key>`` (OpenAI clients, Claude
     Code's ANTHROPIC_AUTH_TOKEN) or as ``x-api-key: <key>`` (Anthropic clients).
     """
-    allowed = [key.reveal().encode() for key in keys]
-    allowed_on_admin_paths = allowed + [key.reveal().encode() for key in admin_keys]
+    proxy_keys = [key.reveal().encode() for key in keys]
+    allowed = KeyRing(proxy_keys)
+    allowed_on_admin_paths = KeyRing(proxy_keys + [key.reveal().encode() for key in admin_keys])
     admin = frozenset(admin_paths)
 
     @web.middleware
@@ -228,9 +255,7 @@ def proxy_access_middleware(
         if request.path in OPEN_PATHS:
             return await handler(request)
         presented = presented_keys(request)
-        if not any_key_matches(
-            presented, allowed_on_admin_paths if request.path in admin else allowed
-        ):
+        if not (allowed_on_admin_paths if request.path in admin else allowed).matches(presented):
             log.info(
                 "proxy access refused",
                 extra={"reason": "unknown key" if any(presented) else "no proxy key"},
