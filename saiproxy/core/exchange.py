@@ -29,24 +29,14 @@ import orjson
 from aiohttp import web
 
 from ..base.errors import ContextTooLong, ModelNotFound, UpstreamError
-from ..base.keys import (
-    AUTH_CHAIN,
-    CALL_BUDGET,
-    LIMITS,
-    METRICS,
-    OUTCOME,
-    REQUEST_ID,
-    SAI,
-    SCHEMA_CHECKER,
-    SETTINGS,
-)
+from ..base.keys import METRICS, OUTCOME, REQUEST_ID, SETTINGS
 from ..base.settings import ModelConfig, Settings
 from ..limits import gate
+from ..limits.limits import LIMITS
 from ..logs import RESPONSE_FINISHED, event
 from ..tracing import hooks as tracing
-from ..upstream.auth import Credential
-from ..upstream.sai import CallBudget, SaiCall, SaiClient, SaiStream
-from ..web.bodies import json_response
+from ..upstream.auth import AUTH_CHAIN, Credential
+from ..upstream.sai import CALL_BUDGET, SAI, CallBudget, SaiCall, SaiClient, SaiStream
 from .answer import AnswerFilter, Rejected, output_problem
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
@@ -54,7 +44,8 @@ from .ending import ERROR_HEADER, Ending
 from .inflight import InFlight, cut_short
 from .prompt import estimate_tokens, header_tokens, sai_payload
 from .relay import respond_streamed
-from .render import Renderer
+from .render import Renderer, json_response
+from .schemacheck import SCHEMA_CHECKER
 
 __all__ = [
     "Exchange",

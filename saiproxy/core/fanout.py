@@ -18,12 +18,11 @@ from aiohttp import web
 
 from ..base.errors import StreamBroken, UpstreamError
 from ..tracing import hooks as tracing
-from ..web.bodies import json_response
 from .ending import CLIENT_GONE, ERROR_HEADER, Ending
 from .exchange import Exchange, admit, conclude
 from .inflight import InFlight, OpenStream, cut_short
 from .relay import Stream
-from .render import Choices
+from .render import Choices, json_response
 from .sse import EventStream
 
 __all__ = ["respond_all"]

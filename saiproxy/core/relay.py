@@ -19,13 +19,12 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 
 from ..base.errors import StreamBroken, UpstreamError
-from ..base.keys import KEEP_ALIVE
 from ..upstream.sai import SaiStream
 from .conversation import Answer
 from .ending import ERROR_HEADER, Ending
 from .inflight import OpenStream, cut_short
 from .render import Renderer
-from .sse import EventStream
+from .sse import KEEP_ALIVE, EventStream
 
 if TYPE_CHECKING:
     from .exchange import Exchange

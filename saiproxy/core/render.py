@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
+import orjson
 from aiohttp import web
 
 from ..base.errors import ProxyError, UpstreamError
 from .conversation import Answer, ToolCall
 
-__all__ = ["Choices", "ErrorShape", "Renderer"]
+__all__ = [
+    "ERROR_SHAPES",
+    "Choices",
+    "ErrorShape",
+    "Renderer",
+    "json_response",
+]
 
 
 class Renderer(Protocol):
@@ -71,8 +78,23 @@ class Choices(Protocol):
         """Return the frames that end the stream after the last choice: usage, terminator."""
 
 
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Return a JSON response."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
 class ErrorShape(Protocol):
     """Renders a failure as a protocol's HTTP error response."""
 
     def response(self, error: ProxyError) -> web.Response:
         """Return the error response: the status, headers and the protocol's error body."""
+
+
+# Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
+ERROR_SHAPES: Final[web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]]] = web.AppKey(
+    "error_shapes"
+)

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+from aiohttp import web
 
-__all__ = ["SchemaChecker", "check", "judge"]
+__all__ = ["SCHEMA_CHECKER", "SchemaChecker", "check", "judge"]
 
 log = logging.getLogger("saiproxy.schema")
 
@@ -187,3 +188,6 @@ def _serve() -> None:
 
 if __name__ == "__main__":
     _serve()
+
+
+SCHEMA_CHECKER: Final = web.AppKey("schema_checker", SchemaChecker)

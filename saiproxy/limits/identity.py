@@ -23,7 +23,7 @@ from aiohttp import hdrs, web
 from ..base.settings import Secret
 from ..upstream.auth import Credential
 
-__all__ = ["ANONYMOUS", "Client", "Identify", "digest", "session_value"]
+__all__ = ["ANONYMOUS", "OWNERS", "Client", "Identify", "digest", "session_value"]
 
 ANONYMOUS: Final = "anonymous"
 Kind = Literal["proxy_key", "user_key", "user_cookie", "anonymous"]
@@ -100,3 +100,7 @@ class Identify:
             if session:
                 return Client(f"user-{digest(session)}", "user_cookie", shared)
         return Client(ANONYMOUS, "anonymous", shared)
+
+
+# Who owns stored Responses and conversations (saiproxy/state/).
+OWNERS: Final = web.AppKey("owners", Identify)

@@ -20,11 +20,12 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..base.errors import ClientError
-from ..base.keys import LIMITS, SETTINGS
+from ..base.keys import SETTINGS
 from ..base.settings import SettingsError, setting
 from ..web.middlewares import any_key_matches, presented_keys
 from .base import USAGE_PAGE_MAX, UsageCursor, UsageRow
 from .identity import digest
+from .limits import LIMITS
 from .rules import Period
 
 __all__ = [

@@ -13,8 +13,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+import orjson
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -26,19 +27,19 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .. import __version__
-from ..base.keys import REQUEST_ID, SETTINGS
-from ..limits.identity import Identify
+from ..base.keys import REQUEST_ID
 from ..logs.mask import Masker
-from ..upstream.auth import Credential
-from ..upstream.sai import SaiCall
 from .config import SCHEMA_URL, TracingConfig
-from .hooks import content_json
+
+if TYPE_CHECKING:
+    from .hooks import Attempt
 
 __all__ = [
     "FLUSH_TIMEOUT",
     "BoundedBatchProcessor",
     "Dropped",
     "Pipeline",
+    "content_json",
 ]
 
 log = logging.getLogger("saiproxy.tracing")
@@ -217,7 +218,6 @@ class Pipeline:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer(_INSTRUMENTATION, __version__, schema_url=SCHEMA_URL)
         self._masker = Masker(secrets)
-        self._identify: Identify | None = None
 
     def shutdown(self) -> None:
         self.processor.shutdown()
@@ -267,12 +267,6 @@ class Pipeline:
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
-    def client_id(self, request: web.Request, credential: Credential) -> str:
-        """Return the client's ID as the limits name it: a hash, never the key."""
-        if self._identify is None:
-            self._identify = Identify(request.app[SETTINGS].proxy_api_keys)
-        return self._identify(request, credential).id
-
     def masked_json(self, value: Any) -> str:
         return self._masker.mask_unique(content_json(value))
 
@@ -295,7 +289,7 @@ class Pipeline:
         finally:
             span.end()
 
-    def start_attempt(self, call: SaiCall, headers: dict[str, str]) -> Span:
+    def start_attempt(self, call: Attempt, headers: dict[str, str]) -> Span:
         url = call.url
         credential = call.credential
         attributes: dict[str, Any] = {
@@ -315,3 +309,8 @@ class Pipeline:
         span = self.tracer.start_span("POST", None, SpanKind.CLIENT, attributes)
         _PROPAGATOR.inject(headers, trace.set_span_in_context(span))
         return span
+
+
+def content_json(value: Any) -> str:
+    """Return ``value`` as the JSON text a content attribute holds."""
+    return orjson.dumps(value).decode()

@@ -12,27 +12,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
-from ..base.keys import (
-    AUTH_CHAIN,
-    ERROR_SHAPES,
-    KEEP_ALIVE,
-    LIMITS,
-    METRICS,
-    OUTCOME,
-    REQUEST_ID,
-    SAI,
-    SCHEMA_CHECKER,
-    SETTINGS,
-    STATE,
-    TRACING,
-    ServingState,
-)
+from ..base.keys import METRICS, OUTCOME, REQUEST_ID, SETTINGS, STATE, ServingState
 from ..base.metrics import Metrics
 from ..base.settings import Settings
-from ..core.schemacheck import SchemaChecker
-from ..core.sse import KeepAlive
+from ..core.render import ERROR_SHAPES
+from ..core.schemacheck import SCHEMA_CHECKER, SchemaChecker
+from ..core.sse import KEEP_ALIVE, KeepAlive
 from ..limits.gate import add_limit_headers
-from ..limits.limits import Limits, enabled
+from ..limits.limits import LIMITS, Limits, enabled
 from ..limits.usage import USAGE_PATH, usage_view
 from ..logs import LogSetup, write_failures
 from ..protocols import anthropic, background, compaction, conversations, stored
@@ -41,9 +28,9 @@ from ..protocols.completions import completions
 from ..protocols.openai import OpenAIErrors
 from ..protocols.responses import input_tokens, responses
 from ..state import state_ctx
-from ..tracing.hooks import Tracing
-from ..upstream.auth import AuthChain
-from ..upstream.sai import SaiClient, client_timeout
+from ..tracing.hooks import TRACING, Tracing
+from ..upstream.auth import AUTH_CHAIN, AuthChain
+from ..upstream.sai import SAI, SaiClient, client_timeout
 from .landing import landing
 from .middlewares import (
     add_request_id_header,

@@ -15,9 +15,10 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..base.errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
-from ..base.keys import ERROR_SHAPES, OUTCOME, REQUEST_ID, STREAM
+from ..base.keys import OUTCOME, REQUEST_ID, STREAM
 from ..base.metrics import Metrics
 from ..base.settings import Secret
+from ..core.render import ERROR_SHAPES
 from ..logs import request_id_var
 
 __all__ = [
