@@ -37,7 +37,7 @@ from ..logs import RESPONSE_FINISHED, event
 from ..tracing import hooks as tracing
 from ..upstream.auth import AUTH_CHAIN, Credential
 from ..upstream.sai import CALL_BUDGET, SAI, CallBudget, SaiCall, SaiClient, SaiStream
-from .answer import AnswerFilter, Rejected, output_problem
+from .answer import SCHEMA_CHECKER, AnswerFilter, Rejected, output_problem
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .ending import ERROR_HEADER, Ending
@@ -45,7 +45,6 @@ from .inflight import InFlight, cut_short
 from .prompt import estimate_tokens, header_tokens, sai_payload
 from .relay import respond_streamed
 from .render import Renderer, json_response
-from .schemacheck import SCHEMA_CHECKER
 
 __all__ = [
     "Exchange",

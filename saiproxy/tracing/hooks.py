@@ -6,7 +6,7 @@ only touched through spans that :mod:`.sdk` made.
 
 Tracing sits below the layers it observes: what a hook reads of an
 exchange, an ending or a SAI call is declared here as a small protocol
-(:class:`Traced`, :class:`Ended`, :class:`Attempt`), and the core and the SAI
+(:class:`Traced`, :class:`Ended`; :class:`.sdk.Attempt`), and the core and the SAI
 client hand over objects that fit.
 """
 
@@ -27,9 +27,8 @@ from .config import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
-    from yarl import URL
 
-    from .sdk import Pipeline
+    from .sdk import Attempt, Pipeline
 
 __all__ = [
     "PROVIDER",
@@ -66,28 +65,6 @@ _SAMPLING: Final = (
     ("gen_ai.request.seed", ("seed",)),
     ("gen_ai.request.choice.count", ("n",)),
 )
-
-
-class _Credential(Protocol):
-    @property
-    def kind(self) -> str: ...
-    @property
-    def source(self) -> str: ...
-
-
-class Attempt(Protocol):
-    """What an attempt's client span reads of a SAI call (upstream/sai.py's SaiCall)."""
-
-    span: Any  # the attempt's span while it is open
-    url: URL
-    template_id: str
-    attempts: int
-    retries: int
-
-    @property
-    def credential(self) -> _Credential: ...
-    @property
-    def tried(self) -> Sequence[_Credential]: ...
 
 
 class _Turn(Protocol):

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
@@ -25,17 +25,16 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider,
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from yarl import URL
 
 from .. import __version__
 from ..base.keys import REQUEST_ID
 from ..logs.mask import Masker
 from .config import SCHEMA_URL, TracingConfig
 
-if TYPE_CHECKING:
-    from .hooks import Attempt
-
 __all__ = [
     "FLUSH_TIMEOUT",
+    "Attempt",
     "BoundedBatchProcessor",
     "Dropped",
     "Pipeline",
@@ -49,6 +48,28 @@ _INSTRUMENTATION: Final = "saiproxy"
 # Seconds the queued spans get to go out after the drain: within the margin
 # that stop_grace_period leaves above SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT.
 FLUSH_TIMEOUT: Final = 5.0
+
+
+class _Credential(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+
+
+class Attempt(Protocol):
+    """What an attempt's client span reads of a SAI call (upstream/sai.py's SaiCall)."""
+
+    span: Any  # the attempt's span while it is open
+    url: URL
+    template_id: str
+    attempts: int
+    retries: int
+
+    @property
+    def credential(self) -> _Credential: ...
+    @property
+    def tried(self) -> Sequence[_Credential]: ...
 
 
 class Dropped:

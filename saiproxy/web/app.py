@@ -15,8 +15,9 @@ from aiohttp.typedefs import Middleware
 from ..base.keys import METRICS, OUTCOME, REQUEST_ID, SETTINGS, STATE, ServingState
 from ..base.metrics import Metrics
 from ..base.settings import Settings
+from ..core.answer import SCHEMA_CHECKER
 from ..core.render import ERROR_SHAPES
-from ..core.schemacheck import SCHEMA_CHECKER, SchemaChecker
+from ..core.schemacheck import SchemaChecker
 from ..core.sse import KEEP_ALIVE, KeepAlive
 from ..limits.gate import add_limit_headers
 from ..limits.limits import LIMITS, Limits, enabled
