@@ -68,18 +68,23 @@ _SAMPLING: Final = (
 
 
 class _Turn(Protocol):
-    role: str
-    text: str
+    @property
+    def role(self) -> str: ...
+    @property
+    def text(self) -> str: ...
 
 
 class Asked(Protocol):
     """What the server span reads of the conversation asked (core/conversation.py's)."""
 
-    model: str | None
-    stream: bool
-    system: str
-    stop: tuple[str, ...]
-
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def system(self) -> str: ...
+    @property
+    def stop(self) -> tuple[str, ...]: ...
     @property
     def output(self) -> object | None: ...
     @property
@@ -89,24 +94,32 @@ class Asked(Protocol):
 
 
 class _Model(Protocol):
-    name: str
-    template_id: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def template_id(self) -> str: ...
 
 
 class _Usage(Protocol):
-    prompt_tokens: int
-    completion_tokens: int
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
 
 
 class Traced(Protocol):
     """What the server span's hooks read of one exchange (core/exchange.py's Exchange)."""
 
-    request: web.Request
-    protocol: str
-    model: str
-    started: float
-    first_byte: float | None
-
+    @property
+    def request(self) -> web.Request: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def first_byte(self) -> float | None: ...
     @property
     def conversation(self) -> Asked: ...
     @property
