@@ -36,6 +36,7 @@ from ..limits.limits import LIMITS
 from ..tracing import hooks as tracing
 from ..upstream.auth import AUTH_CHAIN, Credential
 from ..upstream.sai import CALL_BUDGET, CallBudget, SaiCall, SaiStream
+from ..web.bodies import json_response
 from .answer import SCHEMA_CHECKER, AnswerFilter, output_problem
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
@@ -44,7 +45,7 @@ from .inflight import InFlight, cut_short
 from .ledger import Ledger
 from .prompt import estimate_tokens, sai_payload
 from .relay import Stream, streamed
-from .render import Renderer, json_response
+from .render import Renderer
 from .sse import EventStream
 
 __all__ = [

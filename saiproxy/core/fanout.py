@@ -18,11 +18,12 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from ..base.errors import UpstreamError
+from ..web.bodies import json_response
 from .conversation import Answer
 from .ending import CLIENT_GONE, ERROR_HEADER, Done, Ending
 from .exchange import Exchange, answer_request
 from .relay import Ran, Stream, guarded
-from .render import Choices, json_response
+from .render import Choices
 from .sse import EventStream
 
 __all__ = ["respond_all"]

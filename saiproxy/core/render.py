@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-import orjson
 from aiohttp import web
 
 from ..base.errors import ProxyError, UpstreamError
@@ -16,7 +15,6 @@ __all__ = [
     "Choices",
     "ErrorShape",
     "Renderer",
-    "json_response",
 ]
 
 
@@ -76,15 +74,6 @@ class Choices(Protocol):
 
     def finish(self, answers: Sequence[Answer]) -> bytes:
         """Return the frames that end the stream after the last choice: usage, terminator."""
-
-
-def json_response(
-    data: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    """Return a JSON response."""
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
-    )
 
 
 class ErrorShape(Protocol):

@@ -37,8 +37,7 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
-from ..core.render import json_response
-from ..web.bodies import read_json
+from ..web.bodies import json_response, read_json
 from . import openai
 
 __all__ = [

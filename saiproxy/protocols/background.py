@@ -36,10 +36,10 @@ from ..base.errors import InvalidRequest, NotFound, ProxyError, StateUnavailable
 from ..base.keys import SETTINGS
 from ..core.conversation import Answer, Conversation
 from ..core.exchange import Exchange
-from ..core.render import json_response
 from ..core.sse import COMMENT_PING
 from ..state import owner_of
 from ..state.store import STATE_STORE, State
+from ..web.bodies import json_response
 from .responses import ResponsesRenderer, error_object
 from .stored import Continuation
 

@@ -15,10 +15,9 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, NotFound
 from ..core.conversation import check_count
-from ..core.render import json_response
 from ..state import owner_of
 from ..state.store import STATE_STORE, State
-from ..web.bodies import read_json
+from ..web.bodies import json_response, read_json
 from .stored import item_list, page
 
 __all__ = [

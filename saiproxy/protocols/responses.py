@@ -41,10 +41,9 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
-from ..core.render import json_response
 from ..core.sse import COMMENT_PING
 from ..state.store import new_id
-from ..web.bodies import read_json
+from ..web.bodies import json_response, read_json
 from . import compaction, openai
 from .stored import Continuation, continuation
 

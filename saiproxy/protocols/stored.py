@@ -21,9 +21,9 @@ import orjson
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, NotFound
-from ..core.render import json_response
 from ..state import owner_of
 from ..state.store import STATE_STORE, State, as_items, stored_item
+from ..web.bodies import json_response
 from . import openai
 
 __all__ = [

@@ -19,6 +19,7 @@ from ..core.bounds import check_depth
 __all__ = [
     "LARGE_BODY",
     "TRIM_DELAY",
+    "json_response",
     "read_json",
 ]
 
@@ -118,3 +119,12 @@ def _parse(raw: bytes, max_depth: int) -> Any:
     if raw.count(b"{") + raw.count(b"[") > max_depth:
         check_depth(body, max_depth)
     return body
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Return a JSON response."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
