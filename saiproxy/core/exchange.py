@@ -47,6 +47,7 @@ from .prompt import estimate_tokens, sai_payload
 from .relay import Stream, streamed
 from .render import Renderer
 from .sse import EventStream
+from .toolcache import TOOL_CACHES
 
 __all__ = [
     "Exchange",
@@ -113,7 +114,8 @@ class Exchange(Ledger):
             check_output_schema(
                 output.schema, self.settings.max_schema_bytes, _OUTPUT_PARAMS.get(self.protocol, "")
             )
-        payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000))
+        caches = self.request.app[TOOL_CACHES]
+        payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000), caches)
         estimated = estimate_tokens(self.chars)
         if estimated > self.settings.max_context_tokens:
             self.early = ContextTooLong(estimated, self.settings.max_context_tokens)
@@ -221,7 +223,8 @@ class Exchange(Ledger):
                 system=self.conversation.system,
                 output=output,
             )
-            payload, chars = sai_payload(retry, int(time.time() * 1000))
+            now = int(time.time() * 1000)
+            payload, chars = sai_payload(retry, now, self.request.app[TOOL_CACHES])
             fetched = await self.sai.fetch(self._new_call(payload, self.call.credential))
             text = fetched.text
             self.count(fetched.headers, len(text), prompt_chars=chars)

@@ -37,6 +37,7 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
+from ..core.toolcache import TOOL_CACHES, ToolCaches
 from ..web.bodies import json_response, read_json
 from . import openai
 
@@ -104,7 +105,7 @@ MESSAGE_STOP: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 async def messages(request: web.Request) -> web.StreamResponse:
     """Answer an Anthropic Messages request from a SAI template execution."""
     body = await read_json(request)
-    conversation = parse(body)
+    conversation = parse(body, caches=request.app[TOOL_CACHES])
     openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
     exchange = Exchange(request, body, conversation, protocol="messages")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
@@ -116,21 +117,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     """Return ``{"input_tokens": n}``: the estimate the early context check makes."""
     body = await read_json(request)
-    conversation = parse(body, counting=True)
+    caches = request.app[TOOL_CACHES]
+    conversation = parse(body, counting=True, caches=caches)
     openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
     if request.app[SETTINGS].model_for(conversation.model) is None:
         raise ModelNotFound(
             f"The model {conversation.model!r} does not exist; see GET /v1/models",
             param="model",
         )
-    _, chars = sai_payload(conversation, 0)
+    _, chars = sai_payload(conversation, 0, caches)
     return json_response({"input_tokens": estimate_tokens(chars)})
 
 
 # --- the request
 
 
-def parse(body: Any, *, counting: bool = False) -> Conversation:
+def parse(body: Any, *, counting: bool = False, caches: ToolCaches | None = None) -> Conversation:
     """Validate a Messages body (or a count_tokens body) and return its conversation."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
@@ -149,7 +151,11 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object", param="metadata")
     raw_tools = body.get("tools")
-    tools = toolcache.parsed_tools(raw_tools, "anthropic", _tools) if raw_tools is not None else ()
+    tools = (
+        toolcache.parsed_tools(raw_tools, "anthropic", _tools, caches)
+        if raw_tools is not None
+        else ()
+    )
     left_out = _left_out(raw_tools)
     choice, parallel = _tool_choice(body.get("tool_choice"), tools, left_out)
     system = "\n\n".join(text for text in (_system(body.get("system")), *leading) if text)

@@ -42,6 +42,7 @@ from ..core.conversation import (
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
 from ..core.sse import COMMENT_PING
+from ..core.toolcache import TOOL_CACHES, ToolCaches
 from ..state.store import new_id
 from ..web.bodies import json_response, read_json
 from . import compaction, openai
@@ -97,7 +98,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if compaction.triggered(whole):
         return await compaction.respond(request, body, whole)
     conversation, echo = parse(
-        {**body, "input": whole} if found.state or whole is not found.input else body
+        {**body, "input": whole} if found.state or whole is not found.input else body,
+        request.app[TOOL_CACHES],
     )
     echo["previous_response_id"] = found.previous
     echo["conversation"] = {"id": found.conversation} if found.conversation else None
@@ -244,7 +246,7 @@ def _object(body: dict[str, Any], name: str) -> dict[str, Any] | None:
     return value
 
 
-def parse(body: Any) -> tuple[Conversation, dict[str, Any]]:
+def parse(body: Any, caches: ToolCaches | None = None) -> tuple[Conversation, dict[str, Any]]:
     """Validate a Responses body; return the conversation and the settings the Response echoes."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
@@ -268,7 +270,7 @@ def parse(body: Any) -> tuple[Conversation, dict[str, Any]]:
     del turns[:leading]
 
     text = _object(body, "text") or {}
-    tools = openai.tools(_offered_tools(body.get("tools"), raw_input), flat=True)
+    tools = openai.tools(_offered_tools(body.get("tools"), raw_input), flat=True, caches=caches)
     conversation = Conversation(
         turns,
         system="\n\n".join(system),
@@ -619,7 +621,8 @@ async def input_tokens(request: web.Request) -> web.Response:
     # Counting stores nothing.
     found = await continuation(request, {**body, "store": False})
     whole = await compaction.expand(request, body, found.input)  # a summary counts as sent
-    conversation, _ = parse({**body, "store": False, "input": whole})
-    _, chars = sai_payload(conversation, 0)
+    caches = request.app[TOOL_CACHES]
+    conversation, _ = parse({**body, "store": False, "input": whole}, caches)
+    _, chars = sai_payload(conversation, 0, caches)
     tokens = estimate_tokens(chars)
     return json_response({"object": "response.input_tokens", "input_tokens": tokens})

@@ -19,6 +19,7 @@ from ..core.answer import SCHEMA_CHECKER
 from ..core.render import ERROR_SHAPES
 from ..core.schemacheck import SchemaChecker
 from ..core.sse import KEEP_ALIVE, KeepAlive
+from ..core.toolcache import TOOL_CACHES, ToolCaches
 from ..limits.gate import add_limit_headers
 from ..limits.limits import LIMITS, Limits, enabled
 from ..limits.usage import USAGE_PATH, usage_view
@@ -178,6 +179,7 @@ def create_app(
     app.cleanup_ctx.append(_schema_ctx)
     app.cleanup_ctx.append(state_ctx)  # stored Responses and conversations
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
+    app[TOOL_CACHES] = ToolCaches()  # parsed tools and their instructions
     app.cleanup_ctx.append(lambda _: keep_alive.running())
 
     app.router.add_get("/health", health)
