@@ -91,12 +91,8 @@ class Exchange(Ledger):
             json_response(renderer.body(answer), headers=headers), [Ending.answered(answer)]
         )
 
-    def begin(self, choice: int | None = None) -> None:
-        """Prepare the call and log the request as received, whatever happens.
-
-        ``choice``: the answer's index when it is one of several in a response.
-        """
-        self.choice = choice
+    def begin(self) -> None:
+        """Prepare the call and log the request as received, whatever happens."""
         credential: dict[str, Any] = {"credential": None}
         try:
             credential = self._prepare()
@@ -314,11 +310,14 @@ async def answer_request(
     first = exchanges[0]
     endings: Sequence[Ending] = [Ending()] * len(exchanges)
     done: Done | None = None
+    if choices:
+        for index, exchange in enumerate(exchanges):
+            exchange.choice = index
     # Shutdown waits for it within its budget (a cut past it closes the connection).
     with InFlight(first.request, first.loop):
         try:
-            for index, exchange in enumerate(exchanges):
-                exchange.begin(index if choices else None)
+            for exchange in exchanges:
+                exchange.begin()
             limited = LIMITS in first.request.app
             with tracing.admission(first.span, first.request, limited=limited):
                 await admit(exchanges)  # the limits, once, before SAI

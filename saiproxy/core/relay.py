@@ -249,64 +249,63 @@ class Stream:
         return Ending.answered(answer)
 
     async def relay(self, upstream: SaiStream) -> Ending:
-        """Forward SAI's body piece by piece as prose, then the calls and the finish."""
-        answer_filter = self.source.stream_filter()
-        async with upstream:
-            self.learned.model = upstream.headers.get("model") or None
-            self.source.let_go(upstream)
-            await self.start(self.model)
-            try:
-                await self._forward(upstream, answer_filter)
-            except UpstreamError as error:
-                if answer_filter is not None and (held := answer_filter.close()):
-                    await self.response.write(self.renderer.text(held))
-                return await self.failed(error, relayed=True)
-        return await self._finish(answer_filter)
-
-    async def _forward(self, upstream: SaiStream, answer_filter: AnswerFilter | None) -> None:
-        """Relay SAI's body as prose until it ends, the filter stops it, or it breaks off.
+        """Forward SAI's body piece by piece as prose, then the calls and the finish.
 
         However it stops, what the answer cost is learned: SAI's counts or,
         without them, what had arrived (the client gone, the body broken).
         """
-        response, learned = self.response, self.learned
+        response, learned, source = self.response, self.learned, self.source
         write, text = response.write, self.renderer.text
-        # The loop every token goes through: one await per piece.
-        read, text_of = upstream.read_chunk, upstream.text_of
+        answer_filter = source.stream_filter()
         chars = 0
-        try:
-            while True:
-                try:
-                    piece = text_of(await read())
-                except upstream.BROKEN as exc:
-                    raise upstream.body_error(exc) from None
-                if piece is None:
-                    break
-                if not piece:
-                    continue  # a character still incomplete
-                if learned.first_byte is None:
-                    learned.first_byte = time.monotonic()
-                chars += len(piece)
-                if answer_filter is not None:
-                    piece = answer_filter.feed(piece)
-                    if answer_filter.stopped:
-                        if piece:
-                            self.relayed = True
-                            await write(text(piece))
-                        break  # leaving closes SAI's answer: nobody reads the rest
+        async with upstream:
+            learned.model = upstream.headers.get("model") or None
+            source.let_go(upstream)
+            await self.start(self.model)
+            # The loop every token goes through: one await per piece.
+            read, text_of = upstream.read_chunk, upstream.text_of
+            try:
+                while True:
+                    try:
+                        piece = text_of(await read())
+                    except upstream.BROKEN as exc:
+                        raise upstream.body_error(exc) from None
+                    if piece is None:
+                        break
                     if not piece:
-                        continue
-                self.relayed = True
-                response.quiet = False
-                await write(text(piece))
-        except UpstreamError as error:
-            # Mid-stream: never let a broken body look like a clean stop.
-            log.warning(
-                "upstream broke off mid-stream", extra={"error": error.code, "chars_sent": chars}
-            )
-            raise
-        finally:
-            learned.usage = usage_of(upstream.headers, self.source.chars, chars)
+                        continue  # a character still incomplete
+                    if learned.first_byte is None:
+                        learned.first_byte = time.monotonic()
+                    chars += len(piece)
+                    if answer_filter is not None:
+                        piece = answer_filter.feed(piece)
+                        if answer_filter.stopped:
+                            if piece:
+                                self.relayed = True
+                                await write(text(piece))
+                            break  # leaving closes SAI's answer: nobody reads the rest
+                        if not piece:
+                            continue
+                    self.relayed = True
+                    response.quiet = False
+                    await write(text(piece))
+            except UpstreamError as error:
+                return await self._broke_off(error, chars, answer_filter)
+            finally:
+                learned.usage = usage_of(upstream.headers, source.chars, chars)
+        return await self._finish(answer_filter)
+
+    async def _broke_off(
+        self, error: UpstreamError, chars: int, answer_filter: AnswerFilter | None
+    ) -> Ending:
+        """End a stream whose body broke off: what the filter held, then the error."""
+        # Mid-stream: never let a broken body look like a clean stop.
+        log.warning(
+            "upstream broke off mid-stream", extra={"error": error.code, "chars_sent": chars}
+        )
+        if answer_filter is not None and (held := answer_filter.close()):
+            await self.response.write(self.renderer.text(held))
+        return await self.failed(error, relayed=True)
 
     async def _finish(self, answer_filter: AnswerFilter | None) -> Ending:
         """Send the held text, the calls and the closing frames; return the ending."""
