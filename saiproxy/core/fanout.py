@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
 
 from aiohttp import web
@@ -87,7 +88,7 @@ class _FanOut:
             for index, exchange in enumerate(self.exchanges)
         ]
         try:
-            return await guarded(streams[0], self._run(streams), self._ender(streams))
+            return await guarded(streams[0], self._run(streams), partial(self._end, streams))
         finally:
             for exchange, stream in zip(self.exchanges, streams, strict=True):
                 exchange.record(stream.learned)
@@ -106,30 +107,24 @@ class _FanOut:
                 return together.endings, exc
         return together.endings, together.failure
 
-    def _ender(
-        self, streams: Sequence[Stream]
-    ) -> Callable[[UpstreamError, list[Ending]], Awaitable[list[Ending]]]:
-        async def end(cut: UpstreamError, endings: list[Ending]) -> list[Ending]:
-            """End the unfinished choices with ``cut``, as a single stream ends; return the endings.
+    async def _end(
+        self, streams: Sequence[Stream], cut: UpstreamError, endings: list[Ending]
+    ) -> list[Ending]:
+        """End the unfinished choices with ``cut``, as a single stream ends; return the endings.
 
-            ``cut`` is shutdown's or saiproxy's own failure after the start.
-            Each unfinished choice gets its ending (``message`` mode: the
-            explanation and a truncated finish); an in-band error ends them all
-            at once. With nothing sent yet, the cut is raised: a real status.
-            """
-            unfinished = [index for index, stream in enumerate(streams) if stream.answer is None]
-            ended = list(endings)
-            for index in unfinished:
-                ended[index] = Ending(200, cut.code or "error")
-            for index in unfinished:
-                stream = streams[index]
+        ``cut`` is shutdown's or saiproxy's own failure after the start. Each
+        unfinished choice gets its ending (``message`` mode: the explanation
+        and a truncated finish); an in-band error ends them all at once. With
+        nothing sent yet, the cut is raised: a real status.
+        """
+        ended = list(endings)
+        for index, stream in enumerate(streams):
+            if stream.answer is None:
                 ended[index] = ending = await stream.failed(cut, relayed=stream.relayed)
                 if ending.stops_stream:
                     return ended
-            await streams[0].response.write(self.choices.finish(_answers(streams)))
-            return ended
-
-        return end
+        await streams[0].response.write(self.choices.finish(_answers(streams)))
+        return ended
 
     async def _together(
         self,

@@ -120,10 +120,9 @@ async def guarded(
             except UpstreamError as error:  # nothing was sent: a real status
                 return Done(response, [Ending.failed(error)] * len(endings), error)
         elif failure is not None:
-            if not isinstance(failure, Exception) or isinstance(failure, UpstreamError):
-                return Done(response, endings, failure)
-            if not response.prepared:
-                return Done(response, endings, failure)  # a real status still
+            ours = isinstance(failure, Exception) and not isinstance(failure, UpstreamError)
+            if not ours or not response.prepared:
+                return Done(response, endings, failure)  # a real status still, or the policy's
             log.error("the stream failed after it started; ended in-band", exc_info=failure)
             try:
                 endings, failure = await end(StreamBroken(), endings), None
