@@ -286,6 +286,21 @@ def test_the_tool_caches_hold_a_bounded_number_of_bytes() -> None:
     assert instructions <= TOOL_CACHE_BYTES
 
 
+async def test_two_applications_share_no_tool_cache(
+    sai: FakeSai, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    from saiproxy.core.toolcache import TOOL_CACHES
+
+    settings = load_settings(base_env(sai, tmp_path))
+    first, second = create_app(settings), create_app(settings)
+    client = await aiohttp_client(first)
+    tools = [{"type": "function", "function": {"name": "f", "description": "d"}}]
+    response = await client.post("/v1/chat/completions", json=chat(("user", "hi"), tools=tools))
+    assert response.status == 200
+    assert min(first[TOOL_CACHES].sizes()) > 0  # the tools and their instructions
+    assert second[TOOL_CACHES].sizes() == (0, 0)
+
+
 # --- 3. validating against the client's schema never stalls the loop --------------------------
 
 
