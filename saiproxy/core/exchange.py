@@ -335,6 +335,8 @@ async def answer_request(
             raise
         finally:
             conclude(exchanges, endings)
+            # Raised, the failure's traceback holds this frame: it must not hold the failure.
+            done = None
 
 
 def conclude(exchanges: Sequence[Exchange], endings: Sequence[Ending]) -> None:
