@@ -29,6 +29,7 @@ from ..base.keys import (
 )
 from ..base.metrics import Metrics
 from ..base.settings import Settings
+from ..core.bodies import MEMORY_TRIM, MemoryTrim
 from ..core.schemacheck import SchemaChecker
 from ..core.sse import KeepAlive
 from ..limits.gate import ANTHROPIC_PREFIXES, add_limit_headers
@@ -44,7 +45,6 @@ from ..state import state_ctx
 from ..tracing.hooks import Tracing
 from ..upstream.auth import AuthChain
 from ..upstream.sai import SaiClient, client_timeout
-from .bodies import MEMORY_TRIM, MemoryTrim
 from .landing import landing
 from .middlewares import (
     add_request_id_header,

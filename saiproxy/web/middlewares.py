@@ -9,7 +9,6 @@ import re
 from collections.abc import Collection
 from typing import Final
 
-import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -25,7 +24,6 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "add_request_id_header",
     "count_request",
-    "error_response",
     "failure_response",
     "front_middleware",
     "new_request_id",
@@ -65,16 +63,6 @@ async def add_request_id_header(request: web.BaseRequest, response: web.StreamRe
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
-
-
-def error_response(error: ProxyError) -> web.Response:
-    """Render a ProxyError as its HTTP status and OpenAI error object."""
-    return web.Response(
-        status=error.status,
-        body=orjson.dumps(error.body()),
-        content_type="application/json",
-        headers=error.headers(),
-    )
 
 
 class _HttpClientError(ClientError):

@@ -1,4 +1,5 @@
-"""JSON bodies over HTTP: reading a request's (bounded in size and time), writing a response's."""
+"""JSON bodies over HTTP: reading a request's (bounded in size and time), writing a response's
+and an error's (every protocol's handlers and the core write them, so they live here)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest
+from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest, ProxyError
 from ..base.keys import SETTINGS, STATE
-from ..core.bounds import check_depth
+from .bounds import check_depth
 
 __all__ = [
     "LARGE_BODY",
     "MEMORY_TRIM",
     "TRIM_DELAY",
     "MemoryTrim",
+    "error_response",
     "json_response",
     "read_json",
 ]
@@ -137,4 +139,14 @@ def json_response(
     """Return a JSON response."""
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """Render a ProxyError as its HTTP status and OpenAI error object."""
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(error.body()),
+        content_type="application/json",
+        headers=error.headers(),
     )
