@@ -46,8 +46,8 @@ from ..logs import RESPONSE_FINISHED, event
 from ..tracing import hooks as tracing
 from ..upstream.auth import Credential
 from ..upstream.sai import CallBudget, SaiCall, SaiClient, SaiStream
-from ..web.bodies import json_response
 from .answer import AnswerFilter, Rejected, output_problem
+from .bodies import json_response
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .ending import ERROR_HEADER, Ending

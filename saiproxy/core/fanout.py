@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ..base.errors import StreamBroken, UpstreamError
 from ..tracing import hooks as tracing
-from ..web.bodies import json_response
+from .bodies import json_response
 from .ending import CLIENT_GONE, ERROR_HEADER, Ending
 from .exchange import Exchange, admit, conclude
 from .inflight import InFlight, OpenStream, cut_short

@@ -22,6 +22,7 @@ from aiohttp import web
 from ..base.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
 from ..base.keys import SETTINGS
 from ..core import bounds, toolcache
+from ..core.bodies import json_response, read_json
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
@@ -37,7 +38,6 @@ from ..core.conversation import (
 )
 from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
-from ..web.bodies import json_response, read_json
 from . import openai
 
 __all__ = [

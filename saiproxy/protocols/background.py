@@ -34,12 +34,12 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, NotFound, ProxyError, StateUnavailable, UpstreamError
 from ..base.keys import SETTINGS, STATE_STORE
+from ..core.bodies import json_response
 from ..core.conversation import Answer, Conversation
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
 from ..state import owner_of
 from ..state.store import State
-from ..web.bodies import json_response
 from .responses import ResponsesRenderer, error_object
 from .stored import Continuation
 

@@ -31,12 +31,12 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, UpstreamError
 from ..base.keys import STATE_STORE
+from ..core.bodies import read_json
 from ..core.conversation import Answer, ToolCall, Turn, Usage
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
 from ..state import owner_of
 from ..state.store import as_items, new_id
-from ..web.bodies import read_json
 
 __all__ = [
     "ITEM_TYPES",

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, ProxyError
 from ..core import bounds, toolcache
+from ..core.bodies import error_response
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     Finish,
@@ -18,7 +19,6 @@ from ..core.conversation import (
     Usage,
     check_count,
 )
-from ..web.middlewares import error_response
 
 __all__ = [
     "DEFAULT_NAMESPACE",

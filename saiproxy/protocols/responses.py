@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from ..base.errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamRateLimited
+from ..core.bodies import json_response, read_json
 from ..core.conversation import (
     MAX_MESSAGES,
     Answer,
@@ -43,7 +44,6 @@ from ..core.exchange import Exchange
 from ..core.prompt import estimate_tokens, sai_payload
 from ..core.sse import COMMENT_PING
 from ..state.store import new_id
-from ..web.bodies import json_response, read_json
 from . import compaction, openai
 from .stored import Continuation, continuation
 

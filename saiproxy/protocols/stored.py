@@ -22,9 +22,9 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, NotFound
 from ..base.keys import STATE_STORE
+from ..core.bodies import json_response
 from ..state import owner_of
 from ..state.store import State, as_items, stored_item
-from ..web.bodies import json_response
 from . import openai
 
 __all__ = [

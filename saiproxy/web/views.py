@@ -13,7 +13,7 @@ from .. import __version__
 from ..base.errors import ModelNotFound
 from ..base.keys import METRICS, SETTINGS, STATE
 from ..base.metrics import metrics_response
-from .bodies import json_response
+from ..core.bodies import json_response
 
 __all__ = [
     "ANTHROPIC_VERSION",
