@@ -34,9 +34,6 @@ async def count_tokens(request: web.Request) -> web.Response:
     conversation = parse(body, counting=True)
     openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
     if request.app[SETTINGS].model_for(conversation.model) is None:
-        raise ModelNotFound(
-            f"The model {conversation.model!r} does not exist; see GET /v1/models",
-            param="model",
-        )
+        raise ModelNotFound(conversation.model)
     _, chars = sai_payload(conversation, 0)
     return json_response({"input_tokens": estimate_tokens(chars)})
