@@ -30,7 +30,6 @@ from .common import Continuation, not_found
 
 __all__ = [
     "MAX_PAGE",
-    "Continuation",
     "continuation",
     "delete_response",
     "get_response",
