@@ -19,7 +19,7 @@ from ..core.bodies import json_response, read_json
 from ..core.conversation import check_count
 from ..state import owner_of
 from ..state.store import State
-from .stored import item_list, page
+from .responses.stored import item_list, page
 
 __all__ = [
     "MAX_METADATA",

@@ -36,11 +36,11 @@ from ..limits.gate import ANTHROPIC_PREFIXES, add_limit_headers
 from ..limits.limits import Limits, enabled
 from ..limits.usage import USAGE_PATH
 from ..logs import LogSetup, write_failures
-from ..protocols import anthropic, background, compaction, conversations, stored
+from ..protocols import anthropic, conversations
 from ..protocols.chat import chat_completions
 from ..protocols.completions import completions
 from ..protocols.openai import OpenAIErrors
-from ..protocols.responses import input_tokens, responses
+from ..protocols.responses import background, compaction, input_tokens, responses, stored
 from ..state import state_ctx
 from ..tracing.hooks import Tracing
 from ..upstream.auth import AuthChain
