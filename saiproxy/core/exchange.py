@@ -36,8 +36,8 @@ from ..limits.limits import LIMITS
 from ..tracing import hooks as tracing
 from ..upstream.auth import AUTH_CHAIN, Credential
 from ..upstream.sai import CALL_BUDGET, CallBudget, SaiCall, SaiStream
-from ..web.bodies import json_response
 from .answer import SCHEMA_CHECKER, AnswerFilter, output_problem
+from .bodies import json_response
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
 from .ending import ERROR_HEADER, Done, Ending, Policy

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from ..base.errors import UpstreamError
-from ..web.bodies import json_response
+from .bodies import json_response
 from .conversation import Answer
 from .ending import CLIENT_GONE, ERROR_HEADER, Done, Ending
 from .exchange import Exchange, answer_request

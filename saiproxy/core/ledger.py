@@ -103,9 +103,7 @@ class Ledger:
     def _model(self, name: str | None) -> ModelConfig:
         model = self.settings.model_for(name)
         if model is None:
-            raise ModelNotFound(
-                f"The model {name!r} does not exist; see GET /v1/models", param="model"
-            )
+            raise ModelNotFound(name)
         return model
 
     def count(

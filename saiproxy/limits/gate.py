@@ -27,8 +27,8 @@ from .limits import LIMITS, Grant
 from .rules import MAX_TOKENS, Figures, Verdict, requested_output, seconds_ceil
 
 __all__ = [
-    "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted", "requested_output",
-    "settle",
+    "ANTHROPIC_PREFIXES", "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted",
+    "requested_output", "settle",
 ]  # fmt: skip
 
 log = logging.getLogger("saiproxy.limits")

@@ -9,11 +9,11 @@ import orjson
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, UpstreamError
+from ..core.bodies import read_json
 from ..core.conversation import MAX_MESSAGES, Answer, Conversation, ToolCall, Turn, check_count
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
 from ..core.toolcache import TOOL_CACHES, ToolCaches
-from ..web.bodies import read_json
 from . import openai
 
 __all__ = [

@@ -14,11 +14,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, NotFound
+from ..core.bodies import json_response, read_json
 from ..core.conversation import check_count
 from ..state import owner_of
 from ..state.store import STATE_STORE, State
-from ..web.bodies import json_response, read_json
-from .stored import item_list, page
+from .responses.stored import item_list, page
 
 __all__ = [
     "MAX_METADATA",

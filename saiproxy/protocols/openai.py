@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, ProxyError
 from ..core import bounds, toolcache
+from ..core.bodies import error_response
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     Finish,
@@ -19,7 +20,6 @@ from ..core.conversation import (
     check_count,
 )
 from ..core.toolcache import ToolCaches
-from ..web.middlewares import error_response
 
 __all__ = [
     "DEFAULT_NAMESPACE",
