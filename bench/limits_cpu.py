@@ -24,10 +24,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from bench.limits import LIMITS
-from saiproxy.base.keys import LIMITS as LIMITS_KEY
 from saiproxy.base.metrics import Metrics
 from saiproxy.base.settings import Secret, load_settings
 from saiproxy.limits import gate
+from saiproxy.limits.limits import LIMITS as LIMITS_KEY
 from saiproxy.limits.limits import Limits
 from saiproxy.upstream.auth import Credential
 

@@ -20,16 +20,15 @@ from typing import Final
 from aiohttp import web
 
 from ..base.errors import ClientError
-from ..base.keys import LIMITS
 from ..upstream.auth import Credential
 from .base import ScopeKind, Settlement
 from .identity import Client
-from .limits import Grant
+from .limits import LIMITS, Grant
 from .rules import MAX_TOKENS, Figures, Verdict, requested_output, seconds_ceil
 
 __all__ = [
-    "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted", "requested_output",
-    "settle",
+    "ANTHROPIC_PREFIXES", "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted",
+    "requested_output", "settle",
 ]  # fmt: skip
 
 log = logging.getLogger("saiproxy.limits")

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
+from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from ..base.metrics import Metrics
@@ -35,6 +36,7 @@ from .local import LocalLimiter
 from .rules import Config, Rules, Verdict
 
 __all__ = [
+    "LIMITS",
     "MODES",
     "NOTHING",
     "PATIENCE",
@@ -591,3 +593,6 @@ def _possible_leases(ask: Ask) -> list[tuple[str, str]]:
     as its client, and as anonymous for a credential SAI has not accepted yet."""
     pairs = _lease_pairs(ask, ask.client)
     return pairs + _lease_pairs(ask, ANONYMOUS) if ask.verify else pairs
+
+
+LIMITS: Final = web.AppKey("limits", Limits)  # absent when no limit is configured

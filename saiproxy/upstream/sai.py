@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 from yarl import URL
 
 from ..base.errors import (
@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKOFF_CAP",
+    "CALL_BUDGET",
     "CONTEXT_TOO_LONG",
     "ERROR_BODY_LIMIT",
     "RETRYABLE_STATUSES",
+    "SAI",
     "CallBudget",
     "CleanHeaders",
     "SaiAnswer",
@@ -587,3 +589,8 @@ class _Fallback(Exception):
         super().__init__("rate limited; falling back")
         self.credential = credential
         self.retry_after = retry_after
+
+
+SAI: Final = web.AppKey("sai", SaiClient)
+# The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
+CALL_BUDGET: Final = web.RequestKey("call_budget", CallBudget)
