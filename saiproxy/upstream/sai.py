@@ -455,6 +455,25 @@ class SaiClient:
         )
         await asyncio.sleep(delay)
 
+    async def _post(self, call: SaiCall, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """Send one attempt; return when SAI's headers came, within REQUEST_TIMEOUT (else
+        TimeoutError). The body's silences are bounded by the answer's watchdog (SaiStream)."""
+        timeout = self._settings.request_timeout
+        deadline = Deadline(self._loop, timeout) if timeout else None
+        try:
+            # Never follow a redirect: it would repeat the call, credential
+            # included, to wherever SAI's answer points. A 3xx is a failure.
+            return await self._session.post(
+                call.url, data=call.payload, headers=headers, allow_redirects=False
+            )
+        except asyncio.CancelledError:
+            if deadline is not None and deadline.stop():
+                raise TimeoutError from None
+            raise
+        finally:
+            if deadline is not None:
+                deadline.stop()
+
     async def _attempt(self, call: SaiCall) -> SaiStream:
         call.attempts += 1
         credential = call.credential
@@ -470,24 +489,8 @@ class SaiClient:
             tracing.attempt_started(call, headers, self._tracing)
         log.debug("upstream call", extra={"attempt": call.attempts})
         started = time.monotonic()
-        timeout = self._settings.request_timeout
-        # REQUEST_TIMEOUT bounds the wait for SAI's headers here; the body's
-        # silences are bounded by the answer's own watchdog (SaiStream).
-        deadline = Deadline(self._loop, timeout) if timeout else None
         try:
-            try:
-                # Never follow a redirect: it would repeat the call, credential
-                # included, to wherever SAI's answer points. A 3xx is a failure.
-                response = await self._session.post(
-                    call.url, data=call.payload, headers=headers, allow_redirects=False
-                )
-            except asyncio.CancelledError:
-                if deadline is not None and deadline.stop():
-                    raise TimeoutError from None
-                raise
-            finally:
-                if deadline is not None:
-                    deadline.stop()
+            response = await self._post(call, headers)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             self._log_attempt(call, "timeout", started)
             raise _Transient(
