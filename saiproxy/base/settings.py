@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 
 from yarl import URL
 
-from ..tracing.config import TracingConfig, TracingConfigError, tracing_config
+from .otel import TracingConfig, TracingConfigError, tracing_config
 
 __all__ = [
     "DEFAULT_AUTH_CHAIN",
@@ -273,7 +273,7 @@ class Settings:
     sai_url: URL = field(metadata=_opt("SAI_URL", "upstream", _url))
     models: Mapping[str, ModelConfig] = field(default_factory=dict)  # [models.NAME] tables
     default_model: str = "sai-model"  # top-level default_model in the TOML file
-    # From the standard OTEL_* variables only (saiproxy.tracing.config); None: off.
+    # From the standard OTEL_* variables only (saiproxy.base.otel); None: off.
     tracing: TracingConfig | None = None
     sai_template_id: str | None = field(
         default=None, metadata=_opt("SAI_TEMPLATE_ID", "upstream", _str)

@@ -18,8 +18,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..base.otel import TracingConfig
 from ..logs import trace_var
-from .config import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

@@ -27,11 +27,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .. import __version__
 from ..base.keys import REQUEST_ID, SETTINGS
+from ..base.otel import SCHEMA_URL, TracingConfig
 from ..limits.identity import Identify
 from ..logs.mask import Masker
 from ..upstream.auth import Credential
 from ..upstream.sai import SaiCall
-from .config import SCHEMA_URL, TracingConfig
 from .hooks import content_json
 
 __all__ = [
