@@ -23,8 +23,8 @@ from ..base.errors import ClientError
 from ..base.keys import LIMITS
 from ..upstream.auth import Credential
 from .base import ScopeKind, Settlement
+from .grant import Grant
 from .identity import Client
-from .limits import Grant
 from .rules import MAX_TOKENS, Figures, Verdict, requested_output, seconds_ceil
 
 __all__ = [
