@@ -28,7 +28,7 @@ class Metrics:
         # labels() takes a lock and builds a tuple on every call; the label sets
         # here are few and fixed, so the children are kept.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        counter, gauge, histogram = self.counter, self.gauge, self._histogram
         self.requests = counter(
             "saiproxy_requests",
             "HTTP requests served, by route, status and outcome.",
@@ -72,11 +72,13 @@ class Metrics:
         self.in_flight = gauge("saiproxy_in_flight_requests", "Chat completions being served now.")
         self.open_streams = gauge("saiproxy_open_streams", "Streaming answers open now.")
 
-    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+    def counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        """Return a new counter in this registry."""
         return Counter(name, documentation, labels, registry=self.registry)
 
-    def _gauge(self, name: str, documentation: str) -> Gauge:
-        return Gauge(name, documentation, registry=self.registry)
+    def gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        """Return a new gauge in this registry."""
+        return Gauge(name, documentation, labels, registry=self.registry)
 
     def _histogram(self, name: str, documentation: str) -> Histogram:
         """Return a latency histogram, by whether the answer streamed."""
