@@ -116,15 +116,21 @@ class SaiClient:
         """Send the call until SAI answers 200; retry, fall back, or raise UpstreamError."""
         while True:
             outcome = await self._attempt(call)
-            if isinstance(outcome, Done):
-                return outcome.stream
-            if isinstance(outcome, FallBack):
-                await self._fall_back(call, outcome)
-                call.credential = outcome.credential
-            elif isinstance(outcome, Retry):
-                await self._before_retry(call, outcome.error)
-            else:
-                raise outcome.error
+            try:
+                if isinstance(outcome, Done):
+                    return outcome.stream
+                if isinstance(outcome, FallBack):
+                    await self._fall_back(call, outcome)
+                    call.credential = outcome.credential
+                elif isinstance(outcome, Retry):
+                    await self._before_retry(call, outcome.error)
+                else:
+                    raise outcome.error
+            finally:
+                # A raised error's traceback holds this frame: without this, the frame and
+                # the error would hold each other, and the call (its payload) with them,
+                # until the garbage collector ran.
+                del outcome
 
     async def fetch(self, call: SaiCall) -> SaiAnswer:
         """Send the call and read the whole answer, retrying a body that breaks off."""
