@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import dataclasses
 import math
-import os
 import signal
 import statistics
 import subprocess
@@ -47,8 +46,8 @@ import aiohttp
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
 from bench.limits_cluster import FALLBACK_LOG, Cluster, cold_burst
-from bench.run import Usage, stop, wait_ready
-from bench.valkey import ValkeyServer
+from bench.processes import proxy_env, stop, upstreams
+from bench.run import Usage, wait_ready
 from saiproxy.limits.identity import digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,30 +64,19 @@ LIMITS = {
 async def cost(smoke: bool) -> int:
     raise_nofile()
     rounds, seconds = (1, 1.0) if smoke else (3, 6.0)
-    with tempfile.TemporaryDirectory(prefix="saiproxy-bench-limits-") as tmp:
-        workdir = Path(tmp)
-        valkey = ValkeyServer(workdir / "valkey")
-        valkey.start()
-        sai_port = free_port()
-        sai = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    with upstreams("limits") as up:
+        workdir, valkey, sai_port = up.workdir, up.valkey, up.sai_port
         configs = {
             "limits off": {},
             "in process": LIMITS,
             "valkey": {**LIMITS, "LIMITS_URL": valkey.url},
         }
         measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        try:
-            for _ in range(rounds):
-                for name, extra in configs.items():
-                    rows = await _run(workdir, sai_port, extra, seconds)
-                    for load_name, row in rows.items():
-                        measured.setdefault((name, load_name), []).append(row)
-        finally:
-            stop(sai)
-            valkey.stop()
+        for _ in range(rounds):
+            for name, extra in configs.items():
+                rows = await _run(workdir, sai_port, extra, seconds)
+                for load_name, row in rows.items():
+                    measured.setdefault((name, load_name), []).append(row)
     print(f"{'limits':<12} {'load':>10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'+p50 ms':>8} {'+p99 ms':>8} {'cpu us':>7} {'+cpu us':>7}")  # fmt: skip
     failed = 0
@@ -127,18 +115,7 @@ async def _run(
 ) -> dict[str, dict[str, Any]]:
     """Start a saiproxy with ``extra`` in its environment and run every load against it."""
     port = free_port()
-    env = {
-        **os.environ,
-        "SAI_URL": f"http://127.0.0.1:{sai_port}",
-        "SAI_KEY": "bench-key",
-        "SAI_TEMPLATE_ID": "bench",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_DIR": str(workdir / "logs"),
-        "SHUTDOWN_DELAY": "0",
-        "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
-        **extra,
-    }
+    env = proxy_env(sai_port, workdir, {"PORT": str(port), **extra})
     process = subprocess.Popen(
         [sys.executable, "-m", "saiproxy"], env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import aiohttp
 import redis
 
 from bench.fake_sai import free_port
+from bench.processes import proxy_env
 from bench.valkey import ValkeyServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,20 +49,15 @@ class Cluster:
         self.valkey = ValkeyServer(workdir / "valkey")
         self.sai_port = free_port()
         self.ports = [free_port() for _ in range(replicas)]
-        self.env = {
-            **os.environ,
-            "SAI_URL": f"http://127.0.0.1:{self.sai_port}",
+        self.env = proxy_env(self.sai_port, workdir, {
             "SAI_KEY": "cluster-key",
             "SAI_TEMPLATE_ID": "cluster",
-            "HOST": "127.0.0.1",
-            "LOG_DIR": str(workdir / "logs"),
             "LOG_LEVEL": "warning",
-            "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
             "LIMITS_URL": self.valkey.url,
             "LIMITS_REPLICAS": str(replicas),
             "SHUTDOWN_DELAY": "0.2",
             **env,
-        }
+        })  # fmt: skip
         self.sai: subprocess.Popen[bytes] | None = None
         self.replicas: list[subprocess.Popen[bytes] | None] = [None] * replicas
 

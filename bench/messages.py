@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,8 @@ import aiohttp
 import orjson
 
 from bench.fake_sai import free_port, raise_nofile
-from bench.run import ROOT, SMOKE_NOTE, Usage, stop, verdict, wait_ready
+from bench.processes import proxy_env, start_fake_sai, stop
+from bench.run import ROOT, SMOKE_NOTE, Usage, verdict, wait_ready
 
 TARGET: Final = 0.90
 PROMPT: Final = "Say something about load testing."
@@ -99,17 +99,8 @@ async def main_async(smoke: bool) -> int:
     concurrency, seconds, rounds = (4, 0.5, 1) if smoke else (64, 5.0, 5)
     sai_port, proxy_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="saiproxy-bench-") as tmp:
-        sai = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port), "--chars", "200",
-             "--drip-chunks", "10"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        env = {
-            **os.environ, "SAI_URL": f"http://127.0.0.1:{sai_port}", "SAI_KEY": "bench-key",
-            "SAI_TEMPLATE_ID": "bench", "HOST": "127.0.0.1", "PORT": str(proxy_port),
-            "LOG_DIR": str(Path(tmp) / "logs"), "SHUTDOWN_DELAY": "0",
-            "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
-        }  # fmt: skip
+        sai = start_fake_sai(sai_port, "--chars", "200", "--drip-chunks", "10")
+        env = proxy_env(sai_port, Path(tmp), {"PORT": str(proxy_port)})
         proxy = subprocess.Popen(
             [sys.executable, "-m", "saiproxy"], env=env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

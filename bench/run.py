@@ -28,6 +28,7 @@ import aiohttp
 
 from bench import load, responses
 from bench.fake_sai import free_port, raise_nofile
+from bench.processes import proxy_env, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_NOTE = "(a smoke run only checks that the benchmark works: too small to judge targets)"
@@ -140,16 +141,6 @@ async def wait_ready(url: str, process: subprocess.Popen[bytes], within: float =
     raise RuntimeError(f"{url} did not come up")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 async def run_scenario(scenario: Scenario, workdir: Path) -> list[dict[str, Any]]:
     """Run one scenario directly and through the proxy; return the table rows."""
     rows: list[dict[str, Any]] = []
@@ -175,18 +166,7 @@ async def run_scenario(scenario: Scenario, workdir: Path) -> list[dict[str, Any]
             rows.append({"scenario": scenario.name, "via": "direct",
                          **load.summary(results, elapsed)})  # fmt: skip
 
-        env = {
-            **os.environ,
-            "SAI_URL": f"http://127.0.0.1:{sai_port}",
-            "SAI_KEY": "bench-key",
-            "SAI_TEMPLATE_ID": "bench",
-            "HOST": "127.0.0.1",
-            "PORT": str(proxy_port),
-            "LOG_DIR": str(workdir / "logs"),
-            "SHUTDOWN_DELAY": "0",
-            "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
-            **scenario.proxy_env,
-        }
+        env = proxy_env(sai_port, workdir, {"PORT": str(proxy_port), **scenario.proxy_env})
         rows.append(await _through(
             scenario, "saiproxy", ["-m", "saiproxy"], proxy_port, workdir, common, env=env,
         ))  # fmt: skip

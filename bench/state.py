@@ -30,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ import orjson
 
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
-from bench.run import Usage, stop, wait_ready
+from bench.processes import proxy_env, stop, upstreams
+from bench.run import Usage, wait_ready
 from bench.valkey import ValkeyServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,19 +55,7 @@ def _start(
     workdir: Path, sai_port: int, extra: dict[str, str]
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {
-        **os.environ,
-        "SAI_URL": f"http://127.0.0.1:{sai_port}",
-        "SAI_KEY": "bench-key",
-        "SAI_TEMPLATE_ID": "bench",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_DIR": str(workdir / "logs"),
-        "LOG_LEVEL": "warning",
-        "SHUTDOWN_DELAY": "0",
-        "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
-        **extra,
-    }
+    env = proxy_env(sai_port, workdir, {"PORT": str(port), "LOG_LEVEL": "warning", **extra})
     process = subprocess.Popen(
         [sys.executable, "-m", "saiproxy"], env=env, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -101,15 +89,8 @@ async def cost(smoke: bool) -> int:
     raise_nofile()
     rounds, seconds = (1, 1.0) if smoke else (5, 5.0)
     measured: dict[str, list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="saiproxy-bench-state-") as tmp:
-        workdir = Path(tmp)
-        valkey = ValkeyServer(workdir / "valkey")
-        valkey.start()
-        sai_port = free_port()
-        sai = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    with upstreams("state") as up:
+        workdir, valkey, sai_port = up.workdir, up.valkey, up.sai_port
         shared, shared_url = _start(workdir, sai_port, {"STATE_URL": valkey.url})
         local, local_url = _start(workdir, sai_port, {})
         try:
@@ -128,8 +109,6 @@ async def cost(smoke: bool) -> int:
         finally:
             stop(shared)
             stop(local)
-            stop(sai)
-            valkey.stop()
     rows = {name: sorted(runs, key=lambda row: row["p50_ms"])[len(runs) // 2]
             for name, runs in measured.items()}  # fmt: skip
     base = rows["store false"]["p50_ms"]
@@ -164,15 +143,8 @@ def _used_memory(valkey: ValkeyServer) -> int:
 
 async def many(count: int) -> int:
     raise_nofile()
-    with tempfile.TemporaryDirectory(prefix="saiproxy-bench-state-") as tmp:
-        workdir = Path(tmp)
-        valkey = ValkeyServer(workdir / "valkey")
-        valkey.start()
-        sai_port = free_port()
-        sai = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    with upstreams("state") as up:
+        workdir, valkey, sai_port = up.workdir, up.valkey, up.sai_port
         limit = 32 * 1024 * 1024
         shared, shared_url = _start(workdir, sai_port, {"STATE_URL": valkey.url,
                                                         "STATE_CLIENT_BYTES": "0"})  # fmt: skip
@@ -201,8 +173,6 @@ async def many(count: int) -> int:
         finally:
             stop(shared)
             stop(local)
-            stop(sai)
-            valkey.stop()
     failed = sum(1 for r in results if not r.ok)
     return 1 if failed else 0
 

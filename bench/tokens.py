@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from typing import Any
 
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
-from bench.run import ROOT, SMOKE_NOTE, Usage, stop, verdict, wait_ready
+from bench.processes import proxy_env, stop
+from bench.run import ROOT, SMOKE_NOTE, Usage, verdict, wait_ready
 
 PIECE_CHARS = 5
 
@@ -52,16 +52,7 @@ async def _run(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
         sai_usage = Usage(sai.pid)
         results, elapsed = await load.run(sai_url, load.sai_body(), mode="raw", **common)
         rows.append(_row("direct", results, elapsed, sai_cpu=sai_usage.cpu() - sai_usage.cpu_start))
-        env = {
-            **os.environ,
-            "SAI_URL": f"http://127.0.0.1:{sai_port}",
-            "SAI_KEY": "bench-key",
-            "SAI_TEMPLATE_ID": "bench",
-            "HOST": "127.0.0.1",
-            "LOG_DIR": str(workdir / "logs"),
-            "SHUTDOWN_DELAY": "0",
-            "SAIPROXY_CONFIG": str(ROOT / "config" / "saiproxy.toml"),
-        }
+        env = proxy_env(sai_port, workdir)
         relays = [
             ("saiproxy", ["-m", "saiproxy"]),
             ("floor", ["-m", "bench.floor", "--upstream", sai_url]),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
@@ -46,7 +45,8 @@ from aiohttp import web
 
 from bench import load
 from bench.fake_sai import free_port, raise_nofile
-from bench.run import Usage, stop, wait_ready
+from bench.processes import proxy_env, start_fake_sai, stop
+from bench.run import Usage, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADS: dict[str, tuple[load.Mode, int]] = {
@@ -97,20 +97,10 @@ async def _sink(port: int) -> web.AppRunner:
 def _env(
     sai_port: int, port: int, workdir: Path, code: Path, extra: dict[str, str]
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    return {
-        **env,
-        "PYTHONPATH": str(code),
-        "SAI_URL": f"http://127.0.0.1:{sai_port}",
-        "SAI_KEY": "bench-key",
-        "SAI_TEMPLATE_ID": "bench",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "LOG_DIR": str(workdir / "logs"),
-        "SHUTDOWN_DELAY": "0",
-        "SAIPROXY_CONFIG": str(code / "config" / "saiproxy.toml"),
-        **extra,
-    }
+    env = proxy_env(
+        sai_port, workdir, {"PYTHONPATH": str(code), "PORT": str(port), **extra}, code=code
+    )
+    return {k: v for k, v in env.items() if not k.startswith("OTEL_") or k in extra}
 
 
 async def _run(
@@ -150,11 +140,7 @@ async def cost(smoke: bool, base: str, only: tuple[str, ...], rounds: int) -> in
     with tempfile.TemporaryDirectory(prefix="saiproxy-bench-tracing-") as tmp:
         workdir = Path(tmp)
         sai_port, sink_port = free_port(), free_port()
-        sai = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port),
-             "--drip-chunks", "10"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        sai = start_fake_sai(sai_port, "--drip-chunks", "10")
         sink = await _sink(sink_port)
         on = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
@@ -224,10 +210,7 @@ async def dead_collector(requests: int) -> int:
     with tempfile.TemporaryDirectory(prefix="saiproxy-bench-tracing-") as tmp:
         workdir = Path(tmp)
         sai_port, port = free_port(), free_port()
-        sai = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_sai", "--port", str(sai_port)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        sai = start_fake_sai(sai_port)
         extra = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody listens
             "OTEL_TRACES_SAMPLER": "always_on",

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from bench.valkey import ValkeyServer
-from saiproxy.protocols.compaction import SUMMARISE, SUMMARY_HEAD
+from saiproxy.protocols.responses.compaction import SUMMARISE, SUMMARY_HEAD
 
 from .agents import FINAL_TEXT, PROOF, Recorder, offered_tools, shell_call
 from .conftest import ROOT, FakeSai, MakeProxy, Received, Reply

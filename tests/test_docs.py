@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from saiproxy.web.middlewares import API_KEY_HEADER, OPEN_PATHS
+from saiproxy.limits.identity import API_KEY_HEADER
+from saiproxy.web.middlewares import OPEN_PATHS
 
 from .conftest import ROOT
 

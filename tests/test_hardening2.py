@@ -244,7 +244,10 @@ async def test_rss_stays_near_idle_after_large_tools_accepted_and_refused(
 
 def test_anthropic_tools_repeat_as_one_cached_value() -> None:
     from saiproxy.core.prompt import sai_payload
+    from saiproxy.core.toolcache import ToolCaches
     from saiproxy.protocols import anthropic
+
+    caches = ToolCaches()  # an application's (create_app makes one)
 
     def body() -> dict[str, Any]:  # a fresh parse of the same JSON every turn, as Claude Code
         return json.loads(json.dumps({
@@ -252,17 +255,20 @@ def test_anthropic_tools_repeat_as_one_cached_value() -> None:
             "tools": [{"name": f"t{i}", "description": "d", "input_schema": {"type": "object"}}
                       for i in range(20)]}))  # fmt: skip
 
-    first, second = anthropic.parse(body()), anthropic.parse(body())
+    first, second = anthropic.parse(body(), caches=caches), anthropic.parse(body(), caches=caches)
     assert first.tools is second.tools
     assert (
-        sai_payload(first, 0)[0]["inputs"]["tools"] is sai_payload(second, 0)[0]["inputs"]["tools"]
+        sai_payload(first, 0, caches)[0]["inputs"]["tools"]
+        is sai_payload(second, 0, caches)[0]["inputs"]["tools"]
     )
 
 
 def test_the_tool_caches_hold_a_bounded_number_of_bytes() -> None:
     from saiproxy.core.prompt import sai_payload
-    from saiproxy.core.toolcache import TOOL_CACHE_BYTES, cache_sizes
+    from saiproxy.core.toolcache import TOOL_CACHE_BYTES, ToolCaches
     from saiproxy.protocols import chat as chat_protocol
+
+    caches = ToolCaches()  # an application's (create_app makes one)
 
     for index in range(40):
         text = f"{index}" + "x" * 1_000_000
@@ -270,14 +276,29 @@ def test_the_tool_caches_hold_a_bounded_number_of_bytes() -> None:
             chat(
                 ("user", "hi"),
                 tools=[{"type": "function", "function": {"name": "f", "description": text}}],
-            )
+            ),
+            caches,
         )
-        sai_payload(conversation, 0)
-    # Each cache is bounded on its own (the caches are the process's: earlier tests of the
-    # session may have filled the other one).
-    tools, instructions = cache_sizes()
+        sai_payload(conversation, 0, caches)
+    # Each cache is bounded on its own.
+    tools, instructions = caches.sizes()
     assert tools <= TOOL_CACHE_BYTES
     assert instructions <= TOOL_CACHE_BYTES
+
+
+async def test_two_applications_share_no_tool_cache(
+    sai: FakeSai, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    from saiproxy.core.toolcache import TOOL_CACHES
+
+    settings = load_settings(base_env(sai, tmp_path))
+    first, second = create_app(settings), create_app(settings)
+    client = await aiohttp_client(first)
+    tools = [{"type": "function", "function": {"name": "f", "description": "d"}}]
+    response = await client.post("/v1/chat/completions", json=chat(("user", "hi"), tools=tools))
+    assert response.status == 200
+    assert min(first[TOOL_CACHES].sizes()) > 0  # the tools and their instructions
+    assert second[TOOL_CACHES].sizes() == (0, 0)
 
 
 # --- 3. validating against the client's schema never stalls the loop --------------------------

@@ -12,9 +12,9 @@ from typing import Any
 import redis
 
 from bench.valkey import ValkeyServer
-from saiproxy.base.keys import LIMITS
 from saiproxy.limits.gate import duration
 from saiproxy.limits.identity import digest
+from saiproxy.limits.limits import LIMITS
 
 from .conftest import CONFIG, FakeSai, MakeProxy, Reply, chat, log_lines
 

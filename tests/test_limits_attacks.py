@@ -16,12 +16,11 @@ import redis
 import yaml
 
 from bench.valkey import ValkeyServer
-from saiproxy.base.keys import LIMITS
 from saiproxy.base.metrics import Metrics
 from saiproxy.base.settings import SettingsError, load_settings
 from saiproxy.limits.base import Ask, Settlement
 from saiproxy.limits.identity import Client, digest
-from saiproxy.limits.limits import Limits
+from saiproxy.limits.limits import LIMITS, Limits
 from saiproxy.limits.local import LocalLimiter
 from saiproxy.limits.rules import Rules
 

@@ -17,9 +17,9 @@ import redis
 from bench.fake_sai import raise_nofile
 from bench.limits_cluster import FALLBACK_LOG, Cluster, cold_burst
 from bench.valkey import ValkeyServer
-from saiproxy.base.keys import LIMITS
 from saiproxy.limits.base import Settlement
 from saiproxy.limits.identity import Client
+from saiproxy.limits.limits import LIMITS
 
 from .conftest import FakeSai, MakeProxy, Reply, chat
 

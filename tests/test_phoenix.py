@@ -27,8 +27,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from saiproxy.base.keys import TRACING
 from saiproxy.base.settings import load_settings
+from saiproxy.tracing.hooks import TRACING
 from saiproxy.web.app import create_app, log_setup_for
 
 from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, Reply, base_env, chat

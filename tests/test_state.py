@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from saiproxy.base.keys import STATE_STORE
+from saiproxy.state.store import STATE_STORE
 
 from .conftest import FakeSai, MakeProxy, Received, Reply, openai_url, run_node
 

@@ -143,6 +143,11 @@ class ModelNotFound(ClientError):
     status = 404
     code = "model_not_found"
 
+    def __init__(self, name: str | None) -> None:
+        # A request's model name is at most 256 characters; a looked-up one (a path) is cut there.
+        shown = name[:256] if name is not None else None
+        super().__init__(f"The model {shown!r} does not exist; see GET /v1/models", param="model")
+
 
 class NotFound(ClientError):
     """No stored response, item or conversation of that id belongs to the caller.

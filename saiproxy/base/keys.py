@@ -1,46 +1,27 @@
-"""Every typed key for state kept on the application and on requests."""
+"""The typed keys of the base layer's state on the application and on requests.
+
+A key lives in the module of its type's layer, as aiohttp's do: the SAI
+client's in upstream/sai.py, the limits' in limits/, the keep-alive's in
+core/sse.py. This module names only what the base layer defines.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ..upstream.auth import AuthChain
-from ..upstream.sai import CallBudget, SaiClient
 from .metrics import Metrics
 from .settings import Settings
 
-if TYPE_CHECKING:
-    # The core imports this module; this one names the core's types for the
-    # type checker only, so at run time no import runs back up into core/.
-    from ..core.render import ErrorShape
-    from ..core.schemacheck import SchemaChecker
-    from ..core.sse import KeepAlive
-    from ..limits.identity import Identify
-    from ..limits.limits import Limits
-    from ..state.store import State
-    from ..tracing.hooks import Tracing
-
 __all__ = [
-    "AUTH_CHAIN",
-    "CALL_BUDGET",
-    "ERROR_SHAPES",
-    "KEEP_ALIVE",
-    "LIMITS",
     "METRICS",
     "OUTCOME",
-    "OWNERS",
     "REQUEST_ID",
-    "SAI",
-    "SCHEMA_CHECKER",
     "SETTINGS",
     "STATE",
-    "STATE_STORE",
     "STREAM",
-    "TRACING",
     "ServingState",
 ]
 
@@ -66,25 +47,10 @@ class ServingState:
 
 
 SETTINGS = web.AppKey("settings", Settings)
-AUTH_CHAIN = web.AppKey("auth_chain", AuthChain)
-SAI = web.AppKey("sai", SaiClient)
 STATE = web.AppKey("state", ServingState)
-KEEP_ALIVE: web.AppKey[KeepAlive] = web.AppKey("keep_alive")
 METRICS = web.AppKey("metrics", Metrics)
-LIMITS: web.AppKey[Limits] = web.AppKey("limits")  # absent when no limit is configured
-SCHEMA_CHECKER: web.AppKey[SchemaChecker] = web.AppKey("schema_checker")
-TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # absent when tracing is off
-# Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
-ERROR_SHAPES: web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]] = web.AppKey(
-    "error_shapes"
-)
 REQUEST_ID = web.RequestKey("request_id", str)
 # The event stream a request has started, once it has (core/sse.py sets it; see
 # middlewares.failure_response).
 STREAM = web.RequestKey("stream", web.StreamResponse)
 OUTCOME = web.RequestKey("outcome", str)
-# The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
-CALL_BUDGET = web.RequestKey("call_budget", CallBudget)
-# Stored Responses and conversations (saiproxy/state/), and who owns them.
-STATE_STORE: web.AppKey[State] = web.AppKey("state_store")
-OWNERS: web.AppKey[Identify] = web.AppKey("owners")

@@ -15,7 +15,7 @@ from ..base.settings import SettingsError, load_settings, setting
 from ..upstream.demo import DEMO_COOKIE, DEMO_KEY, DEMO_TEMPLATE, start_demo_upstream
 from ..web import workers
 from ..web.server import ListenError, check_open_relay, serve
-from . import check, trace
+from . import check, trace, usage
 
 __all__ = ["main"]
 
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check"]:
         return check.main(argv[1:])
     if argv[:1] == ["usage"]:
-        from ..limits import usage
-
         return usage.main(argv[1:])
     args = _parser().parse_args(argv)
     try:

@@ -4,10 +4,11 @@ protocols/<name>.py   parse a request into a Conversation; render an Answer,
       │               its stream and errors in the protocol's own shapes
       ▼
 core/exchange.py      credentials, early context check, the SAI call with
-      │               retries and fallback, error policy (ERROR_MODE), repair,
-      │               tokens, logs, metrics; answers non-streamed requests
-      ├─ core/relay.py     the streamed answer: keep-alive, relay, in-stream failures
+      │               retries and fallback, error policy (ERROR_MODE), repair;
+      │               answers non-streamed requests; one skeleton for every answer
       ├─ core/fanout.py    several conversations in one response (one choice each)
+      ├─ core/ledger.py    what an exchange learned and cost: tokens, log lines, metrics
+      ├─ core/relay.py     the streamed answer: keep-alive, relay, the one failure ladder
       ├─ core/ending.py    how an answer ended (status, outcome, finish): one value
       ├─ core/inflight.py  in-flight and open-stream counts, shutdown's cut
       ├─ core/prompt.py    Conversation → SAI payload (tool and output instructions)
@@ -16,7 +17,7 @@ core/exchange.py      credentials, early context check, the SAI call with
       ├─ core/answer.py    SAI's text → prose, tool calls, stop sequences, JSON
       └─ core/schemacheck.py  the answer against the client's schema, in a child process
       ▼
-sai.py                the SAI client: one template execution, status → outcome
+upstream/sai.py       the SAI client: one template execution, status → outcome
 """
 
 __all__: list[str] = []

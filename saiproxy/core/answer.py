@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+from aiohttp import web
 
 from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, new_call_id
 from .prompt import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from .schemacheck import SchemaChecker
+from .schemacheck import FENCED, SchemaChecker, strip_fence
 
 __all__ = [
+    "SCHEMA_CHECKER",
     "AnswerFilter",
     "OnRejected",
     "Rejected",
@@ -37,7 +39,6 @@ _JSON_CALLS_START: Final = re.compile(r'(?:```(?:json)?\s*)?\{\s*"tool_calls"\s*
 _TAG_BLOCK: Final = re.compile(
     re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S
 )
-_FENCED: Final = re.compile(r"\A\s*```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```\s*\Z", re.S)
 _MARKER_WINDOW: Final = 80  # the longest tail that can still become a block start
 _MARKER_CHARS: Final = frozenset("<{`")
 
@@ -184,7 +185,7 @@ class _CallParser:
 
     def json_object(self, block: str) -> list[ToolCall] | None:
         """Parse a final ``{"tool_calls": [...]}`` object, bare or fenced; None if it is not one."""
-        fenced = _FENCED.match(block)
+        fenced = FENCED.match(block)
         try:
             body = orjson.loads(fenced.group(1) if fenced else block)
         except orjson.JSONDecodeError as exc:
@@ -375,12 +376,6 @@ class AnswerFilter:
         return text
 
 
-def strip_fence(text: str) -> str:
-    """Return ``text`` without a code fence around it."""
-    fenced = _FENCED.match(text)
-    return fenced.group(1) if fenced else text.strip()
-
-
 async def output_problem(text: str, output: OutputFormat, checker: SchemaChecker) -> str | None:
     """Return why ``text`` is not the JSON the client asked for, or None when it is.
 
@@ -389,3 +384,8 @@ async def output_problem(text: str, output: OutputFormat, checker: SchemaChecker
     (and is logged).
     """
     return await checker.problem(text, output.schema)
+
+
+# The process's schema checker. Declared here, not in schemacheck.py: its child
+# process runs that module and imports no aiohttp.
+SCHEMA_CHECKER: Final = web.AppKey("schema_checker", SchemaChecker)

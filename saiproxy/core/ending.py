@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
+
+from aiohttp import web
 
 from ..base.errors import UpstreamError
 from .conversation import Answer
 
-__all__ = ["CLIENT_GONE", "ERROR_HEADER", "Ending"]
+__all__ = ["CLIENT_GONE", "ERROR_HEADER", "Done", "Ending", "Policy"]
 
 # Names the outcome of an answer that explains a failure (``message`` error
 # mode), when its headers were still unsent.
 ERROR_HEADER: Final = "X-Saiproxy-Error"
+# What an upstream failure becomes (Exchange.policy): a real HTTP status, an
+# in-band error in the protocol's shape, or the explanation as the answer.
+Policy = Literal["raise", "in_band", "explain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +61,16 @@ class Ending:
 
 
 CLIENT_GONE: Final = Ending(499, "client_disconnected")
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """How a response went, as one value: the response, each answer's ending, what failed.
+
+    ``failure``, when set, is what the request raises once its answers are
+    recorded (a real HTTP status, the client gone); ``response`` is then not sent.
+    """
+
+    response: web.StreamResponse | None
+    endings: Sequence[Ending]
+    failure: BaseException | None = None

@@ -9,67 +9,56 @@ finish reasons, decides in one place what an upstream failure becomes
 (:meth:`Exchange.policy`), counts tokens, and logs and measures every request
 the same way: its finish line reports the answer's :class:`Ending`, once.
 
-The streamed answer is relayed by :mod:`.relay`, several conversations in one
-response are answered by :mod:`.fanout`, and :mod:`.inflight` keeps what
-shutdown needs to know.
+Every answer has one skeleton (:func:`answer_request`): begun and admitted
+once, answered, concluded once. The streamed answer is relayed by
+:mod:`.relay`, several conversations in one response are answered by
+:mod:`.fanout`; both return what they learned and how each answer ended,
+and the exchange records it. :mod:`.inflight` keeps what shutdown needs to
+know.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..base.errors import ContextTooLong, ModelNotFound, UpstreamError
-from ..base.keys import (
-    AUTH_CHAIN,
-    CALL_BUDGET,
-    LIMITS,
-    METRICS,
-    OUTCOME,
-    REQUEST_ID,
-    SAI,
-    SCHEMA_CHECKER,
-    SETTINGS,
-)
-from ..base.settings import ModelConfig, Settings
+from ..base.errors import ContextTooLong, UpstreamError
+from ..base.keys import OUTCOME
 from ..limits import gate
-from ..logs import RESPONSE_FINISHED, event
+from ..limits.limits import LIMITS
 from ..tracing import hooks as tracing
-from ..upstream.auth import Credential
-from ..upstream.sai import CallBudget, SaiCall, SaiClient, SaiStream
-from ..web.bodies import json_response
-from .answer import AnswerFilter, Rejected, output_problem
+from ..upstream.auth import AUTH_CHAIN, Credential
+from ..upstream.sai import CALL_BUDGET, CallBudget, SaiCall, SaiStream
+from .answer import SCHEMA_CHECKER, AnswerFilter, output_problem
+from .bodies import json_response
 from .bounds import check_output_schema
 from .conversation import Answer, Conversation, Finish, Turn, Usage
-from .ending import ERROR_HEADER, Ending
+from .ending import ERROR_HEADER, Done, Ending, Policy
 from .inflight import InFlight, cut_short
-from .prompt import estimate_tokens, header_tokens, sai_payload
-from .relay import respond_streamed
+from .ledger import Ledger
+from .prompt import estimate_tokens, sai_payload
+from .relay import Stream, streamed
 from .render import Renderer
+from .sse import EventStream
+from .toolcache import TOOL_CACHES
 
 __all__ = [
     "Exchange",
-    "Policy",
     "admit",
+    "answer_request",
     "conclude",
     "settle",
-    "unique_suffix",
 ]
 
 log = logging.getLogger("saiproxy.exchange")
 
-Policy = Literal["raise", "in_band", "explain"]
-
-_SUFFIXES = itertools.count(secrets.randbits(40))
 # Where each protocol takes the output format, for the 400 that names it.
 _OUTPUT_PARAMS = {
     "chat": "response_format",
@@ -78,98 +67,29 @@ _OUTPUT_PARAMS = {
 }
 
 
-def unique_suffix() -> str:
-    """Return a process-unique suffix: a random start, counted up (no entropy per call)."""
-    return f"{next(_SUFFIXES) & 0xFFFFFFFFFFFF:012x}"
-
-
-class Exchange:
+class Exchange(Ledger):
     """One conversation in flight: what was asked, what SAI is doing, what it cost."""
 
-    # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
-    __slots__ = (
-        "_body", "call", "chars", "choice", "conversation", "created", "early", "first_byte",
-        "loop", "max_output", "model", "model_config", "protocol", "rejected",
-        "rejected_detail", "request", "request_id", "settings", "span", "started", "suffix",
-        "usage",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        request: web.Request,
-        body: Any,
-        conversation: Conversation,
-        *,
-        protocol: str,
-    ) -> None:
-        self.request = request
-        self.settings: Settings = request.app[SETTINGS]
-        # Looked up once: on Python 3.11 every lookup is a getpid() system call.
-        self.loop = asyncio.get_running_loop()
-        self.conversation = conversation
-        self.protocol = protocol
-        self.started = time.monotonic()
-        self.created = int(time.time())
-        self.request_id = request[REQUEST_ID]
-        # The request's server span; None: not traced. Tracing off, one attribute
-        # check: a missing request key costs a KeyError inside ``get`` (about 1 us).
-        self.span = request.get(tracing.SPAN) if self.settings.tracing is not None else None
-        self.suffix = unique_suffix()
-        self.model_config = self._model(conversation.model)
-        # SAI's model header names the model; without it, the name the client asked for.
-        self.model = conversation.model or self.model_config.name
-        self._body = body
-        self.call: SaiCall | None = None
-        self.early: UpstreamError | None = None  # an outcome known without calling SAI
-        self.chars = 0
-        self.first_byte: float | None = None
-        self.usage = Usage()
-        self.choice: int | None = None  # its index when one of several (fanout.respond_all)
-        self.max_output: int | None = None  # the answer's token bound the client asked for
-        # Call blocks left as text, by reason, and the first one's detail: one log line at the end.
-        self.rejected: dict[str, int] = {}
-        self.rejected_detail = ""
-
-    @property
-    def sai(self) -> SaiClient:
-        return self.request.app[SAI]
-
-    @property
-    def ids(self) -> str:
-        """Return the part every ID of this answer shares: request ID and a unique suffix."""
-        return f"{self.request_id}-{self.suffix}"
-
-    def _model(self, name: str | None) -> ModelConfig:
-        model = self.settings.model_for(name)
-        if model is None:
-            raise ModelNotFound(
-                f"The model {name!r} does not exist; see GET /v1/models", param="model"
-            )
-        return model
+    __slots__ = ()
 
     # --- the request's life
 
     async def respond(self, renderer: Renderer) -> web.StreamResponse:
         """Answer the request with ``renderer``'s shapes, streamed or not."""
-        ending = Ending()
-        with InFlight(self.request, self.loop):
+        return await answer_request((self,), partial(self._respond, renderer))
+
+    async def _respond(self, renderer: Renderer) -> Done:
+        if self.conversation.stream:
+            stream = Stream(self, renderer, EventStream(renderer.ping()))
             try:
-                self.begin()
-                with tracing.admission(self.span, self.request):
-                    await admit((self,))  # the limits, once, before SAI
-                if self.conversation.stream:
-                    response, ending = await respond_streamed(self, renderer)
-                else:
-                    answer = await self.answer()
-                    ending = Ending.answered(answer)
-                    headers = {ERROR_HEADER: answer.outcome} if answer.outcome != "ok" else None
-                    response = json_response(renderer.body(answer), headers=headers)
-                return response
-            except BaseException as exc:
-                ending = Ending.failed(exc)
-                raise
+                return await streamed(stream)
             finally:
-                conclude((self,), (ending,))
+                self.record(stream.learned)
+        answer = await self.answer()
+        headers = {ERROR_HEADER: answer.outcome} if answer.outcome != "ok" else None
+        return Done(
+            json_response(renderer.body(answer), headers=headers), [Ending.answered(answer)]
+        )
 
     def begin(self) -> None:
         """Prepare the call and log the request as received, whatever happens."""
@@ -190,7 +110,8 @@ class Exchange:
             check_output_schema(
                 output.schema, self.settings.max_schema_bytes, _OUTPUT_PARAMS.get(self.protocol, "")
             )
-        payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000))
+        caches = self.request.app[TOOL_CACHES]
+        payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000), caches)
         estimated = estimate_tokens(self.chars)
         if estimated > self.settings.max_context_tokens:
             self.early = ContextTooLong(estimated, self.settings.max_context_tokens)
@@ -228,7 +149,7 @@ class Exchange:
             return "in_band" if prepared else "raise"
         return "explain"
 
-    def explained(self, error: UpstreamError, *, relayed: bool) -> Answer:
+    def explained(self, error: UpstreamError, *, relayed: bool, model: str | None = None) -> Answer:
         """Return the answer that explains ``error`` (``message`` mode).
 
         After part of the answer went out, it is marked truncated (``length``),
@@ -237,7 +158,8 @@ class Exchange:
         text = error.chat_text()
         finish: Finish = "length" if relayed else error.finish_reason
         outcome = error.code or "error"
-        return Answer("\n\n" + text if relayed else text, self.model, finish, outcome=outcome)
+        text = "\n\n" + text if relayed else text
+        return Answer(text, model or self.model, finish, outcome=outcome)
 
     # --- non-streamed
 
@@ -266,7 +188,7 @@ class Exchange:
                 text = await self._repair(text, problem)
         answer_filter = AnswerFilter(conversation, self._rejected)
         prose = answer_filter.feed(text) + answer_filter.close()
-        return self.answered(answer_filter, prose)
+        return self.answered(answer_filter, prose, self.model, self.usage)
 
     async def _repair(self, text: str, problem: str) -> str:
         """Ask SAI once more for JSON that parses and follows the schema (TOOL_REPAIR_RETRIES)."""
@@ -297,7 +219,8 @@ class Exchange:
                 system=self.conversation.system,
                 output=output,
             )
-            payload, chars = sai_payload(retry, int(time.time() * 1000))
+            now = int(time.time() * 1000)
+            payload, chars = sai_payload(retry, now, self.request.app[TOOL_CACHES])
             fetched = await self.sai.fetch(self._new_call(payload, self.call.credential))
             text = fetched.text
             self.count(fetched.headers, len(text), prompt_chars=chars)
@@ -331,14 +254,13 @@ class Exchange:
         assert self.call is not None
         return self.sai.open(self.call)
 
-    def opened(self, upstream: SaiStream) -> None:
-        """Note the model SAI's answer names, and let the prompt go.
+    def let_go(self, upstream: SaiStream) -> None:
+        """Let the prompt go: SAI answered.
 
-        SAI answered: no attempt will resend the payload, and only the finish
-        needs the conversation's shape. An agent's 100 KB history need not
-        stay for the length of the stream.
+        No attempt will resend the payload, and only the finish needs the
+        conversation's shape. An agent's 100 KB history need not stay for the
+        length of the stream.
         """
-        self.model = upstream.headers.get("model") or self.model
         upstream.call.payload = b""
         self.conversation.turns.clear()
 
@@ -357,15 +279,7 @@ class Exchange:
         assert self.call is not None
         return self.call
 
-    def count(
-        self, headers: Any, completion_chars: int, *, prompt_chars: int | None = None
-    ) -> None:
-        """Add one SAI answer's tokens: its headers, else estimates from the characters."""
-        prompt_chars = self.chars if prompt_chars is None else prompt_chars
-        self.usage.prompt_tokens += header_tokens(headers, "prompttokens", prompt_chars)
-        self.usage.completion_tokens += header_tokens(headers, "completiontokens", completion_chars)
-
-    def answered(self, answer_filter: AnswerFilter, text: str) -> Answer:
+    def answered(self, answer_filter: AnswerFilter, text: str, model: str, usage: Usage) -> Answer:
         """Return the finished answer: ``text``, and the calls and stop the filter found."""
         calls = answer_filter.calls
         finish: Finish
@@ -377,116 +291,52 @@ class Exchange:
             finish = "stop"
         if self.span is not None:
             tracing.answered(self.span, self, text, calls)
-        return Answer(text, self.model, finish, calls, answer_filter.stop_sequence, self.usage)
+        return Answer(text, model, finish, calls, answer_filter.stop_sequence, usage)
 
-    def _rejected(self, rejected: Rejected) -> None:
-        metrics = self.request.app[METRICS]
-        metrics.child(metrics.tool_calls_unrecognised, rejected.reason).inc()
-        if not self.rejected:
-            self.rejected_detail = rejected.detail[:300]
-        self.rejected[rejected.reason] = self.rejected.get(rejected.reason, 0) + 1
 
-    def _log_rejected(self) -> None:
-        """Log the call blocks left as text: one line per answer, however many there were."""
-        if self.rejected:
-            log.warning(
-                "tool calls not recognised, left as text",
-                extra={
-                    "count": sum(self.rejected.values()),
-                    "reasons": self.rejected,
-                    "detail": self.rejected_detail,
-                    **self._choice_field(),
-                },
-            )
+async def answer_request(
+    exchanges: Sequence[Exchange],
+    respond: Callable[[], Awaitable[Done]],
+    *,
+    choices: bool = False,
+) -> web.StreamResponse:
+    """Answer a client request: begin and admit its exchanges once, ``respond``, conclude once.
 
-    def _choice_field(self) -> dict[str, int]:
-        return {"choice": self.choice} if self.choice is not None else {}
-
-    def _log_received(self, credential: dict[str, Any]) -> None:
-        """Log the request as received, with the credential decision."""
-        conversation = self.conversation
-        event(
-            log,
-            "request received",
-            {
-                "path": self.request.path,
-                "protocol": self.protocol,
-                "stream": conversation.stream,
-                "model": self.model_config.name,
-                "requested_model": conversation.model,
-                "messages": len(conversation.turns),
-                "roles": conversation.role_counts(),
-                "chars": self.chars,
-                "estimated_tokens": estimate_tokens(self.chars),
-                "unwrapped": conversation.unwrapped,
-                "tools": len(conversation.offered_tools),
-                **credential,
-                **self._choice_field(),
-            },
-        )
-        if conversation.unwrapped:
-            log.info(
-                "IDE plugin wrapper removed",
-                extra={
-                    "count": conversation.unwrapped,
-                    "chars_before": conversation.unwrapped_chars_before,
-                    "chars_after": conversation.unwrapped_chars_after,
-                },
-            )
-        if isinstance(self.early, ContextTooLong):
-            log.info(
-                "context too long, not calling SAI",
-                extra={"estimated_tokens": estimate_tokens(self.chars),
-                       "limit": self.settings.max_context_tokens},
-            )  # fmt: skip
-        if self.settings.verbose_logging:
-            log.debug(
-                "message previews",
-                extra={"previews": [f"{t.role}: {t.text[:80]}" for t in conversation.turns]},
-            )
-            if self.call is not None:
-                log.debug("SAI payload built", extra={"payload_bytes": len(self.call.payload)})
-
-    def finish(self, ending: Ending) -> None:
-        """Log the finish line (how the answer ended, what it cost) and record the latencies."""
-        now = time.monotonic()
-        latency = now - self.started
-        generating = now - self.first_byte if self.first_byte is not None else 0.0
-        metrics = self.request.app[METRICS]
-        stream = "true" if self.conversation.stream else "false"
-        exemplar = tracing.exemplar(self.span) if self.span is not None else None
-        metrics.child(metrics.latency, stream).observe(latency, exemplar)
-        if self.first_byte is not None:
-            metrics.child(metrics.ttfb, stream).observe(self.first_byte - self.started, exemplar)
-        usage = self.usage
-        # Raised, the early outcome's traceback holds this exchange's frames: a
-        # cycle that would keep the whole conversation until the collector runs.
-        self.early = None
-        self._log_rejected()
-        event(
-            log,
-            RESPONSE_FINISHED,
-            {
-                "path": self.request.path,
-                "status": ending.status,
-                "outcome": ending.outcome,
-                "finish_reason": ending.finish_reason,
-                "tool_calls": ending.tool_calls,
-                "latency_ms": round(latency * 1000, 1),
-                "ttfb_ms": round((self.first_byte - self.started) * 1000, 1)
-                if self.first_byte is not None
-                else None,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-                "tokens_per_second": round(usage.completion_tokens / generating, 1)
-                if generating > 0
-                else None,
-                "model": self.model,
-                **(self.call.summary() if self.call is not None else {}),
-                **self._choice_field(),
-            },
-        )
+    The one skeleton of every answer, one conversation or several
+    (``choices``: each is a choice of one response, its index in its log
+    lines). However it ends, each answer's ending is recorded before what
+    failed is raised.
+    """
+    first = exchanges[0]
+    endings: Sequence[Ending] = [Ending()] * len(exchanges)
+    done: Done | None = None
+    if choices:
+        for index, exchange in enumerate(exchanges):
+            exchange.choice = index
+    # Shutdown waits for it within its budget (a cut past it closes the connection).
+    with InFlight(first.request, first.loop):
+        try:
+            for exchange in exchanges:
+                exchange.begin()
+            limited = LIMITS in first.request.app
+            with tracing.admission(first.span, first.request, limited=limited):
+                await admit(exchanges)  # the limits, once, before SAI
+            done = await respond()
+            endings = done.endings
+            if done.failure is not None:
+                raise done.failure
+            response: web.StreamResponse | None = done.response
+            assert response is not None
+            return response
+        except BaseException as exc:
+            if done is None or exc is not done.failure:
+                # e.g. no credential: the request ends for every answer
+                endings = [Ending.failed(exc)] * len(exchanges)
+            raise
+        finally:
+            conclude(exchanges, endings)
+            # Raised, the failure's traceback holds this frame: it must not hold the failure.
+            done = None
 
 
 def conclude(exchanges: Sequence[Exchange], endings: Sequence[Ending]) -> None:

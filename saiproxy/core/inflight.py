@@ -14,8 +14,8 @@ import logging
 from aiohttp import web
 
 from ..base.errors import ShutdownCut
-from ..base.keys import KEEP_ALIVE, SETTINGS, STATE
-from .sse import EventStream
+from ..base.keys import SETTINGS, STATE
+from .sse import KEEP_ALIVE, EventStream
 
 __all__ = ["InFlight", "OpenStream", "cut_short"]
 

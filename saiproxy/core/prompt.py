@@ -17,9 +17,9 @@ from xml.sax.saxutils import quoteattr
 import orjson
 
 from ..limits.rules import MAX_TOKENS
-from . import toolcache
 from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
+from .toolcache import PARSED_WEIGHT, ToolCaches
 
 __all__ = [
     "TOOL_CALL_CLOSE",
@@ -155,7 +155,7 @@ def output_instructions(output: OutputFormat | None) -> str:
     return "\n".join(lines)
 
 
-def tool_parts(conversation: Conversation) -> tuple[str, str]:
+def tool_parts(conversation: Conversation, caches: ToolCaches | None = None) -> tuple[str, str]:
     """Return the tool instructions and ``inputs.tools`` (empty strings when none are offered).
 
     Kept by the tools tuple (the parsers hand out one tuple per distinct tool
@@ -166,15 +166,16 @@ def tool_parts(conversation: Conversation) -> tuple[str, str]:
     if not tools or choice.mode == "none":
         return "", ""
     key = (id(tools), choice.mode, choice.name, conversation.parallel_tool_calls)
-    found = toolcache.PARTS.get(key)
+    found = caches.parts.get(key) if caches is not None else None
     if found is not None and found[0] is tools:
         return found[1], found[2]
     offered = conversation.offered_tools
     instructions = tool_instructions(conversation)
     payload = orjson.dumps([chat_tool(tool) for tool in offered]).decode() if offered else ""
     # The entry keeps the tools alive too: charged as their parsed JSON.
-    size = len(instructions) + len(payload) * (1 + toolcache.PARSED_WEIGHT)
-    toolcache.PARTS.put(key, (tools, instructions, payload), size)
+    if caches is not None:
+        size = len(instructions) + len(payload) * (1 + PARSED_WEIGHT)
+        caches.parts.put(key, (tools, instructions, payload), size)
     return instructions, payload
 
 
@@ -186,7 +187,9 @@ def system_text(conversation: Conversation, instructions: str | None = None) -> 
     return "\n\n".join(part for part in parts if part)
 
 
-def sai_payload(conversation: Conversation, now_ms: int) -> tuple[dict[str, Any], int]:
+def sai_payload(
+    conversation: Conversation, now_ms: int, caches: ToolCaches | None = None
+) -> tuple[dict[str, Any], int]:
     """Map a conversation to SAI's body; return it and the characters it carries (docs/sai.md).
 
     The character count covers everything the template receives once: the
@@ -195,7 +198,7 @@ def sai_payload(conversation: Conversation, now_ms: int) -> tuple[dict[str, Any]
     """
     names = {call.id: call.name for turn in conversation.turns for call in turn.calls}
     history = [_sai_message(turn, names) for turn in conversation.turns]
-    instructions, tools = tool_parts(conversation)
+    instructions, tools = tool_parts(conversation, caches)
     system = system_text(conversation, instructions)
     inputs: dict[str, Any] = {"system": system, "user": history[-1][1] if history else ""}
     chars = len(system) + sum(len(text) for _, text in history)

@@ -1,11 +1,15 @@
 """The streamed answer: wait for SAI keeping the client's connection alive, then relay it.
 
-:func:`respond_streamed` answers one exchange with an event stream; the
-fan-out (:mod:`.fanout`) runs one :class:`Stream` per choice over a shared
-response. Every piece of SAI's body goes through the answer filter (when
-the conversation needs one) and out as the renderer's frames; the loop that
-does it is the proxy's hottest code (see bench/RESULTS.md): one await per
-piece, no work per piece that can be done once.
+A :class:`Stream` answers one exchange (its :class:`Source`) with a
+renderer's frames over an event stream; several streams may share one
+response (the fan-out, :mod:`.fanout`). Every piece of SAI's body goes
+through the answer filter (when the conversation needs one) and out as the
+renderer's frames; the loop that does it is the proxy's hottest code (see
+bench/RESULTS.md): one await per piece, no work per piece that can be done
+once. A stream writes nothing of its exchange's: what it learned (the model
+SAI named, when its first piece came, the tokens) is its :class:`Learned`,
+which the exchange records. :func:`guarded` is the one place a stream's
+failures are turned into its end.
 """
 
 from __future__ import annotations
@@ -14,70 +18,158 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
 from ..base.errors import StreamBroken, UpstreamError
-from ..base.keys import KEEP_ALIVE
+from ..base.settings import Settings
 from ..upstream.sai import SaiStream
-from .conversation import Answer
-from .ending import ERROR_HEADER, Ending
+from .answer import AnswerFilter
+from .conversation import Answer, Usage
+from .ending import ERROR_HEADER, Done, Ending, Policy
 from .inflight import OpenStream, cut_short
+from .prompt import header_tokens
 from .render import Renderer
-from .sse import EventStream
+from .sse import KEEP_ALIVE, EventStream
 
-if TYPE_CHECKING:
-    from .exchange import Exchange
-
-__all__ = ["EAGER_GRACE", "Stream", "respond_streamed"]
+__all__ = ["EAGER_GRACE", "Learned", "Ran", "Source", "Stream", "guarded", "streamed", "usage_of"]
 
 # The exchange's log lines keep its logger name, whichever module writes them.
 log = logging.getLogger("saiproxy.exchange")
 
 EAGER_GRACE: Final = 0.05  # seconds an eager stream waits for SAI before it opens anyway
 
+# How a response's streams ran: each answer's ending, and what failed (None: nothing).
+Ran = tuple[list[Ending], BaseException | None]
 
-async def respond_streamed(
-    exchange: Exchange, renderer: Renderer
-) -> tuple[web.StreamResponse, Ending]:
-    """Answer ``exchange`` as an event stream; return the response and how the answer ended.
 
-    A failure that must be a real HTTP status is raised. Shutdown's cut ends
-    the stream as the error policy says; a client hanging up propagates.
+class Source(Protocol):
+    """What a stream reads of the exchange it answers (core/exchange.py's Exchange)."""
+
+    request: web.Request
+    loop: asyncio.AbstractEventLoop
+    settings: Settings
+    model: str
+    chars: int  # the prompt's, for the token estimate without SAI's counts
+
+    @property
+    def early(self) -> UpstreamError | None: ...
+    def open(self) -> Coroutine[Any, Any, SaiStream]:
+        """Return the call that opens SAI's answer."""
+
+    def let_go(self, upstream: SaiStream) -> None:
+        """SAI answered: the prompt need not stay for the length of the stream."""
+
+    def policy(self, *, prepared: bool) -> Policy:
+        """Return what an upstream failure becomes."""
+
+    def explained(self, error: UpstreamError, *, relayed: bool, model: str) -> Answer:
+        """Return the answer that explains ``error``."""
+
+    def stream_filter(self) -> AnswerFilter | None:
+        """Return the filter the answer goes through; None when nothing needs filtering."""
+
+    def answered(self, answer_filter: AnswerFilter, text: str, model: str, usage: Usage) -> Answer:
+        """Return the finished answer the filter found."""
+
+
+@dataclass(slots=True)
+class Learned:
+    """What relaying SAI's answer learned, for the exchange to record."""
+
+    model: str | None = None  # the model SAI's answer names
+    first_byte: float | None = None  # when the body's first piece arrived
+    usage: Usage | None = None  # once SAI's body ended or broke off
+
+
+def usage_of(headers: Mapping[str, str], prompt_chars: int, completion_chars: int) -> Usage:
+    """Return one SAI answer's tokens: its headers, else estimates from the characters."""
+    return Usage(
+        header_tokens(headers, "prompttokens", prompt_chars),
+        header_tokens(headers, "completiontokens", completion_chars),
+    )
+
+
+async def guarded(
+    stream: Stream,
+    run: Awaitable[Ran],
+    end: Callable[[UpstreamError, list[Ending]], Awaitable[list[Ending]]],
+) -> Done:
+    """Run a response's streams (``run``: each answer's ending, and what failed) and end it.
+
+    The one place a streamed response's failures become its end. A failure
+    that must be a real HTTP status, and a client hanging up, are returned
+    for the caller to raise. Shutdown's cut, or saiproxy failing after the
+    stream started, ends the unfinished answers with ``end`` (as the error
+    policy says, in-band: never a new response).
     """
-    response = EventStream(renderer.ping())
-    stream = Stream(exchange, renderer, response)
-    with OpenStream(exchange.request, response):
-        try:
-            # A task of its own: every piece then resumes the few frames of
-            # the relay, not also the dozen of aiohttp's handler and the
-            # middlewares above it (a cancellation still reaches it).
-            ending = await exchange.loop.create_task(stream.run())
-        except asyncio.CancelledError:
-            ending = await stream.failed(
-                cut_short(exchange.request, exchange.loop), relayed=stream.relayed
-            )
-        except Exception as exc:
-            if isinstance(exc, UpstreamError) or not response.prepared:
-                raise  # a real status still (nothing was sent), or the policy's to raise
-            ending = await stream.broke(exc)
+    source, response = stream.source, stream.response
+    with OpenStream(source.request, response):
+        endings, failure = await run
+        if isinstance(failure, asyncio.CancelledError):
+            try:
+                cut = cut_short(source.request, source.loop)
+            except asyncio.CancelledError as gone:
+                return Done(response, endings, gone)  # the client hung up
+            try:
+                endings, failure = await end(cut, endings), None
+            except UpstreamError as error:  # nothing was sent: a real status
+                return Done(response, [Ending.failed(error)] * len(endings), error)
+        elif failure is not None:
+            ours = isinstance(failure, Exception) and not isinstance(failure, UpstreamError)
+            if not ours or not response.prepared:
+                return Done(response, endings, failure)  # a real status still, or the policy's
+            log.error("the stream failed after it started; ended in-band", exc_info=failure)
+            try:
+                endings, failure = await end(StreamBroken(), endings), None
+            except Exception:  # the renderer failed again: the stream just ends
+                log.error("the stream could not report its failure", exc_info=True)
+                endings, failure = [Ending.in_band(StreamBroken())] * len(endings), None
         await response.write_eof()
-        return response, ending
+        return Done(response, endings, None)
+
+
+async def streamed(stream: Stream) -> Done:
+    """Answer one exchange with ``stream``: the response, its ending, what failed."""
+    return await guarded(stream, _run_alone(stream), partial(_end_alone, stream))
+
+
+async def _run_alone(stream: Stream) -> Ran:
+    try:
+        # A task of its own: every piece then resumes the few frames of the
+        # relay, not also the dozen of aiohttp's handler and the middlewares
+        # above it (a cancellation still reaches it).
+        return [await stream.source.loop.create_task(stream.run())], None
+    except BaseException as exc:
+        return [Ending.failed(exc)], exc
+
+
+async def _end_alone(stream: Stream, cut: UpstreamError, endings: list[Ending]) -> list[Ending]:
+    return [await stream.failed(cut, relayed=stream.relayed)]
 
 
 class Stream:
     """The streamed answer of one exchange: started or not, what went out, how it ended."""
 
-    __slots__ = ("answer", "exchange", "relayed", "renderer", "response", "started")
+    __slots__ = ("answer", "learned", "relayed", "renderer", "response", "source", "started")
 
-    def __init__(self, exchange: Exchange, renderer: Renderer, response: EventStream) -> None:
-        self.exchange = exchange
+    def __init__(self, source: Source, renderer: Renderer, response: EventStream) -> None:
+        self.source = source
         self.renderer = renderer
         self.response = response
         self.started = False
         self.relayed = False  # some of the answer went out
         self.answer: Answer | None = None  # the answer, once it has finished
+        self.learned = Learned()
+
+    @property
+    def model(self) -> str:
+        """Return the model the answer names: SAI's, once it said, else the exchange's."""
+        return self.learned.model or self.source.model
 
     async def run(self, *, keep_alive: bool = True) -> Ending:
         """Wait for SAI (keeping the client's connection alive), then relay or fail.
@@ -86,19 +178,19 @@ class Stream:
         whichever way it stops waiting, the response has started (and the SSE
         response pings by itself from then on) or the request has failed.
         """
-        exchange, renderer, response = self.exchange, self.renderer, self.response
-        interval = exchange.settings.ping_interval if keep_alive else None
-        loop = exchange.loop
-        opening = loop.create_task(exchange.open())
+        source, renderer, response = self.source, self.renderer, self.response
+        interval = source.settings.ping_interval if keep_alive else None
+        loop = source.loop
+        opening = loop.create_task(source.open())
         try:
-            if renderer.eager and exchange.early is None:
+            if renderer.eager and source.early is None:
                 # These clients expect the opening event at once. A SAI that
                 # answers within the grace opens the stream itself, with its
                 # model name and no write of its own (a fast failure is then
                 # still a real status in http mode).
                 await _until_done(loop, opening, EAGER_GRACE)
                 if not opening.done():
-                    await self.start(exchange.model)
+                    await self.start(source.model)
             # Until SAI answers 200 nothing need be sent, so a failure can still be a
             # real HTTP status; if the first keep-alive falls due first, the stream starts.
             while not opening.done():
@@ -120,8 +212,8 @@ class Stream:
     async def prepare(self) -> None:
         """Send the status line and headers, if not yet sent; keep the stream alive from then on."""
         if not self.response.prepared:
-            await self.response.prepare(self.exchange.request)
-            self.exchange.request.app[KEEP_ALIVE].add(self.response)
+            await self.response.prepare(self.source.request)
+            self.source.request.app[KEEP_ALIVE].add(self.response)
 
     async def start(self, model: str) -> None:
         """Send the opening frames, if not yet sent."""
@@ -137,44 +229,40 @@ class Stream:
         last event: nothing may follow it, and its ending says so
         (:attr:`Ending.stops_stream`).
         """
-        exchange, renderer, response = self.exchange, self.renderer, self.response
-        policy = exchange.policy(prepared=response.prepared)
+        source, renderer, response = self.source, self.renderer, self.response
+        policy = source.policy(prepared=response.prepared)
         if policy == "raise":
             raise error
         if policy == "in_band":
             await self.prepare()
             await response.write(renderer.failure(error))
             return Ending.in_band(error)
-        answer = exchange.explained(error, relayed=relayed)
+        answer = source.explained(error, relayed=relayed, model=self.model)
         if not response.prepared:
             response.headers[ERROR_HEADER] = answer.outcome
-        await self.start(exchange.model)
+        await self.start(self.model)
         await response.write(renderer.text(answer.text))
         answer.text = ""
         self.answer = answer
         await response.write(renderer.finish(answer))
         return Ending.answered(answer)
 
-    async def broke(self, exc: Exception) -> Ending:
-        """End a started stream that saiproxy failed to relay: in-band, never a new response."""
-        log.error("the stream failed after it started; ended in-band", exc_info=exc)
-        try:
-            return await self.failed(StreamBroken(), relayed=self.relayed)
-        except Exception:  # the renderer failed again: the stream just ends
-            log.error("the stream could not report its failure", exc_info=True)
-            return Ending.in_band(StreamBroken())
-
     async def relay(self, upstream: SaiStream) -> Ending:
-        """Forward SAI's body piece by piece as prose, then the calls and the finish."""
-        exchange, renderer, response = self.exchange, self.renderer, self.response
-        write = response.write
-        answer_filter = exchange.stream_filter()
+        """Forward SAI's body piece by piece as prose, then the calls and the finish.
+
+        However it stops, what the answer cost is learned: SAI's counts or,
+        without them, what had arrived (the client gone, the body broken).
+        """
+        response, learned, source = self.response, self.learned, self.source
+        write, text = response.write, self.renderer.text
+        answer_filter = source.stream_filter()
         chars = 0
         async with upstream:
-            exchange.opened(upstream)
-            await self.start(exchange.model)
+            learned.model = upstream.headers.get("model") or None
+            source.let_go(upstream)
+            await self.start(self.model)
             # The loop every token goes through: one await per piece.
-            read, text_of, text = upstream.read_chunk, upstream.text_of, renderer.text
+            read, text_of = upstream.read_chunk, upstream.text_of
             try:
                 while True:
                     try:
@@ -185,8 +273,8 @@ class Stream:
                         break
                     if not piece:
                         continue  # a character still incomplete
-                    if exchange.first_byte is None:
-                        exchange.first_byte = time.monotonic()
+                    if learned.first_byte is None:
+                        learned.first_byte = time.monotonic()
                     chars += len(piece)
                     if answer_filter is not None:
                         piece = answer_filter.feed(piece)
@@ -201,28 +289,34 @@ class Stream:
                     response.quiet = False
                     await write(text(piece))
             except UpstreamError as error:
-                exchange.count(upstream.headers, chars)
-                # Mid-stream: never let a broken body look like a clean stop.
-                log.warning(
-                    "upstream broke off mid-stream",
-                    extra={"error": error.code, "chars_sent": chars},
-                )
-                if answer_filter is not None and (held := answer_filter.close()):
-                    await write(renderer.text(held))
-                return await self.failed(error, relayed=True)
-            except BaseException:
-                # The client is gone (or the request cancelled): the answer cost what SAI
-                # said it did or, without its counts, what had arrived.
-                exchange.count(upstream.headers, chars)
-                raise
-        exchange.count(upstream.headers, chars)
+                return await self._broke_off(error, chars, answer_filter)
+            finally:
+                learned.usage = usage_of(upstream.headers, source.chars, chars)
+        return await self._finish(answer_filter)
+
+    async def _broke_off(
+        self, error: UpstreamError, chars: int, answer_filter: AnswerFilter | None
+    ) -> Ending:
+        """End a stream whose body broke off: what the filter held, then the error."""
+        # Mid-stream: never let a broken body look like a clean stop.
+        log.warning(
+            "upstream broke off mid-stream", extra={"error": error.code, "chars_sent": chars}
+        )
+        if answer_filter is not None and (held := answer_filter.close()):
+            await self.response.write(self.renderer.text(held))
+        return await self.failed(error, relayed=True)
+
+    async def _finish(self, answer_filter: AnswerFilter | None) -> Ending:
+        """Send the held text, the calls and the closing frames; return the ending."""
+        renderer, write = self.renderer, self.response.write
+        usage = self.learned.usage or Usage()
         if answer_filter is None:
-            answer = Answer("", exchange.model, "stop", usage=exchange.usage)
+            answer = Answer("", self.model, "stop", usage=usage)
         else:
             held = answer_filter.close()
             if held:
                 await write(renderer.text(held))
-            answer = exchange.answered(answer_filter, "")
+            answer = self.source.answered(answer_filter, "", self.model, usage)
             if answer.calls:
                 await write(renderer.calls(answer.calls))
         self.answer = answer

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
 from ..base.errors import ProxyError, UpstreamError
 from .conversation import Answer, ToolCall
 
-__all__ = ["Choices", "ErrorShape", "Renderer"]
+__all__ = [
+    "ERROR_SHAPES",
+    "Choices",
+    "ErrorShape",
+    "Renderer",
+]
 
 
 class Renderer(Protocol):
@@ -76,3 +81,9 @@ class ErrorShape(Protocol):
 
     def response(self, error: ProxyError) -> web.Response:
         """Return the error response: the status, headers and the protocol's error body."""
+
+
+# Error shapes by path prefix, and the default: ((prefix, shape), ...), default.
+ERROR_SHAPES: Final[web.AppKey[tuple[tuple[tuple[str, ErrorShape], ...], ErrorShape]]] = web.AppKey(
+    "error_shapes"
+)

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -37,11 +38,13 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["SchemaChecker", "check", "judge"]
+__all__ = ["FENCED", "SchemaChecker", "check", "judge", "strip_fence"]
 
 log = logging.getLogger("saiproxy.schema")
 
 _LENGTH: Final = struct.Struct(">I")
+# A whole answer in a code fence (```json ... ```): what is inside.
+FENCED: Final = re.compile(r"\A\s*```[A-Za-z0-9_-]*[ \t]*\n?(.*?)\n?[ \t]*```\s*\Z", re.S)
 _MODULE: Final = "saiproxy.core.schemacheck"
 # The child runs this package, wherever it is imported from (a checkout, tests).
 _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parent.parent.parent)
@@ -134,8 +137,6 @@ def _refuse(uri: str) -> Any:
 def judge(schema: Any, answer: str) -> Any:
     """Judge an answer as the child does: JSON (fence stripped), an object or following
     ``schema``; return the reply."""
-    from .answer import strip_fence
-
     try:
         value = orjson.loads(strip_fence(answer))
     except orjson.JSONDecodeError as exc:
@@ -143,6 +144,12 @@ def judge(schema: Any, answer: str) -> Any:
     if schema is None:
         return None if isinstance(value, dict) else "the answer is not a JSON object"
     return check(schema, value)
+
+
+def strip_fence(text: str) -> str:
+    """Return ``text`` without a code fence around it."""
+    fenced = FENCED.match(text)
+    return fenced.group(1) if fenced else text.strip()
 
 
 def check(schema: Any, value: Any) -> Any:

@@ -18,12 +18,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from ..base.keys import STREAM
 
-__all__ = [
-    "COMMENT_PING",
-    "SSE_HEADERS",
-    "EventStream",
-    "KeepAlive",
-]
+__all__ = ["COMMENT_PING", "KEEP_ALIVE", "SSE_HEADERS", "EventStream", "KeepAlive"]
 
 SSE_HEADERS: Final = {
     hdrs.CONTENT_TYPE: "text/event-stream",
@@ -95,3 +90,6 @@ class KeepAlive:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+KEEP_ALIVE: Final = web.AppKey("keep_alive", KeepAlive)

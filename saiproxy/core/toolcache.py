@@ -5,7 +5,8 @@ every turn). Parsing them and building their instructions once per distinct
 tool list saves most of that work; but a cache must never hold what a
 hostile or unlucky client sends: each cache keeps at most TOOL_CACHE_BYTES
 (estimated), least recently used first out, and a tool list larger than a
-quarter of that is never kept at all.
+quarter of that is never kept at all. The caches are the application's
+(:class:`ToolCaches`), never the process's.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from collections.abc import Callable
 from typing import Any, Final, Generic, TypeVar
 
 import orjson
+from aiohttp import web
 
 from .conversation import Tool
 
 __all__ = [
     "PARSED_WEIGHT",
-    "PARTS",
+    "TOOL_CACHES",
     "TOOL_CACHE_BYTES",
     "ByteBoundedCache",
-    "cache_sizes",
+    "ToolCaches",
     "parsed_tools",
 ]
 
@@ -64,33 +66,52 @@ class ByteBoundedCache(Generic[_V]):
         self._entries[key] = (value, size)
         self.size += size
 
-    def clear(self) -> None:
-        """Forget everything."""
-        self._entries.clear()
-        self.size = 0
 
+class ToolCaches:
+    """The application's two tool caches: parsed tool lists, and their instructions.
 
-_TOOLS: ByteBoundedCache[tuple[Tool, ...]] = ByteBoundedCache(TOOL_CACHE_BYTES)
-PARTS: ByteBoundedCache[tuple[tuple[Tool, ...], str, str]] = ByteBoundedCache(TOOL_CACHE_BYTES)
+    Owned by the application (created in ``create_app``, reached through
+    ``request.app[TOOL_CACHES]``): two applications in one process share
+    nothing.
+    """
+
+    __slots__ = ("parts", "tools")
+
+    def __init__(self, limit: int = TOOL_CACHE_BYTES) -> None:
+        self.tools: ByteBoundedCache[tuple[Tool, ...]] = ByteBoundedCache(limit)
+        # By the tools tuple's identity and the choice: (tools, instructions, inputs.tools).
+        self.parts: ByteBoundedCache[tuple[tuple[Tool, ...], str, str]] = ByteBoundedCache(limit)
+
+    def parsed_tools(
+        self, value: list[Any], kind: str, parse: Callable[[list[Any]], tuple[Tool, ...]]
+    ) -> tuple[Tool, ...]:
+        """Return ``parse(value)``, the same tuple for the same tools (``kind``: the protocol's
+        shape).
+
+        The key is a digest of the tools' JSON, so the cache holds no copy of
+        it; the prompt builder keeps its instructions by the tuple's identity.
+        """
+        text = orjson.dumps(value)
+        key = (hashlib.blake2b(text, digest_size=16).digest(), kind)
+        found = self.tools.get(key)
+        if found is None:
+            found = parse(value)
+            self.tools.put(key, found, len(text) * PARSED_WEIGHT)
+        return found
+
+    def sizes(self) -> tuple[int, int]:
+        """Return the bytes the tools cache and the instructions cache are charged with."""
+        return self.tools.size, self.parts.size
 
 
 def parsed_tools(
-    value: list[Any], kind: str, parse: Callable[[list[Any]], tuple[Tool, ...]]
+    value: list[Any],
+    kind: str,
+    parse: Callable[[list[Any]], tuple[Tool, ...]],
+    caches: ToolCaches | None,
 ) -> tuple[Tool, ...]:
-    """Return ``parse(value)``, the same tuple for the same tools (``kind``: the protocol's shape).
-
-    The key is a digest of the tools' JSON, so the cache holds no copy of it;
-    the prompt builder keeps its instructions by the tuple's identity.
-    """
-    text = orjson.dumps(value)
-    key = (hashlib.blake2b(text, digest_size=16).digest(), kind)
-    found = _TOOLS.get(key)
-    if found is None:
-        found = parse(value)
-        _TOOLS.put(key, found, len(text) * PARSED_WEIGHT)
-    return found
+    """Return ``parse(value)``: kept in ``caches`` when there are some (a request's app)."""
+    return parse(value) if caches is None else caches.parsed_tools(value, kind, parse)
 
 
-def cache_sizes() -> tuple[int, int]:
-    """Return the bytes the tools cache and the instructions cache are charged with."""
-    return _TOOLS.size, PARTS.size
+TOOL_CACHES: Final = web.AppKey("tool_caches", ToolCaches)

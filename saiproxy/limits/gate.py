@@ -20,16 +20,16 @@ from typing import Final
 from aiohttp import web
 
 from ..base.errors import ClientError
-from ..base.keys import LIMITS
 from ..upstream.auth import Credential
 from .base import ScopeKind, Settlement
 from .grant import Grant
 from .identity import Client
+from .limits import LIMITS
 from .rules import MAX_TOKENS, Figures, Verdict, requested_output, seconds_ceil
 
 __all__ = [
-    "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted", "requested_output",
-    "settle",
+    "ANTHROPIC_PREFIXES", "RateLimited", "add_limit_headers", "admit", "admit_shared", "counted",
+    "requested_output", "settle",
 ]  # fmt: skip
 
 log = logging.getLogger("saiproxy.limits")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -23,10 +23,42 @@ from aiohttp import hdrs, web
 from ..base.settings import Secret
 from ..upstream.auth import Credential
 
-__all__ = ["ANONYMOUS", "Client", "Identify", "digest", "session_value"]
+__all__ = [
+    "ANONYMOUS",
+    "API_KEY_HEADER",
+    "OWNERS",
+    "Client",
+    "Identify",
+    "any_key_matches",
+    "digest",
+    "presented_keys",
+    "session_value",
+]
 
 ANONYMOUS: Final = "anonymous"
 Kind = Literal["proxy_key", "user_key", "user_cookie", "anonymous"]
+API_KEY_HEADER: Final = "x-api-key"
+
+
+def presented_keys(request: web.Request) -> list[bytes]:
+    """Return the keys the request presents: ``x-api-key``, and ``Authorization: Bearer``."""
+    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    # aiohttp keeps undecodable header bytes as surrogates: encode them back
+    # rather than fail, so a stray byte is a refusal (401), not a 500.
+    presented = [request.headers.get(API_KEY_HEADER, "").strip().encode("utf-8", "surrogateescape")]
+    if scheme.lower() == "bearer":
+        presented.append(token.strip().encode("utf-8", "surrogateescape"))
+    return presented
+
+
+def any_key_matches(presented: Collection[bytes], allowed: Collection[bytes]) -> bool:
+    """Return whether a presented key is one of ``allowed``, in constant time: every pair is
+    compared, without stopping early, so timing tells nothing."""
+    matched = False
+    for candidate in presented:
+        for key in allowed:
+            matched |= hmac.compare_digest(candidate, key)
+    return matched
 
 
 def digest(value: str) -> str:
@@ -83,12 +115,7 @@ class Identify:
     def __call__(self, request: web.Request, credential: Credential | None) -> Client:
         shared = credential is None or not credential.user
         if self._keys:
-            presented = [request.headers.get("x-api-key", "")]
-            scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-            if scheme.lower() == "bearer":
-                presented.append(token)
-            for candidate in presented:
-                raw = candidate.strip().encode("utf-8", "surrogateescape")
+            for raw in presented_keys(request):
                 for key, client_id in self._keys:
                     if hmac.compare_digest(raw, key):
                         return Client(client_id, "proxy_key", shared)
@@ -100,3 +127,7 @@ class Identify:
             if session:
                 return Client(f"user-{digest(session)}", "user_cookie", shared)
         return Client(ANONYMOUS, "anonymous", shared)
+
+
+# Who owns stored Responses and conversations (saiproxy/state/).
+OWNERS: Final = web.AppKey("owners", Identify)

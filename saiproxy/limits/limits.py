@@ -23,6 +23,8 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from aiohttp import web
+
 from ..base.metrics import Metrics
 from ..base.settings import Settings
 from ..upstream.auth import Credential
@@ -34,7 +36,7 @@ from .metrics import LimitMetrics, Mode
 from .reply import reply
 from .rules import Config, Rules, Verdict
 
-__all__ = ["USAGE_PAGE_TIMEOUT", "Limits", "enabled"]
+__all__ = ["LIMITS", "USAGE_PAGE_TIMEOUT", "Limits", "enabled"]
 
 log = logging.getLogger("saiproxy.limits")
 
@@ -433,3 +435,6 @@ class Limits:
 
     def client(self, request: object, credential: Credential | None) -> Client:
         return self.identify(request, credential)  # type: ignore[arg-type]
+
+
+LIMITS: Final = web.AppKey("limits", Limits)  # absent when no limit is configured

@@ -9,10 +9,11 @@ import orjson
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, UpstreamError
+from ..core.bodies import read_json
 from ..core.conversation import MAX_MESSAGES, Answer, Conversation, ToolCall, Turn, check_count
 from ..core.exchange import Exchange
 from ..core.sse import COMMENT_PING
-from ..web.bodies import read_json
+from ..core.toolcache import TOOL_CACHES, ToolCaches
 from . import openai
 
 __all__ = [
@@ -37,7 +38,7 @@ _TEXT_TAIL: Final = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Answer an OpenAI chat completion from a SAI template execution."""
     body = await read_json(request)
-    conversation, include_usage = parse(body)
+    conversation, include_usage = parse(body, request.app[TOOL_CACHES])
     openai.fields_ignored(body, USED_FIELDS)
     exchange = Exchange(request, body, conversation, protocol="chat")
     del body  # the exchange lets it go once parsed; a long stream need not keep it
@@ -111,7 +112,7 @@ def _turn(raw: Any, index: int) -> Turn:
     )
 
 
-def parse(body: Any) -> tuple[Conversation, bool]:
+def parse(body: Any, caches: ToolCaches | None = None) -> tuple[Conversation, bool]:
     """Validate a chat completion body; return the conversation and ``include_usage``.
 
     ``body`` comes from a JSON parser, so objects are exactly ``dict`` (checked
@@ -143,7 +144,7 @@ def parse(body: Any) -> tuple[Conversation, bool]:
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     include_usage = bool(options.get("include_usage")) if options else False
-    tools = openai.tools(body.get("tools"))
+    tools = openai.tools(body.get("tools"), caches=caches)
     conversation = Conversation(
         turns,
         system=system,

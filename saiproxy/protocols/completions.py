@@ -17,11 +17,11 @@ import orjson
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, UpstreamError
+from ..core.bodies import read_json
 from ..core.conversation import Answer, Conversation, ToolCall, Turn, Usage
 from ..core.exchange import Exchange
 from ..core.fanout import respond_all
 from ..core.sse import COMMENT_PING
-from ..web.bodies import read_json
 from . import openai
 
 __all__ = [

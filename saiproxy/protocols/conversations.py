@@ -14,12 +14,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, NotFound
-from ..base.keys import STATE_STORE
+from ..core.bodies import json_response, read_json
 from ..core.conversation import check_count
 from ..state import owner_of
-from ..state.store import State
-from ..web.bodies import json_response, read_json
-from .stored import item_list, page
+from ..state.store import STATE_STORE, State
+from .responses.stored import item_list, page
 
 __all__ = [
     "MAX_METADATA",

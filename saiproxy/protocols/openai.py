@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..base.errors import InvalidRequest, ProxyError
 from ..core import bounds, toolcache
+from ..core.bodies import error_response
 from ..core.conversation import (
     MAX_CONTENT_PARTS,
     Finish,
@@ -18,7 +19,7 @@ from ..core.conversation import (
     Usage,
     check_count,
 )
-from ..web.middlewares import error_response
+from ..core.toolcache import ToolCaches
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -280,12 +281,15 @@ def _type_name(spec: Any) -> str:
     return kind[:40] if isinstance(kind, str) else "(no type)"
 
 
-def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool, ...]:
+def tools(
+    value: Any, param: str = "tools", *, flat: bool = False, caches: ToolCaches | None = None
+) -> tuple[Tool, ...]:
     """Parse the offered tools; tools SAI cannot run are left out and logged at INFO.
 
     An agent sends the same tools with every call: the parsed tuple is kept by
-    the tools' content (core/toolcache.py), so the same tools are parsed once
-    and are the same object (the prompt builder keeps their instructions by it).
+    the tools' content in the application's ``caches`` (core/toolcache.py), so
+    the same tools are parsed once and are the same object (the prompt builder
+    keeps their instructions by it).
     """
     if value is None:
         return ()
@@ -295,6 +299,7 @@ def tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool
         value,
         f"openai-flat-{param}" if flat else f"openai-{param}",
         lambda specs: _parse_tools(specs, param, flat),
+        caches,
     )
     hosted_tools_left_out(_left_out(value, flat))
     return found

@@ -13,11 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from ..base.errors import NoCredential
-from ..base.keys import AUTH_CHAIN, OWNERS, SETTINGS, STATE_STORE
+from ..base.keys import SETTINGS
 from ..base.settings import Settings
-from ..limits.identity import Identify
+from ..limits.identity import OWNERS, Identify
+from ..upstream.auth import AUTH_CHAIN
 from .backend import Backend, LocalBackend
-from .store import State
+from .store import STATE_STORE, State
 
 __all__ = ["backend_for", "owner_of", "state_ctx"]
 

@@ -33,18 +33,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+from aiohttp import web
 
 from ..base.errors import StorageQuotaExceeded
 from .backend import ENTRY_OVERHEAD, Backend
 
-__all__ = [
-    "MAX_ID",
-    "State",
-    "StoredResponse",
-    "as_items",
-    "new_id",
-    "stored_item",
-]
+__all__ = ["MAX_ID", "STATE_STORE", "State", "StoredResponse", "as_items", "new_id", "stored_item"]
 
 MAX_ID: Final = 256  # characters of an id a client names; longer ones are found nowhere
 _ITEM_PREFIXES: Final = {
@@ -338,3 +332,7 @@ class State:
     async def remove_item(self, owner: str, conversation_id: str, item_id: str) -> None:
         await self.backend.remove(self._key("l", owner, conversation_id), item_id)
         await self.backend.delete(owner, [self._key("i", owner, item_id)], -1, 0)
+
+
+# Stored Responses and conversations (saiproxy/state/).
+STATE_STORE: Final = web.AppKey("state_store", State)

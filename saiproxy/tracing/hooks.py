@@ -3,6 +3,11 @@
 The exchange and the SAI client call these with the span in hand, so with
 tracing off (no span) they are never reached. OpenTelemetry's objects are
 only touched through spans that :mod:`.sdk` made.
+
+Tracing sits below the layers it observes: what a hook reads of an
+exchange, an ending or a SAI call is declared here as a small protocol
+(:class:`Traced`, :class:`Ended`; :class:`.sdk.Attempt`), and the core and the SAI
+client hand over objects that fit.
 """
 
 from __future__ import annotations
@@ -11,10 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator, Sequence, Sized
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -24,14 +28,12 @@ from ..logs import trace_var
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from ..core.ending import Ending
-    from ..core.exchange import Exchange
-    from ..upstream.sai import SaiCall
-    from .sdk import Pipeline
+    from .sdk import Attempt, Pipeline
 
 __all__ = [
     "PROVIDER",
     "SPAN",
+    "TRACING",
     "UNTRACED",
     "Tracing",
     "admission",
@@ -41,7 +43,6 @@ __all__ = [
     "began",
     "child",
     "concluded",
-    "content_json",
     "exemplar",
     "tracing_of",
 ]
@@ -64,6 +65,82 @@ _SAMPLING: Final = (
     ("gen_ai.request.seed", ("seed",)),
     ("gen_ai.request.choice.count", ("n",)),
 )
+
+
+class _Turn(Protocol):
+    @property
+    def role(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+
+
+class Asked(Protocol):
+    """What the server span reads of the conversation asked (core/conversation.py's)."""
+
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def system(self) -> str: ...
+    @property
+    def stop(self) -> tuple[str, ...]: ...
+    @property
+    def output(self) -> object | None: ...
+    @property
+    def offered_tools(self) -> Sized: ...
+    @property
+    def turns(self) -> Sequence[_Turn]: ...
+
+
+class _Model(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def template_id(self) -> str: ...
+
+
+class _Usage(Protocol):
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
+
+class Traced(Protocol):
+    """What the server span's hooks read of one exchange (core/exchange.py's Exchange)."""
+
+    @property
+    def request(self) -> web.Request: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def first_byte(self) -> float | None: ...
+    @property
+    def conversation(self) -> Asked: ...
+    @property
+    def model_config(self) -> _Model: ...
+    @property
+    def call(self) -> Attempt | None: ...
+    @property
+    def usage(self) -> _Usage: ...
+    def client_id(self) -> str:
+        """Return the client's ID as the limits name it: a hash, never the key."""
+
+
+class Ended(Protocol):
+    """What the server span reads of how one answer ended (core/ending.py's Ending)."""
+
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def tool_calls(self) -> int: ...
 
 
 class Tracing:
@@ -142,15 +219,13 @@ async def _in_thread(work: Any) -> None:
 
 def tracing_of(request: web.Request) -> Tracing:
     """Return the application's tracing (only called with a span in hand)."""
-    from ..base.keys import TRACING
-
     return request.app[TRACING]
 
 
 # --- hooks the exchange calls with its span (never when tracing is off)
 
 
-def began(span: Span, exchange: Exchange, body: Any) -> None:
+def began(span: Span, exchange: Traced, body: Any) -> None:
     """Note the request's GenAI facts on the server span: model, operation, sampling fields."""
     if not span.is_recording():
         return
@@ -189,7 +264,7 @@ def began(span: Span, exchange: Exchange, body: Any) -> None:
     call = exchange.call
     if call is not None:
         attributes["saiproxy.credential.kind"] = call.credential.kind
-        attributes["saiproxy.client.id"] = pipeline.client_id(exchange.request, call.credential)
+        attributes["saiproxy.client.id"] = exchange.client_id()
     if pipeline.config.capture_content:
         conversation = exchange.conversation
         if conversation.system:
@@ -205,7 +280,7 @@ def began(span: Span, exchange: Exchange, body: Any) -> None:
     span.set_attributes(attributes)
 
 
-def answered(span: Span, exchange: Exchange, text: str, calls: Sequence[Any]) -> None:
+def answered(span: Span, exchange: Traced, text: str, calls: Sequence[Any]) -> None:
     """Record a whole answer's content (only with content capture on)."""
     if not span.is_recording():
         return
@@ -238,13 +313,9 @@ def child(span: Span | None, request: web.Request, name: str, **attributes: Any)
     return pipeline.child(span, name, attributes)
 
 
-def admission(span: Span | None, request: web.Request) -> Any:
+def admission(span: Span | None, request: web.Request, *, limited: bool) -> Any:
     """Return the admission span's context manager: a child only when limits are on."""
-    if span is None:
-        return _NOTHING
-    from ..base.keys import LIMITS
-
-    if LIMITS not in request.app:
+    if span is None or not limited:
         return _NOTHING
     return child(span, request, "saiproxy.limits.admit")
 
@@ -252,7 +323,7 @@ def admission(span: Span | None, request: web.Request) -> Any:
 _NOTHING: Final = contextlib.nullcontext()
 
 
-def concluded(span: Span, exchanges: Sequence[Exchange], endings: Sequence[Ending]) -> None:
+def concluded(span: Span, exchanges: Sequence[Traced], endings: Sequence[Ended]) -> None:
     """Record how the request ended on its server span: response, usage, finish, errors, timing."""
     for exchange in exchanges:
         # An attempt the client's hang-up cancelled ended nowhere else.
@@ -317,14 +388,14 @@ def exemplar(span: Span | None) -> dict[str, str] | None:
 # --- hooks the SAI client calls
 
 
-def attempt_started(call: SaiCall, headers: dict[str, str], tracing: Tracing) -> None:
+def attempt_started(call: Attempt, headers: dict[str, str], tracing: Tracing) -> None:
     """Start the attempt's client span, and send its context to SAI (``traceparent``)."""
     pipeline = tracing.pipeline
     if pipeline is not None:
         call.span = pipeline.start_attempt(call, headers)
 
 
-def attempt_ended(call: SaiCall, status: int | str, *, complete: bool | None = None) -> None:
+def attempt_ended(call: Attempt, status: int | str, *, complete: bool | None = None) -> None:
     """End the attempt's client span with how it went."""
     span, call.span = call.span, None
     if span is None:
@@ -342,6 +413,4 @@ def attempt_ended(call: SaiCall, status: int | str, *, complete: bool | None = N
     span.end()
 
 
-def content_json(value: Any) -> str:
-    """Return ``value`` as the JSON text a content attribute holds."""
-    return orjson.dumps(value).decode()
+TRACING: Final = web.AppKey("tracing", Tracing)  # absent when tracing is off

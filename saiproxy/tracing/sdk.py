@@ -13,8 +13,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+import orjson
 from aiohttp import web
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -24,21 +25,20 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider,
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from yarl import URL
 
 from .. import __version__
-from ..base.keys import REQUEST_ID, SETTINGS
+from ..base.keys import REQUEST_ID
 from ..base.otel import SCHEMA_URL, TracingConfig
-from ..limits.identity import Identify
 from ..logs.mask import Masker
-from ..upstream.auth import Credential
-from ..upstream.sai import SaiCall
-from .hooks import content_json
 
 __all__ = [
     "FLUSH_TIMEOUT",
+    "Attempt",
     "BoundedBatchProcessor",
     "Dropped",
     "Pipeline",
+    "content_json",
 ]
 
 log = logging.getLogger("saiproxy.tracing")
@@ -48,6 +48,28 @@ _INSTRUMENTATION: Final = "saiproxy"
 # Seconds the queued spans get to go out after the drain: within the margin
 # that stop_grace_period leaves above SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT.
 FLUSH_TIMEOUT: Final = 5.0
+
+
+class _Credential(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+
+
+class Attempt(Protocol):
+    """What an attempt's client span reads of a SAI call (upstream/sai.py's SaiCall)."""
+
+    span: Any  # the attempt's span while it is open
+    url: URL
+    template_id: str
+    attempts: int
+    retries: int
+
+    @property
+    def credential(self) -> _Credential: ...
+    @property
+    def tried(self) -> Sequence[_Credential]: ...
 
 
 class Dropped:
@@ -217,7 +239,6 @@ class Pipeline:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer(_INSTRUMENTATION, __version__, schema_url=SCHEMA_URL)
         self._masker = Masker(secrets)
-        self._identify: Identify | None = None
 
     def shutdown(self) -> None:
         self.processor.shutdown()
@@ -267,12 +288,6 @@ class Pipeline:
             return None
         return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
-    def client_id(self, request: web.Request, credential: Credential) -> str:
-        """Return the client's ID as the limits name it: a hash, never the key."""
-        if self._identify is None:
-            self._identify = Identify(request.app[SETTINGS].proxy_api_keys)
-        return self._identify(request, credential).id
-
     def masked_json(self, value: Any) -> str:
         return self._masker.mask_unique(content_json(value))
 
@@ -295,7 +310,7 @@ class Pipeline:
         finally:
             span.end()
 
-    def start_attempt(self, call: SaiCall, headers: dict[str, str]) -> Span:
+    def start_attempt(self, call: Attempt, headers: dict[str, str]) -> Span:
         url = call.url
         credential = call.credential
         attributes: dict[str, Any] = {
@@ -315,3 +330,8 @@ class Pipeline:
         span = self.tracer.start_span("POST", None, SpanKind.CLIENT, attributes)
         _PROPAGATOR.inject(headers, trace.set_span_in_context(span))
         return span
+
+
+def content_json(value: Any) -> str:
+    """Return ``value`` as the JSON text a content attribute holds."""
+    return orjson.dumps(value).decode()

@@ -24,6 +24,7 @@ from ..base.errors import InvalidRequest, NoCredential
 from ..base.settings import AuthHandlerName, Secret, Settings
 
 __all__ = [
+    "AUTH_CHAIN",
     "COOKIE_MARKER",
     "UNCLEAN_HEADER_TEXT",
     "USER_KEY_HEADERS",
@@ -250,3 +251,6 @@ class AuthChain:
         if cookie is None or cookie in tried:
             return None
         return cookie
+
+
+AUTH_CHAIN: Final = web.AppKey("auth_chain", AuthChain)

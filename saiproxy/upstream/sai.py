@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 from yarl import URL
 
 from ..base.errors import (
@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 # The client's face: a caller of SAI imports from here, wherever a name is defined.
 __all__ = [
     "BACKOFF_CAP",
+    "CALL_BUDGET",
     "ERROR_BODY_LIMIT",
+    "SAI",
     "CallBudget",
     "SaiAnswer",
     "SaiCall",
@@ -280,3 +282,8 @@ class SaiClient:
                     "latency_ms": call.last_latency_ms,
                 },
             )
+
+
+SAI: Final = web.AppKey("sai", SaiClient)
+# The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
+CALL_BUDGET: Final = web.RequestKey("call_budget", CallBudget)

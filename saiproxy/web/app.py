@@ -12,38 +12,28 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
-from ..base.keys import (
-    AUTH_CHAIN,
-    ERROR_SHAPES,
-    KEEP_ALIVE,
-    LIMITS,
-    METRICS,
-    OUTCOME,
-    REQUEST_ID,
-    SAI,
-    SCHEMA_CHECKER,
-    SETTINGS,
-    STATE,
-    TRACING,
-    ServingState,
-)
+from ..base.keys import METRICS, OUTCOME, REQUEST_ID, SETTINGS, STATE, ServingState
 from ..base.metrics import Metrics
 from ..base.settings import Settings
+from ..core.answer import SCHEMA_CHECKER
+from ..core.bodies import MEMORY_TRIM, MemoryTrim
+from ..core.render import ERROR_SHAPES
 from ..core.schemacheck import SchemaChecker
-from ..core.sse import KeepAlive
-from ..limits.gate import add_limit_headers
-from ..limits.limits import Limits, enabled
-from ..limits.usage import USAGE_PATH, usage_view
+from ..core.sse import KEEP_ALIVE, KeepAlive
+from ..core.toolcache import TOOL_CACHES, ToolCaches
+from ..limits.gate import ANTHROPIC_PREFIXES, add_limit_headers
+from ..limits.limits import LIMITS, Limits, enabled
+from ..limits.usage import USAGE_PATH
 from ..logs import LogSetup, write_failures
-from ..protocols import anthropic, background, compaction, conversations, stored
+from ..protocols import anthropic, conversations
 from ..protocols.chat import chat_completions
 from ..protocols.completions import completions
 from ..protocols.openai import OpenAIErrors
-from ..protocols.responses import input_tokens, responses
+from ..protocols.responses import background, compaction, input_tokens, responses, stored
 from ..state import state_ctx
-from ..tracing.hooks import Tracing
-from ..upstream.auth import AuthChain
-from ..upstream.sai import SaiClient, client_timeout
+from ..tracing.hooks import TRACING, Tracing
+from ..upstream.auth import AUTH_CHAIN, AuthChain
+from ..upstream.sai import SAI, SaiClient, client_timeout
 from .landing import landing
 from .middlewares import (
     add_request_id_header,
@@ -51,6 +41,7 @@ from .middlewares import (
     proxy_access_middleware,
 )
 from .openapi import openapi
+from .usage import usage_view
 from .views import health, model, models, prometheus, readiness
 
 __all__ = ["AccessLogger", "create_app", "log_setup_for"]
@@ -138,22 +129,42 @@ def create_app(
 
     ``span_exporter`` replaces the exporter the OTEL_* variables name (tests, benchmarks).
     """
-    # Outermost first. The front middleware gives every request its ID (so every
-    # log line and response carries it), renders whatever fails inside it
-    # (access refused, bad body, 404, 405, SAI's outcomes in http mode) one way,
-    # and counts the status as rendered. Access control runs before anything
-    # reads the body (handlers read it under BODY_READ_TIMEOUT).
     metrics = Metrics()
+    tracing = _tracing(settings, span_exporter)
+    app = web.Application(
+        middlewares=_middlewares(settings, metrics, tracing),
+        client_max_size=settings.max_body_bytes,
+    )
+    _objects(app, settings, metrics)
+    _lifetimes(app, settings, log_setup, tracing)
+    _routes(app)
+    return app
+
+
+def _tracing(settings: Settings, span_exporter: Any) -> Tracing | None:
+    """Return the tracing hooks when OTEL_* turns tracing on, else None."""
+    if settings.tracing is None:
+        return None
+    return Tracing(
+        settings.tracing,
+        secrets=[secret.reveal() for secret in settings.secrets()],
+        exporter=span_exporter,
+    )
+
+
+def _middlewares(settings: Settings, metrics: Metrics, tracing: Tracing | None) -> list[Middleware]:
+    """Return the middlewares, outermost first.
+
+    The front middleware gives every request its ID (so every log line and
+    response carries it), renders whatever fails inside it (access refused,
+    bad body, 404, 405, SAI's outcomes in http mode) one way, and counts the
+    status as rendered. Access control runs before anything reads the body
+    (handlers read it under BODY_READ_TIMEOUT).
+    """
     middlewares: list[Middleware] = [front_middleware(metrics=metrics)]
-    tracing: Tracing | None = None
-    if settings.tracing is not None:
+    if tracing is not None:
         # Outside the front middleware: the server span covers the rendered error
         # and the request ID, and every log line inside carries its trace ID.
-        tracing = Tracing(
-            settings.tracing,
-            secrets=[secret.reveal() for secret in settings.secrets()],
-            exporter=span_exporter,
-        )
         middlewares.insert(0, tracing.middleware())
     if settings.proxy_api_keys:
         middlewares.append(
@@ -164,16 +175,27 @@ def create_app(
                 admin_paths=(USAGE_PATH,),
             )
         )
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    return middlewares
+
+
+def _objects(app: web.Application, settings: Settings, metrics: Metrics) -> None:
+    """Give the app its settings, serving state, metrics, auth chain and memory trim."""
     app[SETTINGS] = settings
     app[STATE] = state = ServingState()
     app[METRICS] = metrics
+    app[MEMORY_TRIM] = MemoryTrim()
     # Gauges read the serving state when scraped: no lock taken per request.
     metrics.open_streams.set_function(lambda: state.open_streams)
     metrics.in_flight.set_function(lambda: state.in_flight)
     metrics.log_write_failures.set_function(write_failures)
     app[AUTH_CHAIN] = AuthChain.from_settings(settings)
     app.on_response_prepare.append(add_request_id_header)
+
+
+def _lifetimes(
+    app: web.Application, settings: Settings, log_setup: LogSetup | None, tracing: Tracing | None
+) -> None:
+    """Add the long-lived objects, each born and closed in a cleanup context, in order."""
     if log_setup is not None:
         app.cleanup_ctx.append(_logging_ctx(log_setup))
     if tracing is not None:
@@ -181,17 +203,21 @@ def create_app(
         # and flushed after the drain; before the upstream session that uses it.
         app[TRACING] = tracing
         app.cleanup_ctx.append(tracing.running)
-        metrics.trace_spans_dropped.set_function(tracing.dropped)
+        app[METRICS].trace_spans_dropped.set_function(tracing.dropped)
     app.cleanup_ctx.append(_upstream_ctx)
     if enabled(settings):
-        app[LIMITS] = limits = Limits(settings, metrics)
+        app[LIMITS] = limits = Limits(settings, app[METRICS])
         app.cleanup_ctx.append(_limits_ctx(limits))
         app.on_response_prepare.append(add_limit_headers)
     app.cleanup_ctx.append(_schema_ctx)
     app.cleanup_ctx.append(state_ctx)  # stored Responses and conversations
     app[KEEP_ALIVE] = keep_alive = KeepAlive(settings.ping_interval)
+    app[TOOL_CACHES] = ToolCaches()  # parsed tools and their instructions
     app.cleanup_ctx.append(lambda _: keep_alive.running())
 
+
+def _routes(app: web.Application) -> None:
+    """Add every route, and the error shape of the paths under each protocol's."""
     app.router.add_get("/health", health)
     app.router.add_get("/health/readiness", readiness)
     app.router.add_get("/metrics", prometheus)
@@ -204,7 +230,7 @@ def create_app(
     # (first matching prefix wins; OpenAI's shape everywhere else).
     anthropic_errors = anthropic.AnthropicErrors()
     app[ERROR_SHAPES] = (
-        (("/v1/messages", anthropic_errors), ("/messages", anthropic_errors)),
+        tuple((prefix, anthropic_errors) for prefix in ANTHROPIC_PREFIXES),
         OpenAIErrors(),
     )
     for prefix in ("", "/v1"):
@@ -223,7 +249,6 @@ def create_app(
         app.router.add_get(f"{prefix}/models/{{model:.+}}", model)
         app.router.add_post(f"{prefix}/messages", anthropic.messages)
         app.router.add_post(f"{prefix}/messages/count_tokens", anthropic.count_tokens)
-    return app
 
 
 def log_setup_for(settings: Settings) -> LogSetup:

@@ -24,8 +24,9 @@ import logging
 from aiohttp import web
 
 from ..base.errors import MalformedRequest
+from ..core.bodies import error_response
 from ..logs import bound
-from .middlewares import REQUEST_ID_HEADER, error_response, new_request_id
+from .middlewares import REQUEST_ID_HEADER, new_request_id
 
 __all__ = ["ProxyRunner", "fits"]
 

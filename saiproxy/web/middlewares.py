@@ -3,35 +3,31 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import random
 import re
 from collections.abc import Collection
 from typing import Final
 
-import orjson
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from ..base.errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
-from ..base.keys import ERROR_SHAPES, OUTCOME, REQUEST_ID, STREAM
+from ..base.keys import OUTCOME, REQUEST_ID, STREAM
 from ..base.metrics import Metrics
 from ..base.settings import Secret
+from ..core.render import ERROR_SHAPES
+from ..limits.identity import any_key_matches, presented_keys
 from ..logs import request_id_var
 
 __all__ = [
-    "API_KEY_HEADER",
     "OPEN_PATHS",
     "REQUEST_ID_HEADER",
     "add_request_id_header",
-    "any_key_matches",
     "count_request",
-    "error_response",
     "failure_response",
     "front_middleware",
     "new_request_id",
-    "presented_keys",
     "proxy_access_middleware",
     "request_id_for",
 ]
@@ -42,7 +38,6 @@ log = logging.getLogger("saiproxy.middlewares")
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _VALID_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 OPEN_PATHS: Final = frozenset({"/health", "/health/readiness", "/metrics", "/", "/openapi.json"})
-API_KEY_HEADER: Final = "x-api-key"
 
 
 def new_request_id() -> str:
@@ -71,16 +66,6 @@ async def add_request_id_header(request: web.BaseRequest, response: web.StreamRe
         response.headers[REQUEST_ID_HEADER] = request_id
 
 
-def error_response(error: ProxyError) -> web.Response:
-    """Render a ProxyError as its HTTP status and OpenAI error object."""
-    return web.Response(
-        status=error.status,
-        body=orjson.dumps(error.body()),
-        content_type="application/json",
-        headers=error.headers(),
-    )
-
-
 class _HttpClientError(ClientError):
     """An HTTP-level client error raised by aiohttp (404, 405, ...)."""
 
@@ -100,8 +85,10 @@ def _render(request: web.Request, error: ProxyError) -> web.Response:
 
 
 async def failure_response(request: web.Request, failure: Exception) -> web.StreamResponse:
-    """Render a failure as an error object of the path's protocol: the one place errors
-    become HTTP. aiohttp's redirects (below 400) are raised again.
+    """Render a failure as an error object of the path's protocol: every error a handler
+    raises becomes HTTP here (the other two places are ``malformed.py``, for requests aiohttp
+    cannot parse, and ``views.model``; docs/architecture.md). aiohttp's redirects (below
+    400) are raised again.
 
     A request whose event stream has started already has its response: a
     second one would land inside its body. The failure is logged and that
@@ -184,27 +171,6 @@ def front_middleware(*, metrics: Metrics) -> Middleware:
             request_id_var.reset(token)
 
     return middleware
-
-
-def presented_keys(request: web.Request) -> list[bytes]:
-    """Return the keys the request presents: ``x-api-key``, and ``Authorization: Bearer``."""
-    scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-    # aiohttp keeps undecodable header bytes as surrogates: encode them back
-    # rather than fail, so a stray byte is a refusal (401), not a 500.
-    presented = [request.headers.get(API_KEY_HEADER, "").strip().encode("utf-8", "surrogateescape")]
-    if scheme.lower() == "bearer":
-        presented.append(token.strip().encode("utf-8", "surrogateescape"))
-    return presented
-
-
-def any_key_matches(presented: Collection[bytes], allowed: Collection[bytes]) -> bool:
-    """Return whether a presented key is one of ``allowed``, in constant time: every pair is
-    compared, without stopping early, so timing tells nothing."""
-    matched = False
-    for candidate in presented:
-        for key in allowed:
-            matched |= hmac.compare_digest(candidate, key)
-    return matched
 
 
 def proxy_access_middleware(

@@ -135,23 +135,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
         ) from None
     tune_garbage_collector()
-    log.info(
-        "saiproxy listening",
-        extra={
-            "version": __version__,
-            "host": settings.host,
-            "port": settings.port,
-            "upstream": settings.loggable_sai_url,
-            "models": list(settings.models),
-            "error_mode": settings.error_mode,
-        },
-    )
-    if not settings.proxy_api_keys and not is_loopback(settings.host):
-        log.warning(
-            "listening beyond loopback without PROXY_API_KEYS (ALLOW_OPEN_RELAY=true): "
-            "anyone who can reach this port uses the shared SAI credentials",
-            extra={"host": settings.host, "port": settings.port},
-        )
+    _log_listening(settings)
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -179,6 +163,27 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         # Everything has finished or been cut by now: this closes the idle
         # connections and the application within a short grace.
         await runner.cleanup()
+
+
+def _log_listening(settings: Settings) -> None:
+    """Say where the proxy listens and what it serves; warn when it is an open relay."""
+    log.info(
+        "saiproxy listening",
+        extra={
+            "version": __version__,
+            "host": settings.host,
+            "port": settings.port,
+            "upstream": settings.loggable_sai_url,
+            "models": list(settings.models),
+            "error_mode": settings.error_mode,
+        },
+    )
+    if not settings.proxy_api_keys and not is_loopback(settings.host):
+        log.warning(
+            "listening beyond loopback without PROXY_API_KEYS (ALLOW_OPEN_RELAY=true): "
+            "anyone who can reach this port uses the shared SAI credentials",
+            extra={"host": settings.host, "port": settings.port},
+        )
 
 
 async def drain(runner: web.BaseRunner, state: ServingState, budget: float) -> None:

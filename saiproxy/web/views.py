@@ -13,7 +13,8 @@ from .. import __version__
 from ..base.errors import ModelNotFound
 from ..base.keys import METRICS, SETTINGS, STATE
 from ..base.metrics import metrics_response
-from .bodies import json_response
+from ..core.bodies import json_response
+from ..protocols.anthropic import AnthropicErrors
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -56,7 +57,6 @@ async def models(request: web.Request) -> web.Response:
 
 
 ANTHROPIC_VERSION: Final = "anthropic-version"
-_SHOWN_NAME_CHARS: Final = 256
 
 
 async def model(request: web.Request) -> web.Response:
@@ -69,11 +69,10 @@ async def model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     anthropic = ANTHROPIC_VERSION in request.headers
     if name not in request.app[SETTINGS].models:
-        message = f"The model {name[:_SHOWN_NAME_CHARS]!r} does not exist; see GET /v1/models"
-        if anthropic:
-            error = {"type": "not_found_error", "message": message}
-            return json_response({"type": "error", "error": error}, status=404)
-        raise ModelNotFound(message, param="model")
+        error = ModelNotFound(name)
+        if anthropic:  # the same path serves both protocols: the header chooses the shape
+            return AnthropicErrors().response(error)
+        raise error
     created = int(time.time())
     if anthropic:
         created_at = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,33 +1,24 @@
-"""Anthropic Messages: ``POST /v1/messages`` (streamed or not, with tools) and ``count_tokens``.
+"""Anthropic Messages requests: a Messages (or count_tokens) body into the neutral conversation.
 
-What Claude Code and the Anthropic SDKs send is parsed into the neutral
-conversation: ``system`` (a string or text blocks), messages of ``text``,
-``tool_use`` and ``tool_result`` blocks (mid-conversation ``system`` messages
-too), client tools, ``tool_choice`` and a JSON-schema output format. Images,
-documents and audio are refused; blocks, tools and fields SAI could not act
-on (thinking, server tools, cache control, beta features) are left out. The
-answer comes back as a Message object, or as Anthropic's named SSE events;
-errors in Anthropic's ``{"type": "error", "error": {...}}`` shape with its
-statuses.
+``system`` (a string or text blocks), messages of ``text``, ``tool_use`` and
+``tool_result`` blocks (mid-conversation ``system`` messages too), client
+tools, ``tool_choice`` and a JSON-schema output format. Images, documents and
+audio are refused; blocks, tools and fields SAI could not act on (thinking,
+server tools, cache control, beta features) are left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import orjson
-from aiohttp import web
 
-from ..base.errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
-from ..base.keys import SETTINGS
-from ..core import bounds, toolcache
-from ..core.conversation import (
+from ...base.errors import InvalidRequest
+from ...core import bounds, toolcache
+from ...core.conversation import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
-    Answer,
     Conversation,
-    Finish,
     OutputFormat,
     Tool,
     ToolCall,
@@ -35,28 +26,10 @@ from ..core.conversation import (
     Turn,
     check_count,
 )
-from ..core.exchange import Exchange
-from ..core.prompt import estimate_tokens, sai_payload
-from ..web.bodies import json_response, read_json
-from . import openai
+from ...core.toolcache import ToolCaches
+from .. import openai
 
-__all__ = [
-    "CLIENT_TOOL_TYPES",
-    "ERROR_TYPES",
-    "MEDIA_BLOCKS",
-    "MESSAGE_STOP",
-    "PING",
-    "STATUS_MAP",
-    "STOP_REASONS",
-    "USED_FIELDS",
-    "AnthropicErrors",
-    "MessagesRenderer",
-    "count_tokens",
-    "error_body",
-    "messages",
-    "parse",
-    "usage",
-]
+__all__ = ["CLIENT_TOOL_TYPES", "MEDIA_BLOCKS", "USED_FIELDS", "parse"]
 
 # Content the answer would silently miss if it were dropped: refused with a 400.
 # Any other block SAI cannot use (thinking, server tool blocks, types saiproxy
@@ -69,68 +42,8 @@ USED_FIELDS: Final = frozenset(
      "stream", "metadata", "output_config", "output_format"}
 )  # fmt: skip
 
-STOP_REASONS: Final[dict[Finish, str]] = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "stop_sequence": "stop_sequence",
-}
 
-# Anthropic's error type for each status it uses (its API reference, and the
-# types the official SDK declares). Statuses it does not use are mapped onto
-# the nearest one it does: SAI failing is Anthropic's 500 ``api_error``, a
-# service that cannot take the request now is its 529 ``overloaded_error``.
-ERROR_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-STATUS_MAP: Final = {502: 500, 503: 529}
-
-PING: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
-MESSAGE_STOP: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-
-
-# --- handlers
-
-
-async def messages(request: web.Request) -> web.StreamResponse:
-    """Answer an Anthropic Messages request from a SAI template execution."""
-    body = await read_json(request)
-    conversation = parse(body)
-    openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
-    exchange = Exchange(request, body, conversation, protocol="messages")
-    del body  # the exchange lets it go once parsed; a long stream need not keep it
-    # message_start carries the input estimate; the exchange has it once prepared.
-    renderer = MessagesRenderer(f"msg_{exchange.ids}", lambda: estimate_tokens(exchange.chars))
-    return await exchange.respond(renderer)
-
-
-async def count_tokens(request: web.Request) -> web.Response:
-    """Return ``{"input_tokens": n}``: the estimate the early context check makes."""
-    body = await read_json(request)
-    conversation = parse(body, counting=True)
-    openai.fields_ignored(body, USED_FIELDS, request.headers.get("anthropic-beta"))
-    if request.app[SETTINGS].model_for(conversation.model) is None:
-        raise ModelNotFound(
-            f"The model {conversation.model!r} does not exist; see GET /v1/models",
-            param="model",
-        )
-    _, chars = sai_payload(conversation, 0)
-    return json_response({"input_tokens": estimate_tokens(chars)})
-
-
-# --- the request
-
-
-def parse(body: Any, *, counting: bool = False) -> Conversation:
+def parse(body: Any, *, counting: bool = False, caches: ToolCaches | None = None) -> Conversation:
     """Validate a Messages body (or a count_tokens body) and return its conversation."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
@@ -149,7 +62,11 @@ def parse(body: Any, *, counting: bool = False) -> Conversation:
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object", param="metadata")
     raw_tools = body.get("tools")
-    tools = toolcache.parsed_tools(raw_tools, "anthropic", _tools) if raw_tools is not None else ()
+    tools = (
+        toolcache.parsed_tools(raw_tools, "anthropic", _tools, caches)
+        if raw_tools is not None
+        else ()
+    )
     left_out = _left_out(raw_tools)
     choice, parallel = _tool_choice(body.get("tool_choice"), tools, left_out)
     system = "\n\n".join(text for text in (_system(body.get("system")), *leading) if text)
@@ -519,202 +436,3 @@ def _stop_sequences(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise InvalidRequest("'stop_sequences' must be an array of strings", param="stop_sequences")
     return bounds.stop_sequences(value, "stop_sequences", bounds.ANTHROPIC_MAX_STOPS)
-
-
-# --- the answer
-
-
-def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    """Return a Usage object with every field the SDK types declare (no cache, no server tools)."""
-    return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
-        "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
-        "output_tokens_details": {"thinking_tokens": 0},
-        "service_tier": "standard",
-        "speed": "standard",
-        "inference_geo": None,
-    }
-
-
-def _delta_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    # message_delta counts are totals: the SDKs overwrite the message_start ones.
-    return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
-        "output_tokens_details": {"thinking_tokens": 0},
-    }
-
-
-def _tool_use_block(call: ToolCall, arguments: Any) -> dict[str, Any]:
-    return {
-        "type": "tool_use",
-        "id": f"toolu_{call.id}",
-        "name": call.name,
-        "input": arguments,
-        "caller": {"type": "direct"},
-    }
-
-
-def _message_object(message_id: str, model: str) -> dict[str, Any]:
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [],
-        "stop_reason": None,
-        "stop_sequence": None,
-        "stop_details": None,
-        "container": None,
-        "diagnostics": None,
-    }
-
-
-def _stop_reason(answer: Answer) -> str:
-    """Return the answer's stop reason; context too long (``message`` mode) ends ``end_turn``.
-
-    Claude Code reads ``max_tokens`` as its own output limit: it shows "response
-    exceeded the N output token maximum" instead of the text, and retries. The
-    explanation that the conversation is too long must reach the user. (An
-    answer cut short after part of it went out stays ``max_tokens``: it is.)
-    """
-    if answer.outcome == "context_length_exceeded":
-        return "end_turn"
-    return STOP_REASONS[answer.finish]
-
-
-def _event(name: bytes, data: dict[str, Any]) -> bytes:
-    return b"event: " + name + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
-class MessagesRenderer:
-    """Renders Message objects, and Anthropic's SSE events with their block indexes."""
-
-    eager = True  # Anthropic's clients get message_start at once, then pings while SAI works
-
-    def __init__(self, message_id: str, input_tokens: Callable[[], int]) -> None:
-        self._id = message_id
-        self._input_tokens = input_tokens
-        self._next_index = 0  # the index the next content block gets
-        self._text_prefix: bytes | None = None  # set while a text block is open
-
-    def body(self, answer: Answer) -> dict[str, Any]:
-        content: list[dict[str, Any]] = []
-        if answer.text:  # Anthropic refuses empty text blocks when a client sends them back
-            # No "citations": null: the Vercel AI SDK's schema takes an array or nothing.
-            content.append({"type": "text", "text": answer.text})
-        content.extend(_tool_use_block(call, orjson.loads(call.arguments)) for call in answer.calls)
-        message = _message_object(self._id, answer.model)
-        message.update(
-            content=content,
-            stop_reason=_stop_reason(answer),
-            stop_sequence=answer.stop_sequence,
-            usage=usage(answer.usage.prompt_tokens, answer.usage.completion_tokens),
-        )
-        return message
-
-    def head(self, model: str) -> bytes:
-        message = _message_object(self._id, model)
-        message["usage"] = usage(self._input_tokens(), 0)
-        return _event(b"message_start", {"type": "message_start", "message": message})
-
-    def ping(self) -> bytes:
-        return PING
-
-    def _close_text(self) -> bytes:
-        if self._text_prefix is None:
-            return b""
-        self._text_prefix = None
-        index = self._next_index
-        self._next_index += 1
-        return _event(b"content_block_stop", {"type": "content_block_stop", "index": index})
-
-    def text(self, piece: str) -> bytes:
-        if not piece:
-            return b""
-        opening = b""
-        if self._text_prefix is None:
-            index = self._next_index
-            opening = _event(
-                b"content_block_start",
-                {"type": "content_block_start", "index": index,
-                 "content_block": {"type": "text", "text": ""}},
-            )  # fmt: skip
-            # Every delta of the block differs only in its text: the rest is built once.
-            self._text_prefix = (
-                b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
-                + str(index).encode()
-                + b',"delta":{"type":"text_delta","text":'
-            )
-        return opening + self._text_prefix + orjson.dumps(piece) + b"}}\n\n"
-
-    def calls(self, calls: Sequence[ToolCall]) -> bytes:
-        frames = [self._close_text()]
-        for call in calls:
-            index = self._next_index
-            self._next_index += 1
-            frames += [
-                _event(b"content_block_start",
-                       {"type": "content_block_start", "index": index,
-                        "content_block": _tool_use_block(call, {})}),
-                _event(b"content_block_delta",
-                       {"type": "content_block_delta", "index": index,
-                        "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
-                _event(b"content_block_stop", {"type": "content_block_stop", "index": index}),
-            ]  # fmt: skip
-        return b"".join(frames)
-
-    def finish(self, answer: Answer) -> bytes:
-        delta = {
-            "type": "message_delta",
-            "delta": {
-                "stop_reason": _stop_reason(answer),
-                "stop_sequence": answer.stop_sequence,
-                "stop_details": None,
-                "container": None,
-            },
-            "usage": _delta_usage(answer.usage.prompt_tokens, answer.usage.completion_tokens),
-        }
-        return self._close_text() + _event(b"message_delta", delta) + MESSAGE_STOP
-
-    def failure(self, error: UpstreamError) -> bytes:
-        # As Anthropic does mid-stream: one error event, and the stream ends there.
-        return _event(b"error", error_body(error)[1])
-
-
-# --- errors
-
-
-def error_body(error: ProxyError) -> tuple[int, dict[str, Any]]:
-    """Return Anthropic's status and error object for ``error``."""
-    status = STATUS_MAP.get(error.status, error.status)
-    kind = ERROR_TYPES.get(status)
-    if kind is None:
-        if status >= 500:
-            status, kind = 500, "api_error"
-        else:
-            # Anthropic's reference: other 4xx statuses are invalid_request_error too.
-            kind = "invalid_request_error"
-    # Context too long already reads "prompt is too long: ...", Anthropic's wording.
-    return status, {"type": "error", "error": {"type": kind, "message": error.message}}
-
-
-class AnthropicErrors:
-    """Anthropic's error shape: ``{"type": "error", "error": {"type", "message"}}``."""
-
-    def response(self, error: ProxyError) -> web.Response:
-        """Return the error as Anthropic's status and error object."""
-        status, body = error_body(error)
-        return web.Response(
-            status=status,
-            body=orjson.dumps(body),
-            content_type="application/json",
-            headers=error.headers(),
-        )

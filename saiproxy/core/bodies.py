@@ -1,4 +1,5 @@
-"""JSON bodies over HTTP: reading a request's (bounded in size and time), writing a response's."""
+"""JSON bodies over HTTP: reading a request's (bounded in size and time), writing a response's
+and an error's (every protocol's handlers and the core write them, so they live here)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest
+from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest, ProxyError
 from ..base.keys import SETTINGS, STATE
-from ..core.bounds import check_depth
+from .bounds import check_depth
 
 __all__ = [
     "LARGE_BODY",
+    "MEMORY_TRIM",
     "TRIM_DELAY",
+    "MemoryTrim",
+    "error_response",
     "json_response",
     "read_json",
 ]
@@ -62,7 +66,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         if len(raw) < LARGE_BODY:
             return _parse(raw, settings.max_json_depth)
-        _trim_after(request)
+        request.app[MEMORY_TRIM].after(request)
         async with request.app[STATE].large_bodies:
             # In a thread the parse yields the GIL every switch interval, so the
             # loop keeps serving the other requests meanwhile.
@@ -84,27 +88,35 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 # it back; musl and others have no such call (and no such heaps).
 _MALLOC_TRIM: Final = _find_malloc_trim()
 TRIM_DELAY: Final = 0.5  # seconds after a large-body request ends; later ones join the same trim
-_trim = {"pending": False}
 
 
-def _trim_after(request: web.Request) -> None:
-    """Give the memory a large body took back to the system once its request is done."""
-    task = asyncio.current_task()
-    if _MALLOC_TRIM is None or task is None:
-        return
-    loop = asyncio.get_running_loop()
+class MemoryTrim:
+    """Hand the memory large bodies took back to the system: one trim at a time, per app."""
 
-    def schedule(_: object) -> None:
-        if not _trim["pending"]:
-            _trim["pending"] = True
-            loop.call_later(TRIM_DELAY, run)
+    def __init__(self) -> None:
+        self._pending = False
 
-    def run() -> None:
-        _trim["pending"] = False
-        # In a thread: a trim walks every heap, and the loop has requests to serve.
-        loop.run_in_executor(None, _MALLOC_TRIM, 0)
+    def after(self, request: web.Request) -> None:
+        """Trim once the request is done (and TRIM_DELAY later); later ones join the same trim."""
+        task = asyncio.current_task()
+        if _MALLOC_TRIM is None or task is None:
+            return
+        loop = asyncio.get_running_loop()
 
-    task.add_done_callback(schedule)
+        def schedule(_: object) -> None:
+            if not self._pending:
+                self._pending = True
+                loop.call_later(TRIM_DELAY, run)
+
+        def run() -> None:
+            self._pending = False
+            # In a thread: a trim walks every heap, and the loop has requests to serve.
+            loop.run_in_executor(None, _MALLOC_TRIM, 0)
+
+        task.add_done_callback(schedule)
+
+
+MEMORY_TRIM: Final = web.AppKey("memory_trim", MemoryTrim)
 
 
 def _parse(raw: bytes, max_depth: int) -> Any:
@@ -127,4 +139,14 @@ def json_response(
     """Return a JSON response."""
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """Render a ProxyError as its HTTP status and OpenAI error object."""
+    return web.Response(
+        status=error.status,
+        body=orjson.dumps(error.body()),
+        content_type="application/json",
+        headers=error.headers(),
     )

@@ -29,19 +29,18 @@ import logging
 import time
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
 
-from ..base.errors import InvalidRequest, NotFound, ProxyError, StateUnavailable, UpstreamError
-from ..base.keys import SETTINGS, STATE_STORE
-from ..core.conversation import Answer, Conversation
-from ..core.exchange import Exchange
-from ..core.sse import COMMENT_PING
-from ..state import owner_of
-from ..state.store import State
-from ..web.bodies import json_response
-from .responses import ResponsesRenderer, error_object
-from .stored import Continuation
+from ...base.errors import InvalidRequest, ProxyError, StateUnavailable, UpstreamError
+from ...base.keys import SETTINGS
+from ...core.bodies import json_response
+from ...core.conversation import Answer, Conversation
+from ...core.exchange import Exchange
+from ...core.sse import COMMENT_PING
+from ...state import owner_of
+from ...state.store import STATE_STORE, State
+from .common import Continuation, error_object, event, not_found
+from .render import ResponsesRenderer
 
 __all__ = [
     "CANCEL_CHECK",
@@ -71,11 +70,6 @@ _RUNNING: set[asyncio.Task[None]] = set()
 
 def _frames(raw: bytes) -> list[str]:
     return [frame.decode() for frame in raw.split(b"\n\n") if frame.strip()]
-
-
-def _event(kind: str, sequence: int, fields: dict[str, Any]) -> str:
-    data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields}).decode()
-    return f"event: {kind}\ndata: {data}"
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -169,29 +163,15 @@ async def _run(
     lease: float,
 ) -> None:
     """Call SAI for a background response and keep how it ended."""
-    response_id = renderer.response_id
     model = exchange.model
     work = asyncio.current_task()
     assert work is not None
     asked = asyncio.Event()  # the cancel flag was read
-    watch = asyncio.create_task(_watch(state, owner, response_id, lease, work, asked))
+    watch = asyncio.create_task(_watch(state, owner, renderer.response_id, lease, work, asked))
     final: dict[str, Any]
     frames: list[str] = []
     try:
-        await state.restatus(owner, renderer.pending("in_progress", model))
-        await exchange.respond(renderer)
-        answer = renderer.answer
-        if renderer.completed is not None:  # SAI answered
-            final = renderer.completed
-        else:
-            # An error explained as text (ERROR_MODE=message) is still a failure here:
-            # the status is what a background response's client reads.
-            code = answer.outcome if answer is not None else "server_error"
-            text = answer.text.strip() if answer is not None else "No answer"
-            final = renderer.pending("failed", model, error=_error(code, text))
-            answer = None
-        if streamed and answer is not None:
-            frames = _frames(renderer.events(answer))
+        final, frames = await _answered(state, owner, exchange, renderer, streamed)
     except asyncio.CancelledError:
         work.uncancel()  # taken back: how it ended is still to be kept
         if asked.is_set():
@@ -209,10 +189,43 @@ async def _run(
         final = renderer.pending("failed", model, error=_error("server_error", "Internal error"))
     finally:
         watch.cancel()
+    await _keep_ending(state, owner, renderer, found, streamed, final, frames)
+
+
+async def _answered(
+    state: State, owner: str, exchange: Exchange, renderer: BackgroundRenderer, streamed: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Call SAI; return the Response to keep and, when streamed, the events of its answer."""
+    model = exchange.model
+    await state.restatus(owner, renderer.pending("in_progress", model))
+    await exchange.respond(renderer)
+    answer = renderer.answer
+    if renderer.completed is None:
+        # An error explained as text (ERROR_MODE=message) is still a failure here:
+        # the status is what a background response's client reads.
+        code = answer.outcome if answer is not None else "server_error"
+        text = answer.text.strip() if answer is not None else "No answer"
+        return renderer.pending("failed", model, error=_error(code, text)), []
+    # SAI answered.
+    frames = _frames(renderer.events(answer)) if streamed and answer is not None else []
+    return renderer.completed, frames
+
+
+async def _keep_ending(
+    state: State,
+    owner: str,
+    renderer: BackgroundRenderer,
+    found: Continuation,
+    streamed: bool,
+    final: dict[str, Any],
+    frames: list[str],
+) -> None:
+    """Keep how a background response ended: its last events, then its status."""
+    response_id = renderer.response_id
     try:
         if streamed and not frames and final["status"] == "failed":
             sequence = len(await state.events(owner, response_id))
-            frames = [_event("response.failed", sequence, {"response": final})]
+            frames = _frames(event("response.failed", sequence, {"response": final}))
         if frames:  # before the status: a follower that reads it ended has every event
             await state.add_events(owner, response_id, frames)
         if final.get("status") == "completed" and renderer.completed is not None:
@@ -234,23 +247,18 @@ async def settled(state: State, owner: str, response: dict[str, Any]) -> dict[st
     failed = {**response, "status": "failed", "error": _error("server_error", LOST)}
     events = await state.events(owner, response["id"])
     if events:
-        await state.add_events(
-            owner, response["id"], [_event("response.failed", len(events), {"response": failed})]
-        )
+        last = event("response.failed", len(events), {"response": failed})
+        await state.add_events(owner, response["id"], _frames(last))
     await state.restatus(owner, failed)
     log.warning("a background response lost its replica, ended failed",
                 extra={"id": response["id"][:80]})  # fmt: skip
     return failed
 
 
-def _not_found(response_id: str) -> NotFound:
-    return NotFound(f"Response with id '{response_id[:80]}' not found.", param="response_id")
-
-
 async def _current(state: State, owner: str, response_id: str) -> dict[str, Any]:
     record = await state.response(owner, response_id)
     if record is None:
-        raise _not_found(response_id)
+        raise not_found(response_id)
     return await settled(state, owner, record.response)
 
 

@@ -3,8 +3,8 @@
 ``continuation`` turns a Responses body into the whole input SAI needs (the
 stored chain of ``previous_response_id`` or the conversation's items, then
 the new input, every ``item_reference`` resolved) and says what to keep once
-SAI has answered. The handlers: ``GET``/``DELETE /v1/responses/{id}``,
-``GET /v1/responses/{id}/input_items`` and ``POST /v1/responses/input_tokens``.
+SAI has answered. The handlers: ``GET``/``DELETE /v1/responses/{id}`` and
+``GET /v1/responses/{id}/input_items``.
 Everything is the caller's own: another client's id is a 404.
 """
 
@@ -14,22 +14,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from ..base.errors import InvalidRequest, NotFound
-from ..base.keys import STATE_STORE
-from ..state import owner_of
-from ..state.store import State, as_items, stored_item
-from ..web.bodies import json_response
-from . import openai
+from ...base.errors import InvalidRequest, NotFound
+from ...core.bodies import json_response
+from ...state import owner_of
+from ...state.store import STATE_STORE, State, as_items, stored_item
+from .. import openai
+from . import background
+from .common import Continuation, not_found
 
 __all__ = [
     "MAX_PAGE",
-    "Continuation",
     "continuation",
     "delete_response",
     "get_response",
@@ -44,35 +43,6 @@ _NOT_KEPT: Final = frozenset({"item_reference", "additional_tools"})
 MAX_PAGE: Final = 100
 
 
-@dataclass(slots=True)
-class Continuation:
-    """A Responses request's place in the stored state: what it continues, what it keeps."""
-
-    input: Any  # the whole input for SAI: the chain's items, then the request's
-    store: bool = True
-    previous: str | None = None
-    conversation: str | None = None
-    state: State | None = None
-    owner: str = ""
-    new_items: list[dict[str, Any]] = field(default_factory=list)  # to store
-    input_ids: list[str] = field(default_factory=list)  # the request's input items
-    context: list[str] = field(default_factory=list)  # the ids of the items before them
-
-    @property
-    def keeps(self) -> bool:
-        """Return whether the answer is to be kept (``store``, or a conversation to add to)."""
-        return self.state is not None and (self.store or self.conversation is not None)
-
-    async def keep(self, response: dict[str, Any]) -> None:
-        """Keep the answered response (the stream's last event waits for it: read-after-write)."""
-        if self.state is None or not self.keeps:
-            return
-        await self.state.keep(
-            self.owner, response, self.new_items, self.input_ids, self.context,
-            store=self.store, conversation=self.conversation,
-        )  # fmt: skip
-
-
 def _conversation_id(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("id")
@@ -84,8 +54,8 @@ def _conversation_id(value: Any) -> str | None:
     return value
 
 
-async def continuation(request: web.Request, body: dict[str, Any]) -> Continuation:
-    """Return the request's whole input and what to keep; 404 for a chain not the caller's."""
+def _continued(body: dict[str, Any]) -> tuple[bool, str | None, str | None]:
+    """Return ``store``, ``previous_response_id`` and the conversation's id, checked."""
     store = openai.flag(body, "store", True)
     previous = body.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
@@ -98,6 +68,12 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
             "'previous_response_id' and 'conversation' cannot be used together",
             param="previous_response_id",
         )
+    return store, previous, conversation
+
+
+async def continuation(request: web.Request, body: dict[str, Any]) -> Continuation:
+    """Return the request's whole input and what to keep; 404 for a chain not the caller's."""
+    store, previous, conversation = _continued(body)
     raw = body.get("input")
     items = as_items(raw)
     references = [
@@ -118,6 +94,33 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
         # An item sent back whole with its id (an earlier answer's output, say) is
         # already stored: it is referred to, not stored again as this response's own.
         stored += [i for i in own if isinstance(i, str) and i not in stored]
+    context, found = await _read(state, owner, previous, conversation, stored, keeps=keeps)
+    missing = sum(1 for item_id in context if item_id not in found)
+    if missing:
+        log.info("stored items expired, left out of the chain", extra={"count": missing})
+    whole, new_items, input_ids = _whole(items, context, found, keeps=keeps)
+    if keeps and new_items:
+        await state.room(owner, sum(len(orjson.dumps(item)) for item in new_items))
+    return Continuation(
+        whole, store=store, previous=previous or None, conversation=conversation,
+        state=state, owner=owner, new_items=new_items, input_ids=input_ids, context=context,
+    )  # fmt: skip
+
+
+async def _read(
+    state: State,
+    owner: str,
+    previous: str | None,
+    conversation: str | None,
+    stored: list[str],
+    *,
+    keeps: bool,
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Return the ids of the chain's items, in order, and the stored items found by id.
+
+    With ``keeps``, the caller's room in the store is checked too: refused
+    before SAI is called.
+    """
     context: list[str] = []
     # Every read is started at once: the store client sends them together.
     room = asyncio.ensure_future(state.room(owner, 0)) if keeps else None
@@ -147,9 +150,13 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
         raise
     if room is not None:
         await room  # the quota: refused before SAI is called
-    missing = sum(1 for item_id in context if item_id not in found)
-    if missing:
-        log.info("stored items expired, left out of the chain", extra={"count": missing})
+    return context, found
+
+
+def _whole(
+    items: list[Any], context: list[str], found: dict[str, dict[str, Any]], *, keeps: bool
+) -> tuple[list[Any], list[dict[str, Any]], list[str]]:
+    """Return the whole input for SAI, the items to store, and the ids of the request's input."""
     whole: list[Any] = [found[item_id] for item_id in context if item_id in found]
     new_items: list[dict[str, Any]] = []
     input_ids: list[str] = []
@@ -173,12 +180,7 @@ async def continuation(request: web.Request, body: dict[str, Any]) -> Continuati
         new_items.append(kept)
         input_ids.append(kept["id"])
         whole.append(item)
-    if keeps and new_items:
-        await state.room(owner, sum(len(orjson.dumps(item)) for item in new_items))
-    return Continuation(
-        whole, store=store, previous=previous or None, conversation=conversation,
-        state=state, owner=owner, new_items=new_items, input_ids=input_ids, context=context,
-    )  # fmt: skip
+    return whole, new_items, input_ids
 
 
 # --- reading what is stored
@@ -226,20 +228,14 @@ async def _stored(request: web.Request) -> tuple[State, str, str]:
     return request.app[STATE_STORE], owner_of(request), request.match_info["response_id"]
 
 
-def _not_found(response_id: str) -> NotFound:
-    return NotFound(f"Response with id '{response_id[:80]}' not found.", param="response_id")
-
-
 async def get_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/responses/{id}``: the stored Response object (``stream=true``: its events)."""
-    from . import background  # it imports this module
-
     if request.query.get("stream") in ("true", "1"):
         return await background.replay(request)
     state, owner, response_id = await _stored(request)
     record = await state.response(owner, response_id)
     if record is None:
-        raise _not_found(response_id)
+        raise not_found(response_id)
     return json_response(await background.settled(state, owner, record.response))
 
 
@@ -247,7 +243,7 @@ async def delete_response(request: web.Request) -> web.Response:
     """``DELETE /v1/responses/{id}``: OpenAI's deleted shape, then a 404 for the id."""
     state, owner, response_id = await _stored(request)
     if not await state.forget(owner, response_id):
-        raise _not_found(response_id)
+        raise not_found(response_id)
     return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
@@ -256,7 +252,7 @@ async def input_items(request: web.Request) -> web.Response:
     state, owner, response_id = await _stored(request)
     record = await state.response(owner, response_id)
     if record is None:
-        raise _not_found(response_id)
+        raise not_found(response_id)
     ids, has_more = page(request, record.input)
     found = await state.items(owner, ids)
     return json_response(item_list([found[i] for i in ids if i in found], has_more))

@@ -26,17 +26,17 @@ import time
 from collections.abc import Sequence
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
 
-from ..base.errors import InvalidRequest, UpstreamError
-from ..base.keys import STATE_STORE
-from ..core.conversation import Answer, ToolCall, Turn, Usage
-from ..core.exchange import Exchange
-from ..core.sse import COMMENT_PING
-from ..state import owner_of
-from ..state.store import as_items, new_id
-from ..web.bodies import read_json
+from ...base.errors import InvalidRequest, UpstreamError
+from ...core.bodies import read_json
+from ...core.conversation import Answer, ToolCall, Turn, Usage
+from ...core.exchange import Exchange
+from ...core.sse import COMMENT_PING
+from ...state import owner_of
+from ...state.store import STATE_STORE, as_items, new_id
+from .common import error_object, event, message_item, response_object, usage
+from .parse import parse
 
 __all__ = [
     "ITEM_TYPES",
@@ -121,13 +121,6 @@ def _item(summary_id: str) -> dict[str, Any]:
     return {"id": summary_id, "type": "compaction", "encrypted_content": summary_id}
 
 
-def _message(item_id: str, text: str) -> dict[str, Any]:
-    return {
-        "id": item_id, "type": "message", "status": "completed", "role": "assistant",
-        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
-    }  # fmt: skip
-
-
 class CompactionRenderer:
     """Renders a compaction: one ``compaction`` item once SAI's summary is kept.
 
@@ -159,31 +152,21 @@ class CompactionRenderer:
 
     def _output(self, ok: bool, text: str) -> list[dict[str, Any]]:
         if not ok:
-            return [_message(f"msg_{self._summary_id[4:]}", text)]
+            return [message_item(f"msg_{self._summary_id[4:]}", text, "completed")]
         return [*self.retained, _item(self._summary_id)]
-
-    def _usage(self, usage: Usage) -> dict[str, Any]:
-        from .responses import usage as responses_usage  # the adapter imports this module
-
-        return responses_usage(usage)
 
     def _response(self, status: str, model: str, output: list[Any], **extra: Any) -> dict[str, Any]:
         if self._v1:
             return {"id": self._id, "object": "response.compaction",
                     "created_at": self._created, "output": output, **extra}  # fmt: skip
-        return {
-            "id": self._id, "object": "response", "created_at": self._created,
-            "status": status, "background": False, "completed_at": None, "error": None,
-            "incomplete_details": None, "model": model, "output": output,
-            "previous_response_id": None, "usage": None, **self._echo, **extra,
-        }  # fmt: skip
+        return response_object(self._id, self._created, status, model, output, self._echo, **extra)
 
     def body(self, answer: Answer) -> dict[str, Any]:
         if answer.outcome == "ok":
             self.summary = answer.text
         return self._response(
             "completed", answer.model, self._output(answer.outcome == "ok", answer.text),
-            completed_at=int(time.time()), usage=self._usage(answer.usage),
+            completed_at=int(time.time()), usage=usage(answer.usage),
         )  # fmt: skip
 
     async def keep_summary(self) -> None:
@@ -196,8 +179,7 @@ class CompactionRenderer:
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
         sequence = self._sequence
         self._sequence += 1
-        data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
-        return b"event: %s\ndata: %s\n\n" % (kind.encode(), data)
+        return event(kind, sequence, fields)
 
     def head(self, model: str) -> bytes:
         self._model = model
@@ -230,15 +212,13 @@ class CompactionRenderer:
         frames += self._event("response.output_item.done", {"output_index": 0, "item": item})
         response = self._response(
             "completed", answer.model or self._model, [item],
-            completed_at=int(time.time()), usage=self._usage(answer.usage),
+            completed_at=int(time.time()), usage=usage(answer.usage),
         )  # fmt: skip
         return frames + self._event("response.completed", {"response": response})
 
     def failure(self, error: UpstreamError) -> bytes:
-        from .responses import error_object  # the adapter imports this module
-
         response = self._response(
-            "failed", self._model, [], error=error_object(error), usage=self._usage(Usage())
+            "failed", self._model, [], error=error_object(error), usage=usage(Usage())
         )
         return self._event("response.failed", {"response": response})
 
@@ -247,8 +227,6 @@ async def respond(
     request: web.Request, body: dict[str, Any], whole: Any, *, v1: bool = False
 ) -> web.StreamResponse:
     """Answer a compaction: SAI summarises ``whole`` (the history), the summary is kept."""
-    from .responses import parse  # the adapter imports this module
-
     history = [
         item for item in as_items(whole)
         if not (isinstance(item, dict) and item.get("type") in _NOT_HISTORY)
