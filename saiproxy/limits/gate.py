@@ -12,7 +12,6 @@ rate-limit headers go on every answer of a limited path, streams included
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -20,6 +19,7 @@ from typing import Final
 from aiohttp import web
 
 from ..base.errors import ClientError
+from ..base.log import limits_logger as log
 from ..upstream.auth import Credential
 from .base import ScopeKind, Settlement
 from .grant import Grant
@@ -32,7 +32,6 @@ __all__ = [
     "requested_output", "settle",
 ]  # fmt: skip
 
-log = logging.getLogger("saiproxy.limits")
 
 MODE_HEADER: Final = "X-Saiproxy-Limits"
 LIMIT_HEADERS: Final = web.RequestKey("limit_headers", dict[str, str])

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import logging
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from aiohttp import web
 
+from ..base.log import limits_logger as log
 from ..base.metrics import Metrics
 from ..base.settings import Settings
 from ..upstream.auth import Credential
@@ -38,7 +38,6 @@ from .rules import Config, Rules, Verdict
 
 __all__ = ["LIMITS", "USAGE_PAGE_TIMEOUT", "Limits", "enabled"]
 
-log = logging.getLogger("saiproxy.limits")
 
 if TYPE_CHECKING:
     from .shared import SharedLimiter

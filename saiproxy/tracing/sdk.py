@@ -29,6 +29,7 @@ from yarl import URL
 
 from .. import __version__
 from ..base.keys import REQUEST_ID
+from ..base.log import tracing_logger as log
 from ..base.otel import SCHEMA_URL, TracingConfig
 from ..logs.mask import Masker
 
@@ -41,7 +42,6 @@ __all__ = [
     "content_json",
 ]
 
-log = logging.getLogger("saiproxy.tracing")
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _INSTRUMENTATION: Final = "saiproxy"

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -19,6 +18,7 @@ from ..base.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from ..base.log import sai_logger as log
 from .auth import AuthChain, Credential
 from .call import SaiCall
 from .stream import SaiStream
@@ -34,7 +34,6 @@ __all__ = [
     "judge",
 ]
 
-log = logging.getLogger("saiproxy.sai")
 
 RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.IGNORECASE)

@@ -11,7 +11,6 @@ client yet.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from ..base.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..base.log import sai_logger as log
 from ..base.metrics import Metrics
 from ..base.settings import ModelConfig, Settings
 from ..logs import event
@@ -54,7 +54,6 @@ __all__ = [
     "client_timeout",
 ]
 
-log = logging.getLogger("saiproxy.sai")
 
 ERROR_BODY_LIMIT: Final = 64 * 1024
 BACKOFF_CAP: Final = 10.0
