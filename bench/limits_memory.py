@@ -263,7 +263,7 @@ async def valkey(clients: int, wait: bool) -> tuple[dict[str, Any], list[str]]:
                 verdict = await limiter.admit(ask)
                 if not verdict.granted:
                     raise RuntimeError(f"client {i} refused ({verdict.reason})")
-                await limiter.settle(ask, verdict, ENDED)
+                await limiter.settle_many([(ask, verdict, ENDED)])
 
             started = time.perf_counter()
             for first in range(0, clients, 500):

@@ -117,7 +117,7 @@ async def test_undecodable_model_header_is_cleaned_and_logs_go_on(
 
 
 def test_clean_header_value() -> None:
-    from saiproxy.upstream.sai import clean_header_value
+    from saiproxy.upstream.stream import clean_header_value
 
     assert clean_header_value("sai-model") == "sai-model"
     assert clean_header_value("caf\u00e9") == "caf\u00e9"

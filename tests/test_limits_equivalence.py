@@ -193,8 +193,8 @@ async def run(url: str, scenario: Scenario) -> None:
                     if isinstance(op, Settle)
                     else Settlement(0, 0)
                 )
-                await local.settle(ask, verdict, ended)
-                await shared.settle(ask, verdict, ended)
+                local.settle_now(ask, verdict, ended)
+                await shared.settle_many([(ask, verdict, ended)])
         days = sorted(dates, reverse=True)
         event(f"{len(days)} days")
         for client in (None, *CLIENTS):

@@ -28,9 +28,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from saiproxy.base.otel import tracing_config
 from saiproxy.base.settings import SettingsError, load_settings
 from saiproxy.cli import trace
-from saiproxy.tracing.config import tracing_config
 from saiproxy.tracing.hooks import TRACING
 from saiproxy.web.app import create_app, log_setup_for
 from saiproxy.web.server import runner_options

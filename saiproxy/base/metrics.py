@@ -28,69 +28,62 @@ class Metrics:
         # labels() takes a lock and builds a tuple on every call; the label sets
         # here are few and fixed, so the children are kept.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.requests = Counter(
+        counter, gauge, histogram = self.counter, self.gauge, self._histogram
+        self.requests = counter(
             "saiproxy_requests",
             "HTTP requests served, by route, status and outcome.",
-            ["path", "status", "outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
+            "path", "status", "outcome",
+        )  # fmt: skip
+        self.latency = histogram(
             "saiproxy_request_latency_seconds",
             "Time from request to the end of the answer, chat completions only.",
-            ["stream"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.ttfb = Histogram(
+        self.ttfb = histogram(
             "saiproxy_time_to_first_byte_seconds",
             "Time from request to SAI's first piece of the answer.",
-            ["stream"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.upstream_attempts = Counter(
+        self.upstream_attempts = counter(
             "saiproxy_upstream_attempts",
             "Calls made to SAI, by HTTP status (or 'timeout' / 'connection_error').",
-            ["status"],
-            registry=self.registry,
+            "status",
         )
-        self.retries = Counter(
+        self.retries = counter(
             "saiproxy_upstream_retries",
             "Retries of SAI calls, by the failure that caused them.",
-            ["reason"],
-            registry=self.registry,
+            "reason",
         )
-        self.fallbacks = Counter(
-            "saiproxy_credential_fallbacks",
-            "Rate-limited calls moved to SAI_COOKIE.",
-            registry=self.registry,
+        self.fallbacks = counter(
+            "saiproxy_credential_fallbacks", "Rate-limited calls moved to SAI_COOKIE."
         )
-        self.tool_calls_unrecognised = Counter(
+        self.tool_calls_unrecognised = counter(
             "saiproxy_tool_calls_unrecognised",
             "Tool-call blocks in SAI's answers that were left as text, by reason.",
-            ["reason"],
-            registry=self.registry,
+            "reason",
         )
-        self.log_write_failures = Gauge(
+        self.log_write_failures = gauge(
             "saiproxy_log_write_failures",
             "Batches of log lines this process failed to write since it started.",
-            registry=self.registry,
         )
-        self.trace_spans_dropped = Gauge(
+        self.trace_spans_dropped = gauge(
             "saiproxy_trace_spans_dropped",
             "Trace spans this process dropped since it started: export queue full or "
             "collector unreachable (0 with tracing off).",
-            registry=self.registry,
         )
-        self.in_flight = Gauge(
-            "saiproxy_in_flight_requests",
-            "Chat completions being served now.",
-            registry=self.registry,
-        )
-        self.open_streams = Gauge(
-            "saiproxy_open_streams",
-            "Streaming answers open now.",
-            registry=self.registry,
+        self.in_flight = gauge("saiproxy_in_flight_requests", "Chat completions being served now.")
+        self.open_streams = gauge("saiproxy_open_streams", "Streaming answers open now.")
+
+    def counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        """Return a new counter in this registry."""
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        """Return a new gauge in this registry."""
+        return Gauge(name, documentation, labels, registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str) -> Histogram:
+        """Return a latency histogram, by whether the answer streamed."""
+        return Histogram(
+            name, documentation, ["stream"], buckets=LATENCY_BUCKETS, registry=self.registry
         )
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:

@@ -33,6 +33,7 @@ import orjson
 
 from .. import __version__
 from ..base.errors import UpstreamError
+from ..base.log import root_logger
 from ..base.metrics import Metrics
 from ..base.settings import ModelConfig, Settings, SettingsError, load_settings
 from ..logs import Masker
@@ -297,7 +298,7 @@ def main(
         return 2
     # The client's own log lines (rejected credential, failed attempt) repeat what
     # the probe lines say; without a handler Python would print them bare to stderr.
-    logging.getLogger("saiproxy").addHandler(logging.NullHandler())
+    root_logger.addHandler(logging.NullHandler())
     writer = _Scrubbed(out, Masker(secret.reveal() for secret in settings.secrets()))
     credentials = system_credentials(settings)
     if not args.json:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import logging
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -15,6 +14,7 @@ from aiohttp import web
 
 from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest, ProxyError
 from ..base.keys import SETTINGS, STATE
+from ..base.log import exchange_logger as log
 from .bounds import check_depth
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
 ]
 
 # Its lines keep the logger name they had when this lived in the exchange (operators filter on it).
-log = logging.getLogger("saiproxy.exchange")
 
 # A body this large is parsed in a thread, one at a time. orjson holds the GIL,
 # but in a thread the loop still gets turns: 8 MiB of 300,000 tiny messages

@@ -20,7 +20,6 @@ know.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
@@ -31,6 +30,7 @@ from aiohttp import web
 
 from ..base.errors import ContextTooLong, UpstreamError
 from ..base.keys import OUTCOME
+from ..base.log import exchange_logger as log
 from ..limits import gate
 from ..limits.limits import LIMITS
 from ..tracing import hooks as tracing
@@ -57,7 +57,6 @@ __all__ = [
     "settle",
 ]
 
-log = logging.getLogger("saiproxy.exchange")
 
 # Where each protocol takes the output format, for the 400 that names it.
 _OUTPUT_PARAMS = {

@@ -9,18 +9,17 @@ shutdown whose budget ran out can cancel them (:meth:`ServingState.cut`);
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
 
 from ..base.errors import ShutdownCut
 from ..base.keys import SETTINGS, STATE
+from ..base.log import exchange_logger as log
 from .sse import KEEP_ALIVE, EventStream
 
 __all__ = ["InFlight", "OpenStream", "cut_short"]
 
 # The exchange's log lines keep its logger name, whichever module writes them.
-log = logging.getLogger("saiproxy.exchange")
 
 
 class InFlight:

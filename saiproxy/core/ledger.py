@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import secrets
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from aiohttp import web
 
 from ..base.errors import ContextTooLong, ModelNotFound, UpstreamError
 from ..base.keys import METRICS, REQUEST_ID, SETTINGS
+from ..base.log import exchange_logger as log
 from ..base.settings import ModelConfig, Settings
 from ..limits.identity import OWNERS
 from ..logs import RESPONSE_FINISHED, event
@@ -34,7 +34,6 @@ from .relay import Learned, usage_of
 __all__ = ["Ledger", "unique_suffix"]
 
 # The exchange's log lines keep its logger name, whichever module writes them.
-log = logging.getLogger("saiproxy.exchange")
 
 _SUFFIXES = itertools.count(secrets.randbits(40))
 

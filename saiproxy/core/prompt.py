@@ -8,7 +8,6 @@ and the tools and the wanted output format are described at the end of
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any, Final
@@ -16,6 +15,7 @@ from xml.sax.saxutils import quoteattr
 
 import orjson
 
+from ..base.log import exchange_logger as log
 from ..limits.rules import MAX_TOKENS
 from .bounds import MAX_ARGUMENT_DEPTH, depth_exceeds
 from .conversation import Conversation, OutputFormat, Tool, ToolCall, Turn
@@ -36,7 +36,6 @@ __all__ = [
     "tool_parts",
 ]
 
-log = logging.getLogger("saiproxy.exchange")
 
 TOOL_CALL_OPEN: Final = "<tool_call>"
 TOOL_CALL_CLOSE: Final = "</tool_call>"

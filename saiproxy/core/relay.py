@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Final, Protocol
 from aiohttp import web
 
 from ..base.errors import StreamBroken, UpstreamError
+from ..base.log import exchange_logger as log
 from ..base.settings import Settings
 from ..upstream.sai import SaiStream
 from .answer import AnswerFilter
@@ -39,7 +39,6 @@ from .sse import KEEP_ALIVE, EventStream
 __all__ = ["EAGER_GRACE", "Learned", "Ran", "Source", "Stream", "guarded", "streamed", "usage_of"]
 
 # The exchange's log lines keep its logger name, whichever module writes them.
-log = logging.getLogger("saiproxy.exchange")
 
 EAGER_GRACE: Final = 0.05  # seconds an eager stream waits for SAI before it opens anyway
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
 import struct
@@ -38,9 +37,10 @@ from typing import Any, Final
 
 import orjson
 
+from ..base.log import schema_logger as log
+
 __all__ = ["FENCED", "SchemaChecker", "check", "judge", "strip_fence"]
 
-log = logging.getLogger("saiproxy.schema")
 
 _LENGTH: Final = struct.Struct(">I")
 # A whole answer in a code fence (```json ... ```): what is inside.

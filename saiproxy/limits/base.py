@@ -132,9 +132,6 @@ class Limiter(Protocol):
     async def admit(self, ask: Ask) -> Verdict:
         """Check every limit of every scope at once; on success take the request's share."""
 
-    async def settle(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
-        """The request ended: correct its tokens to the real count, end its lease, count usage."""
-
     async def usage_page(
         self,
         dates: Sequence[str],

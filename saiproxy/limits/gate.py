@@ -12,7 +12,6 @@ rate-limit headers go on every answer of a limited path, streams included
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -20,10 +19,12 @@ from typing import Final
 from aiohttp import web
 
 from ..base.errors import ClientError
+from ..base.log import limits_logger as log
 from ..upstream.auth import Credential
 from .base import ScopeKind, Settlement
+from .grant import Grant
 from .identity import Client
-from .limits import LIMITS, Grant
+from .limits import LIMITS
 from .rules import MAX_TOKENS, Figures, Verdict, requested_output, seconds_ceil
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "requested_output", "settle",
 ]  # fmt: skip
 
-log = logging.getLogger("saiproxy.limits")
 
 MODE_HEADER: Final = "X-Saiproxy-Limits"
 LIMIT_HEADERS: Final = web.RequestKey("limit_headers", dict[str, str])

@@ -1,7 +1,7 @@
 """The limits of one replica: the store, the circuit breaker in front of it, the leases it holds.
 
 With LIMITS_URL every admission goes to the shared store. A call that fails,
-or that the store leaves unanswered for LIMITS_TIMEOUT (see ``Limits._wait``:
+or that the store leaves unanswered for LIMITS_TIMEOUT (see reply.py:
 a store that answers, only later than this busy loop wished, is not down),
 opens the breaker: the request (and every one after it) is admitted by this
 replica's share of the limits (limit / LIMITS_REPLICAS) in the process, and a
@@ -17,39 +17,27 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import logging
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from aiohttp import web
-from prometheus_client import Counter, Gauge
 
+from ..base.log import limits_logger as log
 from ..base.metrics import Metrics
 from ..base.settings import Settings
 from ..upstream.auth import Credential
-from .base import Ask, Limiter, ScopeKind, Settlement, UsageCursor, UsagePage, UsageRow, scope_name
-from .identity import ANONYMOUS, Client, Identify
+from .base import Ask, Limiter, ScopeKind, Settlement, UsageCursor, UsagePage, UsageRow
+from .grant import NOTHING, Grant, lease_pairs, leased, possible_leases
+from .identity import Client, Identify
 from .local import LocalLimiter
+from .metrics import LimitMetrics, Mode
+from .reply import reply
 from .rules import Config, Rules, Verdict
 
-__all__ = [
-    "LIMITS",
-    "MODES",
-    "NOTHING",
-    "PATIENCE",
-    "TURNS",
-    "USAGE_PAGE_TIMEOUT",
-    "Grant",
-    "LimitMetrics",
-    "Limits",
-    "Mode",
-    "enabled",
-]
+__all__ = ["LIMITS", "USAGE_PAGE_TIMEOUT", "Limits", "enabled"]
 
-log = logging.getLogger("saiproxy.limits")
 
 if TYPE_CHECKING:
     from .shared import SharedLimiter
@@ -58,90 +46,13 @@ if TYPE_CHECKING:
 # an admin's read, so not LIMITS_TIMEOUT, and its failure does not open the breaker.
 USAGE_PAGE_TIMEOUT: Final = 5.0
 
-Mode = Literal["local", "shared", "fallback"]
-MODES: Final[tuple[Mode, ...]] = ("local", "shared", "fallback")
 _T = TypeVar("_T")
-# A store call unanswered at LIMITS_TIMEOUT is an outage only if the store has been silent that
-# long (Limits._wait); one that keeps answering, slowly or to a loop too busy to read in time,
-# is waited for, at most PATIENCE times LIMITS_TIMEOUT in all (5 s by default: in a cold burst
-# of 500 agent-sized requests on 8 replicas sharing 2 cores, admissions took up to 1.2 s).
-PATIENCE: Final = 20
-# Turns of the loop a call lets pass at its deadline before it judges: the selector reads
-# what came, the store's reader parses it, the call's task takes its reply.
-TURNS: Final = 3
-
-
-_Scopes = tuple[tuple[ScopeKind, Rules], ...]
 
 
 def enabled(settings: Settings) -> bool:
     """Return whether the limits run: a store is named, or any limit is set."""
     config = Config.from_settings(settings)
     return settings.limits_url is not None or config.client.any or config.shared.any
-
-
-class LimitMetrics:
-    """The limits' metrics: per client only for the configured proxy keys (a bounded set)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        registry = metrics.registry
-        self.metrics = metrics
-        self.mode = Gauge(
-            "saiproxy_limits_mode",
-            "1 for the mode the limits run in: local (no store), shared, fallback (store down).",
-            ["mode"],
-            registry=registry,
-        )
-        self.limited = Counter(
-            "saiproxy_limited_requests",
-            "Requests refused by a limit, by the limit that refused them.",
-            ["reason"],
-            registry=registry,
-        )
-        self.store_failures = Counter(
-            "saiproxy_limits_store_failures",
-            "Calls to the limits store that failed or timed out.",
-            registry=registry,
-        )
-        self.client_requests = Counter(
-            "saiproxy_client_requests",
-            "Admitted requests per proxy key (its hashed ID).",
-            ["client"],
-            registry=registry,
-        )
-        self.client_tokens = Counter(
-            "saiproxy_client_tokens",
-            "Tokens per proxy key (its hashed ID), input and output.",
-            ["client", "direction"],
-            registry=registry,
-        )
-        self.client_limited = Counter(
-            "saiproxy_client_limited_requests",
-            "Refused requests per proxy key (its hashed ID).",
-            ["client"],
-            registry=registry,
-        )
-
-    def set_mode(self, mode: Mode) -> None:
-        for name in MODES:
-            self.mode.labels(name).set(1 if name == mode else 0)
-
-
-NOTHING: Final = Settlement(0, 0)  # the settlement of a request that never reached SAI
-
-
-@dataclass(slots=True)
-class Grant:
-    """An admitted request: what it reserved, where, until it settles."""
-
-    ask: Ask
-    verdict: Verdict
-    limiter: Limiter
-    settled: bool = False
-    ended: Settlement = NOTHING  # what it settled with
-    # The store's grant of an admission given up on that landed while this (local) grant ran:
-    # settled with it (Limits._late).
-    late: Grant | None = None
 
 
 class Limits:
@@ -158,8 +69,6 @@ class Limits:
         self.shared: SharedLimiter | None = None
         self.local = LocalLimiter(config.period)
         self.local_config = config
-        # The scopes an ask checks, by (config, kinds, shared): worked out once, not per request.
-        self._scopes: dict[tuple[bool, bool, tuple[ScopeKind, ...], bool], _Scopes] = {}
         if settings.limits_url is not None:
             # Imported only with a store: the Redis client costs about 9 MB
             # and 80 ms at start, for nothing when the limits run in the process.
@@ -193,23 +102,16 @@ class Limits:
     def ask(
         self, client: Client, reserve: int, config: Config, kinds: tuple[ScopeKind, ...]
     ) -> Ask:
-        # Cached for the replica's two configs (the limits, its share while the store is down).
-        key = (config is self.config, config is self.local_config, kinds, client.shared)
-        scopes = self._scopes.get(key) if key[0] or key[1] else None
-        if scopes is None:
-            found: list[tuple[ScopeKind, Rules]] = []
-            if "client" in kinds and config.client.any:
-                found.append(("client", config.client))
-            if "global" in kinds and client.shared and config.shared.any:
-                found.append(("global", config.shared))
-            scopes = tuple(found)
-            if key[0] or key[1]:  # a handful of entries: two configs, a few kinds
-                self._scopes[key] = scopes
+        scopes: list[tuple[ScopeKind, Rules]] = []
+        if "client" in kinds and config.client.any:
+            scopes.append(("client", config.client))
+        if "global" in kinds and client.shared and config.shared.any:
+            scopes.append(("global", config.shared))
         # A credential this replica knows SAI accepted (or the store did) needs no check:
         # its own client even if the store lost its data meanwhile.
         verify = client.verify and not self.local.accepted(client.id)
         return Ask(
-            f"{self._replica}.{next(self._ids):x}", client.id, verify, reserve, scopes,
+            f"{self._replica}.{next(self._ids):x}", client.id, verify, reserve, tuple(scopes),
             usage="client" in kinds,
         )  # fmt: skip
 
@@ -235,7 +137,7 @@ class Limits:
             self._tasks.add(call)  # a drain waits for it
             call.add_done_callback(self._tasks.discard)
             try:
-                verdict = await self._wait(call)
+                verdict = await reply(self.shared.store, call, self.timeout)
             except asyncio.CancelledError:
                 call.add_done_callback(functools.partial(self._abandoned, ask))
                 raise
@@ -261,15 +163,15 @@ class Limits:
         grant = Grant(ask, verdict, self.shared)
         if ask.verify and verdict.client == ask.client:
             self.local.accept(ask.client)  # known here too if the store goes down
-        if verdict.granted and (leased := _leased(ask, verdict.client)):
-            self.leases[ask.id] = leased
+        if verdict.granted and (scopes := leased(ask, verdict.client)):
+            self.leases[ask.id] = scopes
         self._count(grant)
         return grant
 
     def _abandoned(self, ask: Ask, call: asyncio.Future[Verdict]) -> None:
         """The request of an admission in progress went away: settle what it was granted."""
         if call.cancelled() or call.exception() is not None:
-            self._end_leases(_possible_leases(ask))  # unknown whether it took them
+            self._end_leases(possible_leases(ask))  # unknown whether it took them
             return
         self.settle(self._admitted(ask, call.result()), NOTHING)
 
@@ -291,8 +193,8 @@ class Limits:
         grant = Grant(ask, self.local.admit_now(ask), self.local)
         self._count(grant)
         verdict = grant.verdict
-        if self.shared is not None and verdict.granted and (leased := _leased(ask, verdict.client)):
-            self.leases[ask.id] = leased
+        if self.shared is not None and verdict.granted and (scopes := leased(ask, verdict.client)):
+            self.leases[ask.id] = scopes
         if given_up is not None:
             store_ask, call = given_up
             if call.done():
@@ -311,7 +213,7 @@ class Limits:
             # Unknown whether the lease was taken: a running request's own lease has its id
             # (pushed by the probe, ended at settlement); otherwise end it once the store answers.
             if not running:
-                self._end_leases(_possible_leases(ask))
+                self._end_leases(possible_leases(ask))
             return
         verdict = call.result()
         if not verdict.granted:
@@ -385,7 +287,7 @@ class Limits:
             # Their leases are ended once the store answers again (a settlement is
             # not sent twice: it counts usage); their token corrections are lost.
             self._orphans += [
-                pair for ask, verdict, _ in batch for pair in _lease_pairs(ask, verdict.client)
+                pair for ask, verdict, _ in batch for pair in lease_pairs(ask, verdict.client)
             ]
             self._failed(error)
 
@@ -403,46 +305,13 @@ class Limits:
     # --- the store, the breaker
 
     async def _call(self, work: Awaitable[_T]) -> _T:
-        """Run one store call; TimeoutError when the store fell silent (see ``_wait``)."""
+        """Run one store call; TimeoutError when the store fell silent (see reply.py)."""
+        assert self.shared is not None
         call = asyncio.ensure_future(work)
         try:
-            return await self._wait(call)
+            return await reply(self.shared.store, call, self.timeout)
         finally:
             call.cancel()  # given up: its reply is read and dropped when it comes
-
-    async def _wait(self, call: asyncio.Future[_T]) -> _T:
-        """Return the call's result; raise TimeoutError if the store is down.
-
-        A deadline measured in this loop measures the loop as much as the store: a replica
-        parsing a burst of large requests reads the store's replies late (and an
-        ``asyncio.timeout`` due in the same turn as the reply wins over it). So the call
-        waits in windows of LIMITS_TIMEOUT; at the end of each the loop first turns (TURNS)
-        to read what came, then the store is judged down only if no reply was read in the
-        whole window while it owed one since LIMITS_TIMEOUT before the turns began
-        (``Store.silent``), which a busy loop cannot fake: what the store sent by then has
-        been read. (A debt that began later is not judged yet: in a busy loop a turn can
-        last longer than LIMITS_TIMEOUT.) While the store answers, the call waits on, up to
-        PATIENCE x LIMITS_TIMEOUT in all.
-        """
-        assert self.shared is not None
-        store, loop = self.shared.store, asyncio.get_running_loop()
-        since = loop.time()
-        give_up = since + self.timeout * PATIENCE
-        while True:
-            await asyncio.wait((call,), timeout=min(self.timeout, give_up - since))
-            turned = loop.time()
-            for _ in range(TURNS):
-                if call.done():
-                    break
-                await asyncio.sleep(0)
-            if call.done():
-                return call.result()
-            now = loop.time()
-            if store.silent(since, turned - self.timeout):
-                raise TimeoutError(f"the limits store answered nothing for {self.timeout} s")
-            if now >= give_up:
-                raise TimeoutError(f"a limits store call took over {self.timeout * PATIENCE} s")
-            since = now
 
     def _failed(self, error: BaseException) -> None:
         self.metrics.store_failures.inc()
@@ -534,7 +403,6 @@ class Limits:
                     await task
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(1.0, self.timeout * 4))
-        self.local.release_all()
         if self.shared is not None:
             pairs = self._lease_pairs()
             self.leases.clear()
@@ -575,24 +443,6 @@ class Limits:
 
     def client(self, request: object, credential: Credential | None) -> Client:
         return self.identify(request, credential)  # type: ignore[arg-type]
-
-
-def _leased(ask: Ask, client: str) -> tuple[str, ...]:
-    """Return the scopes where an admission of ``ask`` as ``client`` takes a lease: one per
-    concurrency limit."""
-    return tuple(scope_name(kind, client) for kind, rules in ask.scopes if rules.concurrency)
-
-
-def _lease_pairs(ask: Ask, client: str) -> list[tuple[str, str]]:
-    """Return the leases (scope, id) an admission of ``ask`` as ``client`` takes."""
-    return [(scope, ask.id) for scope in _leased(ask, client)]
-
-
-def _possible_leases(ask: Ask) -> list[tuple[str, str]]:
-    """Return the leases a store admission of ``ask`` may have taken, its verdict unknown:
-    as its client, and as anonymous for a credential SAI has not accepted yet."""
-    pairs = _lease_pairs(ask, ask.client)
-    return pairs + _lease_pairs(ask, ANONYMOUS) if ask.verify else pairs
 
 
 LIMITS: Final = web.AppKey("limits", Limits)  # absent when no limit is configured

@@ -14,7 +14,7 @@ import heapq
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -112,6 +112,18 @@ class _Scope:
             self.token_sum -= count
 
 
+@dataclass(slots=True)
+class _Checked:
+    """What an admission found in its scopes: the first limit that refuses it, if any, and
+    each scope's use and the request's costs there (tokens, budget)."""
+
+    deny: Reason | None = None
+    wait: int = 0  # ms until the refusing limit could admit it
+    budget_left: int | None = None  # when a budget refuses
+    used: list[Used] = field(default_factory=list)
+    costs: list[tuple[int, int]] = field(default_factory=list)
+
+
 class LocalLimiter:
     """The Limiter of one process."""
 
@@ -206,56 +218,63 @@ class LocalLimiter:
         excess = 0
         if any(rules.tpm for _, rules in ask.scopes):
             excess = self._learned(client, now) or 0
-        deny: Reason | None = None
-        wait = 0
-        budget_left: int | None = None
-        used: list[Used] = []
-        costs: list[tuple[int, int]] = []
-        found: list[tuple[str, _Scope]] = []  # each scope's name and state, for the grant
+        checked = self._check(ask, client, excess, now, period_left)
+        if ask.usage:
+            self._count(date, client, 3 if checked.deny is not None else 0, 1)
+        if checked.deny is not None:
+            refused = remaining(checked.used, None)
+            return Verdict(False, checked.deny, max(1, checked.wait), refused, period, date,
+                           client, (), checked.budget_left)  # fmt: skip
+        self._take(ask, client, checked.costs, now)
+        granted = remaining(checked.used, checked.costs)
+        return Verdict(True, None, 0, granted, period, date, client, tuple(checked.costs))
+
+    def _check(self, ask: Ask, client: str, excess: int, now: int, period_left: int) -> _Checked:
+        """Measure each scope of ``ask`` as ``client``: the first limit it would exceed refuses."""
+        checked = _Checked()
         for kind, rules in ask.scopes:
             name = scope_name(kind, client)
             scope = self._scope(name, now)
-            found.append((name, scope))
             scope.expire(now)
             requests = scope.requests or ()
             used_r = len(requests)
             reset_r = requests[0] + WINDOW_MS - now if requests else 0
-            if rules.rpm and used_r >= rules.rpm and deny is None:
-                deny, wait = "requests", requests[used_r - rules.rpm] + WINDOW_MS - now
+            if rules.rpm and used_r >= rules.rpm and checked.deny is None:
+                checked.deny = "requests"
+                checked.wait = requests[used_r - rules.rpm] + WINDOW_MS - now
             cost = rules.token_cost(ask.reserve, excess)
             held = scope.tokens or {}
             used_t = scope.token_sum if rules.tpm else 0
             oldest = next(iter(held.values()), None) if rules.tpm else None
             reset_t = oldest[0] + WINDOW_MS - now if oldest is not None else 0
-            if rules.tpm and used_t + cost > rules.tpm and deny is None:
-                deny, wait, left = "tokens", WINDOW_MS, used_t
+            if rules.tpm and used_t + cost > rules.tpm and checked.deny is None:
+                checked.deny, checked.wait, left = "tokens", WINDOW_MS, used_t
                 for at, tokens in held.values():
                     left -= tokens
                     if left + cost <= rules.tpm:
-                        wait = at + WINDOW_MS - now
+                        checked.wait = at + WINDOW_MS - now
                         break
-            if rules.concurrency and len(scope.leases or ()) >= rules.concurrency and deny is None:
-                deny, wait = "concurrency", CONCURRENCY_RETRY_MS
+            if (rules.concurrency and len(scope.leases or ()) >= rules.concurrency
+                    and checked.deny is None):  # fmt: skip
+                checked.deny, checked.wait = "concurrency", CONCURRENCY_RETRY_MS
             budget_cost = rules.budget_cost(ask.reserve)
-            if rules.budget and deny is None:
+            if rules.budget and checked.deny is None:
                 spent = self._budgets.get(name, 0)
                 if spent + budget_cost > rules.budget:
-                    deny, wait = "budget", period_left
-                    budget_left = max(0, rules.budget - spent)
-            used.append(
+                    checked.deny, checked.wait = "budget", period_left
+                    checked.budget_left = max(0, rules.budget - spent)
+            checked.used.append(
                 Used(rules.rpm, used_r if rules.rpm else 0, reset_r if rules.rpm else 0,
                      rules.tpm, used_t, reset_t)
             )  # fmt: skip
-            costs.append((cost, budget_cost))
-        if ask.usage:
-            self._count(date, client, 3 if deny is not None else 0, 1)
-        if deny is not None:
-            refused = remaining(used, None)
-            return Verdict(False, deny, max(1, wait), refused, period, date, client, (),
-                           budget_left)  # fmt: skip
-        for (_, rules), (cost, budget_cost), (name, scope) in zip(
-            ask.scopes, costs, found, strict=True
-        ):
+            checked.costs.append((cost, budget_cost))
+        return checked
+
+    def _take(self, ask: Ask, client: str, costs: list[tuple[int, int]], now: int) -> None:
+        """Take the admitted request's share of every scope: a request, tokens, a lease."""
+        for (kind, rules), (cost, budget_cost) in zip(ask.scopes, costs, strict=True):
+            name = scope_name(kind, client)
+            scope = self._scopes[name]
             if rules.rpm:
                 if scope.requests is None:
                     scope.requests = deque()
@@ -271,14 +290,9 @@ class LocalLimiter:
                 scope.leases.add(ask.id)
             if rules.budget:
                 self._budgets[name] = self._budgets.get(name, 0) + budget_cost
-        granted = remaining(used, costs)
-        return Verdict(True, None, 0, granted, period, date, client, tuple(costs))
-
-    async def settle(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
-        self.settle_now(ask, verdict, ended)
 
     def settle_now(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
-        """:meth:`settle`, at once: nothing here waits."""
+        """The request ended: correct its tokens to the real count, end its lease, count usage."""
         actual = ended.input_tokens + ended.output_tokens
         now = self._clock()
         client = verdict.client
@@ -316,11 +330,6 @@ class LocalLimiter:
         the store is unreachable, this replica still counts it as its own client."""
         self._verified.pop(client, None)
         self._verified[client] = self._clock() + VERIFIED_KEEP_MS
-
-    def release_all(self) -> None:
-        """End every lease (the replica drains)."""
-        for scope in self._scopes.values():
-            scope.leases = None
 
     async def usage_page(
         self,

@@ -157,11 +157,9 @@ class SharedLimiter:
             None if reply["budget_left"] < 0 else int(reply["budget_left"]),
         )
 
-    async def settle(self, ask: Ask, verdict: Verdict, ended: Settlement) -> None:
-        await self.settle_many([(ask, verdict, ended)])
-
     async def settle_many(self, ended: Sequence[tuple[Ask, Verdict, Settlement]]) -> None:
-        """Settle requests that ended: one write."""
+        """Settle requests that ended: correct each one's tokens to the real count, end its
+        lease, count its usage. One write."""
         pending = [[self._prefix, self._settlement(*one)] for one in ended]
         for attempt in (1, 2):
             replies = await self.store.execute_many(

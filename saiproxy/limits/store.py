@@ -22,7 +22,7 @@ What a caller sees:
   a stalled server's connection is given up).
 
 There is no timeout here: each caller bounds its call (``LIMITS_TIMEOUT``,
-see limits.py), and connecting is bounded by the same value. What a caller
+see reply.py), and connecting is bounded by the same value. What a caller
 needs to tell a server that stopped answering from an event loop too busy to
 read its answers in time is :meth:`Store.silent`: whether the server, owing a
 reply, has sent none over a span of time.

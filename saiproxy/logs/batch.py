@@ -22,10 +22,9 @@ from .mask import Masker
 
 __all__ = [
     "BatchHandler",
-    "current_batcher",
+    "batcher_var",
     "event",
     "request_id_var",
-    "set_batcher",
     "trace_var",
 ]
 
@@ -43,14 +42,14 @@ _TRACEBACKS: Final = logging.Formatter()
 def event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> None:
     """Log an INFO lifecycle line like ``logger.info(message, extra=fields)``, far cheaper.
 
-    These lines are on every request's path. With the process's batching
-    handler running, only the parts are noted (the time and the request ID
-    included) and the line is made in the next batch, so ``fields`` must not
-    change afterwards; the caller's file and line are never written out, so
-    they are never looked up.
+    These lines are on every request's path. With a batching handler
+    running for the caller's application (:data:`batcher_var`), only the
+    parts are noted (the time and the request ID included) and the line is
+    made in the next batch, so ``fields`` must not change afterwards; the
+    caller's file and line are never written out, so they are never looked up.
     """
     if logger.isEnabledFor(logging.INFO):
-        batcher = _batcher
+        batcher = batcher_var.get()
         if batcher is not None and batcher.defer(logger, message, fields):
             return
         logger.handle(_lifecycle_record(logger, message, fields))
@@ -256,15 +255,10 @@ class BatchHandler(logging.handlers.QueueHandler):
             return f"unformattable log record from {record.name}: {type(exc).__name__}"
 
 
-_batcher: BatchHandler | None = None  # the running process's handler, for event()
-
-
-def set_batcher(handler: BatchHandler | None) -> None:
-    """Make ``handler`` the one :func:`event` defers to (None: log directly)."""
-    global _batcher
-    _batcher = handler
-
-
-def current_batcher() -> BatchHandler | None:
-    """Return the handler :func:`event` defers to, if any."""
-    return _batcher
+# The handler event() defers to: set where an application's logging starts (its startup,
+# see LogSetup.start), so that its server and every request it serves inherit it. A
+# context variable, not a global: two applications in one process (the tests) each
+# defer to their own handler, and one that stopped is never deferred to by another.
+batcher_var: contextvars.ContextVar[BatchHandler | None] = contextvars.ContextVar(
+    "log_batcher", default=None
+)

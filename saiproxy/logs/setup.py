@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..base.settings import SettingsError
-from .batch import BatchHandler, current_batcher, set_batcher
+from .batch import BatchHandler, batcher_var
 from .format import log_file_name, make_formatter
 from .mask import Masker
 from .write import RotatingFile, Writer
@@ -60,14 +60,16 @@ class LogSetup:
     def start(self) -> None:
         """Attach the handler to the root logger and start the writer thread.
 
-        Called on the event loop, the handler batches there (see :class:`BatchHandler`).
+        Called on the event loop, the handler batches there (see :class:`BatchHandler`),
+        and the lifecycle lines logged in this context (the application's startup, so its
+        server and every request it serves) defer to it (:func:`~.batch.event`).
         """
         # Thread and process names are never written out: skip collecting them.
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         self._writer.start()
         with contextlib.suppress(RuntimeError):  # batching needs a running loop
             self._handler.attach(asyncio.get_running_loop())
-            set_batcher(self._handler)
+            batcher_var.set(self._handler)
         logging.root.addHandler(self._handler)
         logging.root.setLevel(self._level)
         # aiohttp's own loggers stay at WARNING unless we are verbose.
@@ -78,8 +80,8 @@ class LogSetup:
 
     def stop(self) -> None:
         """Detach, write every queued record, and close the file."""
-        if current_batcher() is self._handler:
-            set_batcher(None)
+        if batcher_var.get() is self._handler:
+            batcher_var.set(None)
         self._handler.detach()  # while attached: deferred lines go through the root logger
         logging.root.removeHandler(self._handler)
         logging.root.setLevel(self._previous_level)

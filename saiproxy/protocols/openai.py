@@ -8,6 +8,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, ProxyError
+from ..base.log import protocols_logger as log
 from ..core import bounds, toolcache
 from ..core.bodies import error_response
 from ..core.conversation import (
@@ -57,7 +58,6 @@ MAX_MODEL_CHARS: Final = 256
 # Codex's default namespace: its tools are called by their plain names.
 DEFAULT_NAMESPACE: Final = "functions"
 
-log = logging.getLogger("saiproxy.protocols")
 
 FINISH_REASONS: Final[dict[Finish, str]] = {
     "stop": "stop",

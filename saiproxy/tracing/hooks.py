@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncIterator, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -22,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..base.otel import TracingConfig
 from ..logs import trace_var
-from .config import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -47,7 +46,6 @@ __all__ = [
     "tracing_of",
 ]
 
-log = logging.getLogger("saiproxy.tracing.hooks")
 
 PROVIDER: Final = "sai"
 SPAN: Final[web.RequestKey[Any]] = web.RequestKey("otel_span")

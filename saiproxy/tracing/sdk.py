@@ -29,8 +29,9 @@ from yarl import URL
 
 from .. import __version__
 from ..base.keys import REQUEST_ID
+from ..base.log import tracing_logger as log
+from ..base.otel import SCHEMA_URL, TracingConfig
 from ..logs.mask import Masker
-from .config import SCHEMA_URL, TracingConfig
 
 __all__ = [
     "FLUSH_TIMEOUT",
@@ -41,7 +42,6 @@ __all__ = [
     "content_json",
 ]
 
-log = logging.getLogger("saiproxy.tracing")
 
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _INSTRUMENTATION: Final = "saiproxy"

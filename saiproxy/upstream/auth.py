@@ -12,7 +12,6 @@ Credentials are logged by kind, source and length only; the value lives in a
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, Final, Literal, Protocol
 from aiohttp import hdrs, web
 
 from ..base.errors import InvalidRequest, NoCredential
+from ..base.log import auth_logger as log
 from ..base.settings import AuthHandlerName, Secret, Settings
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "SystemHandler",
 ]
 
-log = logging.getLogger("saiproxy.auth")
 
 COOKIE_MARKER: Final = "Cookies"
 USER_KEY_HEADERS: Final = ("user_api_key", "user-api-key")

@@ -19,18 +19,17 @@ aiohttp release too).
 from __future__ import annotations
 
 import inspect
-import logging
 
 from aiohttp import web
 
 from ..base.errors import MalformedRequest
+from ..base.log import server_logger as log
 from ..core.bodies import error_response
 from ..logs import bound
 from .middlewares import REQUEST_ID_HEADER, new_request_id
 
 __all__ = ["ProxyRunner", "fits"]
 
-log = logging.getLogger("saiproxy.server")  # its lines keep the logger they had
 
 # What the overrides below rely on: handle_error's parameters, in order.
 _HANDLE_ERROR_PARAMETERS = ("self", "request", "status", "exc", "message")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import re
 from collections.abc import Collection
@@ -14,6 +13,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..base.errors import BodyTimeout, ClientError, ProxyAccessDenied, ProxyError
 from ..base.keys import OUTCOME, REQUEST_ID, STREAM
+from ..base.log import middlewares_logger as log
 from ..base.metrics import Metrics
 from ..base.settings import Secret
 from ..core.render import ERROR_SHAPES
@@ -31,8 +31,6 @@ __all__ = [
     "proxy_access_middleware",
     "request_id_for",
 ]
-
-log = logging.getLogger("saiproxy.middlewares")
 
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"

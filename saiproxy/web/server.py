@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
-import logging
 import resource
 import signal
 from typing import Any
@@ -14,6 +13,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..base.keys import STATE, ServingState
+from ..base.log import server_logger as log
 from ..base.settings import Settings, SettingsError
 from .app import AccessLogger, create_app, log_setup_for
 from .malformed import ProxyRunner
@@ -31,8 +31,6 @@ __all__ = [
     "serve",
     "tune_garbage_collector",
 ]
-
-log = logging.getLogger("saiproxy.server")
 
 
 CUT_GRACE = 1.0  # seconds a cut answer gets to write its ending (at most a quarter of the budget)

@@ -3,21 +3,19 @@ client's, a proxy key its own (the rows are limits/usage.py's)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 
 from aiohttp import web
 
 from ..base.errors import ClientError
 from ..base.keys import SETTINGS
+from ..base.log import limits_logger as log
 from ..limits.base import UsageCursor
 from ..limits.identity import any_key_matches, digest, presented_keys
 from ..limits.limits import LIMITS
 from ..limits.usage import DEFAULT_LIMIT, MAX_DAYS, MAX_LIMIT, dates
 
 __all__ = ["usage_view"]
-
-log = logging.getLogger("saiproxy.limits")
 
 
 def _reader(request: web.Request) -> str | None:

@@ -25,7 +25,6 @@ events follow ``response.in_progress`` once SAI has answered.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, Final
 
@@ -33,6 +32,7 @@ from aiohttp import web
 
 from ...base.errors import InvalidRequest, ProxyError, StateUnavailable, UpstreamError
 from ...base.keys import SETTINGS
+from ...base.log import protocols_logger as log
 from ...core.bodies import json_response
 from ...core.conversation import Answer, Conversation
 from ...core.exchange import Exchange
@@ -55,7 +55,6 @@ __all__ = [
     "start",
 ]
 
-log = logging.getLogger("saiproxy.protocols")
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled", "incomplete"})
 POLL: Final = 0.1  # seconds between two reads of a followed response (stream, cancel)
 CANCEL_CHECK: Final = 0.25  # seconds between two reads of the cancel flag by the owner

@@ -21,7 +21,6 @@ stored item; it is never read as text.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -29,6 +28,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ...base.errors import InvalidRequest, UpstreamError
+from ...base.log import protocols_logger as log
 from ...core.bodies import read_json
 from ...core.conversation import Answer, ToolCall, Turn, Usage
 from ...core.exchange import Exchange
@@ -50,7 +50,6 @@ __all__ = [
     "triggered",
 ]
 
-log = logging.getLogger("saiproxy.protocols")
 TRIGGER: Final = "compaction_trigger"
 # The item's type; ``compaction_summary`` is the name some releases of Codex use.
 ITEM_TYPES: Final = frozenset({"compaction", "compaction_summary"})

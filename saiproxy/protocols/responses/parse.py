@@ -9,19 +9,18 @@ Stored prompts are refused with a 400 that names them.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Final
 
 import orjson
 
 from ...base.errors import InvalidRequest
+from ...base.log import protocols_logger as log
 from ...core.conversation import MAX_MESSAGES, Conversation, ToolCall, Turn, check_count
 from ...core.toolcache import ToolCaches
 from .. import openai
 
 __all__ = ["ECHOED", "STATEFUL_FIELDS", "SYSTEM_ROLES", "USED_FIELDS", "parse"]
 
-log = logging.getLogger("saiproxy.protocols")
 SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 # Present and not null, these need state saiproxy does not keep.
 STATEFUL_FIELDS: Final = {

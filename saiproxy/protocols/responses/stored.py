@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -20,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from ...base.errors import InvalidRequest, NotFound
+from ...base.log import protocols_logger as log
 from ...core.bodies import json_response
 from ...state import owner_of
 from ...state.store import STATE_STORE, State, as_items, stored_item
@@ -37,7 +37,6 @@ __all__ = [
     "page",
 ]
 
-log = logging.getLogger("saiproxy.protocols")
 # Input items that are not turns of the conversation: not kept in a chain.
 _NOT_KEPT: Final = frozenset({"item_reference", "additional_tools"})
 MAX_PAGE: Final = 100

@@ -1,4 +1,7 @@
-"""Tracing's configuration, from the standard OTEL_* variables only (no OpenTelemetry import)."""
+"""Tracing's configuration, from the standard OTEL_* variables only (no OpenTelemetry import).
+
+In the bottom layer: the settings read it with everything else, and tracing/ uses it.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +84,38 @@ def tracing_config(env: Mapping[str, str]) -> TracingConfig | None:
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``).
     ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none`` turn it off.
     """
+    exporter = _exporter(env)
+    if exporter is None:
+        return None
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    endpoint = traces_endpoint or (
+        f"{base_endpoint.rstrip('/')}/v1/traces" if base_endpoint else None
+    )
+    sampler, sampler_arg = _sampler(env)
+    attributes = _resource_attributes(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
+    service = (env.get("OTEL_SERVICE_NAME") or "").strip() or attributes.get(
+        "service.name", "saiproxy"
+    )
+    opt_in = {value.strip() for value in env.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
+    return TracingConfig(
+        exporter=exporter,
+        endpoint=endpoint,
+        service_name=service,
+        sampler=sampler,
+        sampler_arg=sampler_arg,
+        resource_attributes=attributes,
+        capture_content=_truthy(env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT")),
+        latest_semconv="gen_ai_latest_experimental" in opt_in,
+        max_queue_size=_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
+        max_export_batch_size=_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+        schedule_delay=_int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+        export_timeout=_int(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000) / 1000,
+    )
+
+
+def _exporter(env: Mapping[str, str]) -> str | None:
+    """Return the exporter the variables name ("otlp" or "console"); None: tracing is off."""
     if _truthy(env.get("OTEL_SDK_DISABLED")):
         return None
     traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
@@ -112,9 +147,11 @@ def tracing_config(env: Mapping[str, str]) -> TracingConfig | None:
             "turns tracing on, but the OpenTelemetry SDK is not installed: "
             "pip install 'saiproxy[otel]'",
         )
-    endpoint = traces_endpoint or (
-        f"{base_endpoint.rstrip('/')}/v1/traces" if base_endpoint else None
-    )
+    return exporter
+
+
+def _sampler(env: Mapping[str, str]) -> tuple[str, float | None]:
+    """Return the sampler the variables name, and its ratio when it takes one."""
     sampler = (env.get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").strip().lower()
     if sampler not in _SAMPLERS:
         raise TracingConfigError(
@@ -131,25 +168,7 @@ def tracing_config(env: Mapping[str, str]) -> TracingConfig | None:
             raise TracingConfigError(
                 "OTEL_TRACES_SAMPLER_ARG", f"must be a ratio from 0 to 1, not {raw_arg!r}"
             )
-    attributes = _resource_attributes(env.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-    service = (env.get("OTEL_SERVICE_NAME") or "").strip() or attributes.get(
-        "service.name", "saiproxy"
-    )
-    opt_in = {value.strip() for value in env.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
-    return TracingConfig(
-        exporter=exporter,
-        endpoint=endpoint,
-        service_name=service,
-        sampler=sampler,
-        sampler_arg=sampler_arg,
-        resource_attributes=attributes,
-        capture_content=_truthy(env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT")),
-        latest_semconv="gen_ai_latest_experimental" in opt_in,
-        max_queue_size=_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
-        max_export_batch_size=_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
-        schedule_delay=_int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
-        export_timeout=_int(env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10000) / 1000,
-    )
+    return sampler, sampler_arg
 
 
 def _resource_attributes(raw: str) -> dict[str, str]:
