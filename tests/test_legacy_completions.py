@@ -471,9 +471,7 @@ async def test_logs_per_prompt(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Pa
     assert all(line["outcome"] == "ok" for line in finished)
 
 
-async def _finish_lines(
-    tmp_path: Path, request_id: str, count: int
-) -> dict[int, dict[str, Any]]:
+async def _finish_lines(tmp_path: Path, request_id: str, count: int) -> dict[int, dict[str, Any]]:
     """Return the request's finish lines by choice, once ``count`` are written."""
     async with asyncio.timeout(10):  # the log listener writes in the background
         while True:
@@ -542,9 +540,7 @@ async def test_client_disconnect_cancels_every_prompt(make_proxy: MakeProxy, sai
     assert (state.in_flight, state.open_streams) == (0, 0)
 
 
-async def test_keepalive_while_every_prompt_waits(
-    make_proxy: MakeProxy, paced: PacedSai
-) -> None:
+async def test_keepalive_while_every_prompt_waits(make_proxy: MakeProxy, paced: PacedSai) -> None:
     proxy = await make_proxy(SAI_URL=paced.url, PING_INTERVAL="0.2")
     # SAI answers neither prompt until the client has had three keep-alives.
     pinged = paced.gate("three pings")
