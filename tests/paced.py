@@ -80,6 +80,7 @@ class PacedSai:
         self.events: list[Event] = []
         self.received: list[Received] = []
         self.url = ""
+        self.default = Paced(("Hello from SAI",))  # for every call no route claims
         self._routes: dict[str, deque[Paced]] = {}
         self._pending: list[Gate] = []  # gates that open once their events are noted
         self._noted = asyncio.Event()
@@ -149,7 +150,7 @@ class PacedSai:
         user = call.user
         self.note("arrived", user)
         routed = self._routes.get(user)
-        reply = routed.popleft() if routed else Paced(("Hello from SAI",))
+        reply = routed.popleft() if routed else self.default
         response = web.StreamResponse(status=reply.status, headers=reply.headers)
         if hdrs.CONTENT_TYPE not in response.headers:
             response.content_type = "text/plain"
