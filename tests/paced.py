@@ -8,7 +8,8 @@ gates: SAI sends the pieces up to a gate, then waits until the gate opens
 
 Everything either side does is noted, in order, in ``events``:
 ``("arrived", user)``, ``("sent", user, piece)``, ``("ended", user)``,
-``("cut", user)`` (the proxy hung up first), and whatever the test notes with
+``("aborted", user)`` (SAI broke off, at an ABORT), ``("cut", user)`` (the
+proxy hung up first), ``("opened", gate)``, and whatever the test notes with
 :meth:`PacedSai.note`. A gate still shut after ``LIMIT`` seconds opens by
 itself and notes ``("gave up", name)``: a proxy that never lets the expected
 order happen fails the test's assertions instead of hanging it.
