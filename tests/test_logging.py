@@ -78,12 +78,31 @@ async def _mixed_requests(make_proxy: MakeProxy, sai: FakeSai, **env: str) -> di
     return ids
 
 
+def _story_ends(ids: dict[str, str]) -> list[str]:
+    """Return the last line (its message) of each request of ``_mixed_requests``."""
+    return [
+        f"[{request_id}] POST /v1/chat/completions 401"
+        if name == "denied"
+        else f"[{request_id}] response finished"
+        for name, request_id in ids.items()
+    ]
+
+
+async def _written(tmp_path: Path, *needles: str) -> list[str]:
+    """Return the log lines once each needle is in one (the listener writes in the background)."""
+    async with asyncio.timeout(10):
+        while True:
+            lines = log_lines(tmp_path)
+            if all(any(needle in line for line in lines) for needle in needles):
+                return lines
+            await asyncio.sleep(0.05)
+
+
 async def test_request_lines_are_tagged_and_complete_json(
     make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
 ) -> None:
     ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
-    await asyncio.sleep(0.2)  # let the listener thread drain
-    lines = log_lines(tmp_path)
+    lines = await _written(tmp_path, *_story_ends(ids))
     records = [json.loads(line) for line in lines]  # every line parses
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
 
@@ -131,8 +150,7 @@ async def test_text_format_is_tagged_too(
     make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
 ) -> None:
     ids = await _mixed_requests(make_proxy, sai, LOG_FORMAT="text")
-    await asyncio.sleep(0.2)
-    lines = log_lines(tmp_path)
+    lines = await _written(tmp_path, *_story_ends(ids))
     assert lines and not lines[0].startswith("{")
     for name, request_id in ids.items():
         tagged = [line for line in lines if f"[{request_id}]" in line]
@@ -144,10 +162,9 @@ async def test_text_format_is_tagged_too(
 async def test_no_secret_reaches_any_output(
     make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
-    await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true", LOG_FORMAT="text")
-    await asyncio.sleep(0.2)
-    written = "\n".join(log_lines(tmp_path))
+    json_ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
+    text_ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true", LOG_FORMAT="text")
+    written = "\n".join(await _written(tmp_path, *_story_ends(json_ids), *_story_ends(text_ids)))
     captured = capfd.readouterr()
     assert '"credential": "user key"' in written or "credential=user key" in written
     for output in (written, captured.out, captured.err):
@@ -198,8 +215,8 @@ async def test_rotation_keeps_bounded_files(
 ) -> None:
     proxy = await make_proxy(LOG_MAX_BYTES="4000", LOG_BACKUPS="2")
     for _ in range(40):
-        await proxy.post(URL, json=chat(("user", "rotate me")))
-    await asyncio.sleep(0.3)
+        response = await proxy.post(URL, json=chat(("user", "rotate me")))
+    await _written(tmp_path, f"[{response.headers['X-Request-ID']}] response finished")
     files = sorted((tmp_path / "logs").iterdir())
     assert len(files) == 3  # the live file and LOG_BACKUPS rotated ones
     names = {f.name for f in files}
@@ -217,8 +234,7 @@ async def test_lines_keep_their_order_and_time_within_a_batch(
     sai.script(Reply(status=503), Reply(body="late answer", delay=0.03))
     response = await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "order-1"})
     assert response.status == 200
-    await asyncio.sleep(0.2)
-    records = [json.loads(line) for line in log_lines(tmp_path)]
+    records = [json.loads(line) for line in await _written(tmp_path, "[order-1] response finished")]
     mine = [r for r in records if r.get("request_id") == "order-1"]
     assert [r["message"] for r in mine] == [
         "[order-1] request received",
