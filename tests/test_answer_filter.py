@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -12,6 +13,9 @@ from saiproxy.core import schemacheck
 from saiproxy.core.answer import AnswerFilter, Rejected, output_problem, strip_fence
 from saiproxy.core.conversation import Conversation, OutputFormat, Tool, ToolChoice, Turn
 from saiproxy.core.schemacheck import SchemaChecker
+
+from .conftest import MakeProxy, chat
+from .paced import Paced, PacedSai, paced_sai
 
 WEATHER = Tool("get_weather", "Weather of a city", "function", {"type": "object"})
 PATCH = Tool("apply_patch", "Apply a patch", "custom")
@@ -220,8 +224,36 @@ def test_schema_checks_resolve_inside_the_schema_only(
         assert (reply is None) is valid, reply
 
 
-def test_partial_stop_matches_a_naive_search() -> None:
-    from saiproxy.core.answer import _partial_stop
+@pytest.fixture
+async def paced() -> AsyncIterator[PacedSai]:
+    async with paced_sai() as sai:
+        yield sai
+
+
+async def _first_content(response: Any) -> tuple[str, bytes]:
+    """Read a chat stream up to its first frame with text; return the text and all read."""
+    read = b""
+    while True:
+        block = await response.content.readuntil(b"\n\n")
+        read += block
+        if block.startswith(b"data: {"):
+            choices = orjson.loads(block[len(b"data: ") :])["choices"]
+            text = choices[0]["delta"].get("content") if choices else None
+            if text:
+                return text, read
+
+
+def _contents(raw: bytes) -> str:
+    frames = [orjson.loads(b[6:]) for b in raw.split(b"\n\n") if b.startswith(b"data: {")]
+    return "".join(f["choices"][0]["delta"].get("content") or "" for f in frames if f["choices"])
+
+
+async def test_a_piece_is_held_back_only_where_it_may_begin_a_stop(
+    make_proxy: MakeProxy, paced: PacedSai
+) -> None:
+    """While SAI holds its next piece, the client has all of this one but its longest end
+    that begins a stop sequence (the end is searched for fast; it must find what a naive
+    search finds)."""
 
     def naive(text: str, stop: str) -> int:
         for size in range(min(len(stop) - 1, len(text)), 0, -1):
@@ -229,6 +261,20 @@ def test_partial_stop_matches_a_naive_search() -> None:
                 return size
         return 0
 
+    proxy = await make_proxy(SAI_URL=paced.url)
     for text in ("", "a", "xab", "abab", "aaaa", "ab" * 50 + "a"):
         for stop in ("ab", "aab", "abab", "aaaab", "ba", "x" * 3, "ab" * 30 + "c"):
-            assert _partial_stop(text, stop) == naive(text, stop), (text, stop)
+            if stop in text:
+                continue  # cut there: what might begin it later does not matter
+            # "Z" and "!" are in no stop: the first frame is never empty, the end breaks
+            # every partial stop.
+            seen = paced.gate(f"{text!r} seen with {stop!r}")
+            paced.default = Paced(("Z" + text, seen, "!"))
+            body = chat(("user", "hi"), stop=[stop], stream=True)
+            response = await proxy.post("/v1/chat/completions", json=body)
+            first, read = await _first_content(response)
+            seen.open()
+            raw = read + await response.read()
+            assert first == "Z" + text[: len(text) - naive(text, stop)], (text, stop)
+            assert _contents(raw) == "Z" + text + "!", (text, stop)
+    assert not any(event[0] == "gave up" for event in paced.events)

@@ -12,14 +12,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from .conftest import CONFIG, ROOT, FakeSai, Reply
+from .conftest import CONFIG, ROOT
+from .paced import Paced, PacedSai, paced_sai
 
 
 def free_port() -> int:
@@ -98,6 +99,12 @@ class Proxy:
 
 
 @pytest.fixture
+async def paced() -> AsyncIterator[PacedSai]:
+    async with paced_sai() as sai:
+        yield sai
+
+
+@pytest.fixture
 def proxies(tmp_path: Path) -> Iterator[list[Proxy]]:
     started: list[Proxy] = []
     yield started
@@ -136,9 +143,8 @@ def test_sigterm_turns_readiness_503_then_exits_0(tmp_path: Path, proxies: list[
     proxy.wait_ready()
     assert http("GET", f"{proxy.url}/health/readiness")[0] == 200
     proxy.process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
     # Still serving during SHUTDOWN_DELAY, but no longer ready.
-    assert http("GET", f"{proxy.url}/health/readiness")[0] == 503
+    assert _readiness_turns_503(proxy)
     assert http("GET", f"{proxy.url}/health")[0] == 200
     assert proxy.process.wait(timeout=20) == 0
     with pytest.raises(OSError):
@@ -166,6 +172,34 @@ def test_two_processes_sharing_log_dir_write_separate_files(
         assert "response finished" in lines
 
 
+def _readiness_turns_503(proxy: Proxy) -> bool:
+    """Ask for readiness until it is 503 (True) or the proxy stops listening (False)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if http("GET", f"{proxy.url}/health/readiness", timeout=5)[0] == 503:
+                return True
+        except OSError:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+async def _listener_closes(url: str) -> bool:
+    """Open fresh connections until they are refused (True), for at most 20 s."""
+    deadline = time.monotonic() + 20
+    fresh = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=fresh) as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{url}/health"):
+                    pass
+            except aiohttp.ClientConnectionError:
+                return True
+            await asyncio.sleep(0.05)
+    return False
+
+
 async def _wait_exit(process: subprocess.Popen[bytes], within: float) -> int | None:
     deadline = time.monotonic() + within
     while process.poll() is None and time.monotonic() < deadline:
@@ -174,15 +208,18 @@ async def _wait_exit(process: subprocess.Popen[bytes], within: float) -> int | N
 
 
 async def test_sigterm_lets_an_open_stream_finish(
-    sai: FakeSai, tmp_path: Path, proxies: list[Proxy]
+    paced: PacedSai, tmp_path: Path, proxies: list[Proxy]
 ) -> None:
-    sai.default = Reply(body=[f"w{i} " for i in range(20)], chunk_delay=0.15)  # about 3 s
+    # SAI holds the rest of its answer until the test has seen the listener close.
+    closed = paced.gate("listener closed")
+    paced.default = Paced((*[f"w{i} " for i in range(5)], closed,
+                           *[f"w{i} " for i in range(5, 20)]))  # fmt: skip
     proxy = Proxy(
         tmp_path,
-        SAI_URL=sai.url,
+        SAI_URL=paced.url,
         SAI_KEY="k-drain",
         SAI_TEMPLATE_ID="t",
-        SHUTDOWN_DELAY="0.5",
+        SHUTDOWN_DELAY="1",
         SHUTDOWN_TIMEOUT="20",
     )
     proxies.append(proxy)
@@ -193,18 +230,15 @@ async def test_sigterm_lets_an_open_stream_finish(
         response = await session.post(url, json=body)
         await response.content.readline()  # the stream is open
         proxy.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
-        fresh = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=fresh) as other:
-            async with other.get(f"{proxy.url}/health/readiness") as ready:
-                assert ready.status == 503
-            await asyncio.sleep(1.0)  # past SHUTDOWN_DELAY: the listener is closed
-            with pytest.raises(aiohttp.ClientConnectionError):
-                await other.get(f"{proxy.url}/health")
+        assert await asyncio.to_thread(_readiness_turns_503, proxy)
+        assert await _listener_closes(proxy.url)  # past SHUTDOWN_DELAY
+        closed.open()
         raw = await response.read()
     assert raw.endswith(b"data: [DONE]\n\n")
     assert b"w19 " in raw
     assert b'"finish_reason":"stop"' in raw
+    assert ("gave up", "listener closed") not in paced.events
+    assert paced.count("ended") == 1
     assert await _wait_exit(proxy.process, 20) == 0
 
 
@@ -219,11 +253,14 @@ _CUT_REQUESTS = {
 @pytest.mark.parametrize("mode", ["message", "http"])
 @pytest.mark.parametrize("kind", list(_CUT_REQUESTS))
 async def test_shutdown_cuts_a_stream_that_outlives_its_budget(
-    sai: FakeSai, tmp_path: Path, proxies: list[Proxy], mode: str, kind: str
+    paced: PacedSai, tmp_path: Path, proxies: list[Proxy], mode: str, kind: str
 ) -> None:
-    sai.default = Reply(body=[f"w{i} " for i in range(100)], chunk_delay=0.1)  # about 10 s
+    # SAI never finishes on its own (only after paced.LIMIT, 20 s, under the default
+    # SHUTDOWN_TIMEOUT of 30 s): the budget of 0.5 + 2 s must cut it.
+    never = paced.gate("never")
+    paced.default = Paced((*[f"w{i} " for i in range(5)], never, "w99 "))
     proxy = Proxy(
-        tmp_path, SAI_URL=sai.url, SAI_KEY="k-cut", SAI_TEMPLATE_ID="t", ERROR_MODE=mode,
+        tmp_path, SAI_URL=paced.url, SAI_KEY="k-cut", SAI_TEMPLATE_ID="t", ERROR_MODE=mode,
         SHUTDOWN_DELAY="0.5", SHUTDOWN_TIMEOUT="2",
     )  # fmt: skip
     proxies.append(proxy)
@@ -233,14 +270,14 @@ async def test_shutdown_cuts_a_stream_that_outlives_its_budget(
     async with aiohttp.ClientSession() as session:
         response = await session.post(url, json=body)
         await response.content.readline()  # the stream is open
-        started = time.monotonic()
         proxy.process.send_signal(signal.SIGTERM)
         raw = await response.read()
         status = await _wait_exit(proxy.process, 20)
-        elapsed = time.monotonic() - started
     assert status == 0
-    # Within SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT (plus the interpreter's own exit).
-    assert elapsed < 0.5 + 2 + 1.5, elapsed
+    # The proxy hung up on SAI mid-answer: the budget ran out, not SAI's answer.
+    await paced.settled()
+    assert paced.count("cut") == len(paced.received) == (2 if kind == "completions" else 1)
+    assert ("gave up", "never") not in paced.events
     assert raw.endswith(b"data: [DONE]\n\n")
     assert b"w99" not in raw and b'"finish_reason":"stop"' not in raw
     assert raw.count(b"data: [DONE]") == 1

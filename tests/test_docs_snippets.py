@@ -35,6 +35,7 @@ from saiproxy.core.prompt import sai_payload
 from saiproxy.upstream.demo import DEMO_COOKIE, DEMO_KEY
 
 from .conftest import ROOT, MakeProxy, log_lines, settings_of
+from .test_layout import LAYERS
 
 PAGES = ("README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")))
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -78,6 +79,10 @@ RUN_HERE: dict[tuple[str, str], str] = {
     ("README.md", "$ saiproxy trace 7c1e9a04"): "test_the_trace_transcript",
     ("README.md", "saiproxy/     one folder per layer"): "test_the_layouts_name_every_module",
     ("docs/architecture.md", "──► SAI client"): "test_the_layouts_name_every_module",
+    (
+        "docs/architecture.md",
+        "cli/        the command",
+    ): "test_the_drawn_layers_are_the_checked_ones",
     ("docs/configuration.md", "[models.sai-opus]"): "test_the_models_table",
     ("docs/configuration.md", "unknown key 'prot'"): "test_the_unknown_key_line",
     ("docs/configuration.md", "[limits]\nurl ="): "test_the_limits_table",
@@ -532,6 +537,13 @@ def test_the_layouts_name_every_module() -> None:
     for named in re.findall(r"[\w/]+\.py", diagram):
         if "*" not in named:
             assert (package / named).exists(), named
+
+
+def test_the_drawn_layers_are_the_checked_ones() -> None:
+    drawn = re.findall(
+        r"^  (\w+)/ ", block("docs/architecture.md", "cli/        the command").code, re.M
+    )
+    assert drawn == list(reversed(LAYERS))  # top to bottom, as tests/test_layout.py orders them
 
 
 # --- docs/demo.md and docs/sai.md

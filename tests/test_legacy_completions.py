@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,15 @@ from saiproxy.base.keys import STATE
 from saiproxy.protocols.completions import FILL_INSTRUCTION, FILL_MARKER
 
 from .conftest import FakeSai, MakeProxy, Reply, log_lines, openai_url, run_node
+from .paced import ABORT, PacedSai, paced_sai
 
 URL = "/v1/completions"
+
+
+@pytest.fixture
+async def paced() -> AsyncIterator[PacedSai]:
+    async with paced_sai() as sai:
+        yield sai
 
 
 def _sdk(proxy: object, **options: Any) -> openai.AsyncOpenAI:
@@ -74,25 +82,30 @@ async def test_unknown_model_maps_to_default(make_proxy: MakeProxy, sai: FakeSai
     assert sai.received[0].path == "/api/templates/tpl-42/execute"
 
 
-async def test_sdk_list_of_prompts_runs_concurrently(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    proxy = await make_proxy()
-    sai.route("first", Reply(body="one", delay=0.6, headers={"prompttokens": "3"}))
-    sai.route("second", Reply(body="two", delay=0.6, headers={"prompttokens": "4"}))
-    sai.route("third", Reply(body="three", headers={"prompttokens": "5"}))
-    started = time.monotonic()
+async def test_sdk_list_of_prompts_runs_concurrently(
+    make_proxy: MakeProxy, paced: PacedSai
+) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url)
+    # SAI answers neither slow prompt until both have reached it: asked one
+    # after the other, the first would wait in vain (and the gate give up).
+    both = paced.gate("both asked", after=[("arrived", "first"), ("arrived", "second")])
+    paced.route("first", both, "one", headers={"prompttokens": "3"})
+    paced.route("second", both, "two", headers={"prompttokens": "4"})
+    paced.route("third", "three", headers={"prompttokens": "5"})
     async with _sdk(proxy) as client:
         result = await client.completions.create(
             model="sai-model", prompt=["first", "second", "third"]
         )
-    elapsed = time.monotonic() - started
     assert [(c.index, c.text) for c in result.choices] == [(0, "one"), (1, "two"), (2, "three")]
     assert all(c.finish_reason == "stop" for c in result.choices)
     assert result.usage is not None
     assert result.usage.prompt_tokens == 12  # summed across prompts
     assert result.usage.completion_tokens == 1 + 1 + 2  # ceil(chars / 4) each
-    assert elapsed < 1.1, "the two slow prompts were answered one after the other"
-    assert len(sai.received) == 3
-    assert len({r.headers["X-Request-ID"] for r in sai.received}) == 1
+    assert ("gave up", "both asked") not in paced.events, "the prompts were asked one by one"
+    assert paced.index("arrived", "second") < paced.index("sent", "first", "one")
+    assert paced.index("arrived", "first") < paced.index("sent", "second", "two")
+    assert len(paced.received) == 3
+    assert len({r.headers["X-Request-ID"] for r in paced.received}) == 1
 
 
 async def test_sdk_echo(make_proxy: MakeProxy, sai: FakeSai) -> None:
@@ -400,34 +413,42 @@ async def test_http_mode_one_failing_prompt_fails_the_request(
     make_proxy: MakeProxy, sai: FakeSai
 ) -> None:
     proxy = await make_proxy(ERROR_MODE="http")
-    sai.route("slow", Reply(body="late", delay=2))
-    sai.route("bad", Reply(status=401))
-    started = time.monotonic()
-    for stream in (False, True):
+    for calls, stream in enumerate((False, True), start=1):
+        sai.route("slow", Reply(body="late", delay=60))
+        sai.route("bad", Reply(status=401))
         response = await proxy.post(URL, json={"prompt": ["slow", "bad"], "stream": stream})
         assert response.status == 401
         assert (await response.json())["error"]["code"] == "invalid_api_key"
-        sai.route("slow", Reply(body="late", delay=2))
-        sai.route("bad", Reply(status=401))
-    # The slow prompt's call is cancelled, not waited for.
-    assert time.monotonic() - started < 2
-    for _ in range(50):
-        if sai.open_responses == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert sai.open_responses == 0
+        # The slow prompt's call is cancelled (SAI sees the hang-up), not waited for.
+        await _settled(sai)
+        assert sai.disconnects == calls
+    assert sum(call.user == "slow" for call in sai.received) == 2
 
 
-async def test_http_mode_stream_breaks_off(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    proxy = await make_proxy(ERROR_MODE="http", MAX_RETRIES="0")
-    sai.route("ok", Reply(body=["o", "k", "!"], chunk_delay=0.3))
-    sai.route("bad", Reply(body=["partial ", "more"], chunk_delay=0.05, reset_after=1))
+async def _settled(sai: FakeSai) -> None:
+    """Wait until the fake SAI has no response open (its calls ended or were cut)."""
+    async with asyncio.timeout(10):
+        while sai.open_responses:
+            await asyncio.sleep(0.02)
+
+
+def _bad_breaks_off_while_ok_streams(paced: PacedSai) -> None:
+    """Route "ok" to send a piece and wait (the proxy should stop it); "bad" to break off."""
+    paced.route("ok", "o", paced.gate("ok held"), "k", "!")
+    paced.route("bad", "partial ", paced.gate("ok began", after=[("sent", "ok", "o")]), ABORT)
+
+
+async def test_http_mode_stream_breaks_off(make_proxy: MakeProxy, paced: PacedSai) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url, ERROR_MODE="http", MAX_RETRIES="0")
+    _bad_breaks_off_while_ok_streams(paced)
     _, frames = await _stream(proxy, {"prompt": ["ok", "bad"]})
     assert frames[-1] == "[DONE]" and frames.count("[DONE]") == 1
     assert frames[-2]["error"]["code"] == "upstream_error"
     # Nothing follows the error: the other choice stopped there, unfinished.
     finishes = [c["choices"][0]["finish_reason"] for c in frames[:-2]]
     assert finishes == [None] * len(finishes)
+    await paced.settled()
+    assert ("cut", "ok") in paced.events
 
 
 # --- logs: one received and one finished line per prompt, same request ID
@@ -439,7 +460,7 @@ async def test_logs_per_prompt(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Pa
         URL, json={"prompt": ["a", "b"]}, headers={"X-Request-ID": "legacy-42"}
     )
     assert response.status == 200
-    await asyncio.sleep(0.3)  # the log listener writes in the background
+    await _finish_lines(tmp_path, "legacy-42", 2)  # the received lines are written before
     lines = [json.loads(line) for line in log_lines(tmp_path)]
     mine = [line for line in lines if line.get("request_id") == "legacy-42"]
     received = [line for line in mine if line["message"].endswith("request received")]
@@ -450,44 +471,49 @@ async def test_logs_per_prompt(make_proxy: MakeProxy, sai: FakeSai, tmp_path: Pa
     assert all(line["outcome"] == "ok" for line in finished)
 
 
-def _finish_lines(tmp_path: Path, request_id: str) -> dict[int, dict[str, Any]]:
-    """Return the request's finish lines by choice."""
-    lines = [json.loads(line) for line in log_lines(tmp_path)]
-    return {
-        line["choice"]: line
-        for line in lines
-        if line.get("request_id") == request_id and line["message"].endswith("response finished")
-    }
+async def _finish_lines(tmp_path: Path, request_id: str, count: int) -> dict[int, dict[str, Any]]:
+    """Return the request's finish lines by choice, once ``count`` are written."""
+    async with asyncio.timeout(10):  # the log listener writes in the background
+        while True:
+            lines = [json.loads(line) for line in log_lines(tmp_path)]
+            finished = {
+                line["choice"]: line
+                for line in lines
+                if line.get("request_id") == request_id
+                and line["message"].endswith("response finished")
+            }
+            if len(finished) >= count:
+                return finished
+            await asyncio.sleep(0.05)
 
 
 async def test_logs_how_each_choice_ended(
-    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
+    make_proxy: MakeProxy, paced: PacedSai, tmp_path: Path
 ) -> None:
     """One finish line per choice: the one that failed, and the one it stopped (``cancelled``)."""
-    proxy = await make_proxy(ERROR_MODE="http", MAX_RETRIES="0")
-    sai.route("slow", Reply(body="late", delay=2))
-    sai.route("bad", Reply(status=401))
+    proxy = await make_proxy(SAI_URL=paced.url, ERROR_MODE="http", MAX_RETRIES="0")
+    never = paced.gate("never")  # "slow" is answered only once the proxy stopped waiting
+    paced.route("slow", never, "late")
+    paced.route("bad", status=401)
     response = await proxy.post(
         URL, json={"prompt": ["slow", "bad"]}, headers={"X-Request-ID": "ended-1"}
     )
     assert response.status == 401
     # Streamed: the stream started, so the failure is in-band and the status stays 200.
-    sai.route("ok", Reply(body=["o", "k", "!"], chunk_delay=0.3))
-    sai.route("bad", Reply(body=["partial ", "more"], chunk_delay=0.05, reset_after=1))
+    _bad_breaks_off_while_ok_streams(paced)
     response = await proxy.post(
         URL, json={"prompt": ["ok", "bad"], "stream": True}, headers={"X-Request-ID": "ended-2"}
     )
     assert response.status == 200
     await response.read()
-    await asyncio.sleep(0.3)  # the log listener writes in the background
     statuses = {
         choice: (line["status"], line["outcome"], line["finish_reason"])
-        for choice, line in _finish_lines(tmp_path, "ended-1").items()
+        for choice, line in (await _finish_lines(tmp_path, "ended-1", 2)).items()
     }
     assert statuses == {0: (401, "cancelled", None), 1: (401, "invalid_api_key", None)}
     statuses = {
         choice: (line["status"], line["outcome"], line["finish_reason"])
-        for choice, line in _finish_lines(tmp_path, "ended-2").items()
+        for choice, line in (await _finish_lines(tmp_path, "ended-2", 2)).items()
     }
     assert statuses == {0: (200, "cancelled", None), 1: (200, "upstream_error", "error")}
 
@@ -514,15 +540,26 @@ async def test_client_disconnect_cancels_every_prompt(make_proxy: MakeProxy, sai
     assert (state.in_flight, state.open_streams) == (0, 0)
 
 
-async def test_keepalive_while_every_prompt_waits(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    proxy = await make_proxy(PING_INTERVAL="0.2")
-    sai.route("a", Reply(body="late a", delay=0.9))
-    sai.route("b", Reply(body="later b", delay=1.1))
+async def test_keepalive_while_every_prompt_waits(make_proxy: MakeProxy, paced: PacedSai) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url, PING_INTERVAL="0.2")
+    # SAI answers neither prompt until the client has had three keep-alives.
+    pinged = paced.gate("three pings")
+    paced.route("a", pinged, "late a")
+    paced.route("b", pinged, "later b")
     response = await proxy.post(URL, json={"prompt": ["a", "b"], "stream": True})
-    raw = await response.text()
+    head = b""
+    while head.count(b": ping\n\n") < 3 and not pinged.is_open:
+        block = await response.content.readuntil(b"\n\n")
+        head += block
+        if block != b": ping\n\n":
+            break  # an answer (or an error) came before three pings: checked below
+    pinged.open()
+    raw = (head + await response.read()).decode()
     blocks = [block for block in raw.split("\n\n") if block]
     first_data = next(i for i, block in enumerate(blocks) if block.startswith("data:"))
     assert first_data >= 3 and set(blocks[:first_data]) == {": ping"}
+    assert paced.index("arrived", "a") < paced.index("opened", "three pings")
+    assert paced.index("arrived", "b") < paced.index("opened", "three pings")
     texts: dict[int, str] = {}
     for frame in _frames(raw)[:-1]:
         for choice in frame["choices"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
@@ -14,6 +15,7 @@ import openai._base_client
 import pytest
 
 from .conftest import FakeSai, MakeProxy, Reply, anthropic_url, chat, openai_url
+from .paced import PacedSai, paced_sai
 
 
 class Attempts:
@@ -21,10 +23,13 @@ class Attempts:
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, float]] = []
+        self.on_refusal: Callable[[], None] = lambda: None
 
     async def __call__(self, response: Any) -> None:
         if response.request.method == "POST":
             self.seen.append((response.status_code, time.monotonic()))
+            if response.status_code == 429:
+                self.on_refusal()
 
     def client(self, sdk: Any) -> Any:
         """Return an HTTP client of the kind the SDK takes (httpx, or httpx2 in newer ones)."""
@@ -37,30 +42,30 @@ class Attempts:
         return [status for status, _ in self.seen]
 
 
-async def _hold_the_slot(proxy: Any) -> asyncio.Task[Any]:
-    """Open a stream that holds the one concurrent slot for about 0.6 s."""
-
-    async def stream() -> bytes:
-        response = await proxy.post(
-            "/v1/chat/completions", json=chat(("user", "hold"), stream=True)
-        )
-        assert response.status == 200
-        return bytes(await response.read())
-
-    task = asyncio.create_task(stream())
-    await asyncio.sleep(0.15)
-    return task
+async def _hold_the_slot(proxy: Any, paced: PacedSai, attempts: Attempts) -> asyncio.Task[Any]:
+    """Open a stream that holds the one concurrent slot until the SDK has had its 429."""
+    refused = paced.gate("refused")
+    attempts.on_refusal = refused.open
+    paced.route("hold", "a", refused, "b", "c")
+    response = await proxy.post("/v1/chat/completions", json=chat(("user", "hold"), stream=True))
+    assert response.status == 200  # admitted: the slot is taken
+    return asyncio.create_task(response.read())
 
 
 @pytest.fixture
-async def limited(make_proxy: MakeProxy, sai: FakeSai) -> Any:
-    sai.route("hold", Reply(body=["a", "b", "c"], chunk_delay=0.3))
-    return await make_proxy(LIMITS_CLIENT_CONCURRENCY="1")
+async def paced() -> AsyncIterator[PacedSai]:
+    async with paced_sai() as sai:
+        yield sai
 
 
-async def test_openai_sdk_waits_retry_after_ms_then_succeeds(limited: Any) -> None:
+@pytest.fixture
+async def limited(make_proxy: MakeProxy, paced: PacedSai) -> Any:
+    return await make_proxy(SAI_URL=paced.url, LIMITS_CLIENT_CONCURRENCY="1")
+
+
+async def test_openai_sdk_waits_retry_after_ms_then_succeeds(limited: Any, paced: PacedSai) -> None:
     attempts = Attempts()
-    holder = await _hold_the_slot(limited)
+    holder = await _hold_the_slot(limited, paced, attempts)
     async with openai.AsyncOpenAI(
         base_url=openai_url(limited),
         api_key="unused",
@@ -77,9 +82,11 @@ async def test_openai_sdk_waits_retry_after_ms_then_succeeds(limited: Any) -> No
     assert attempts.seen[1][1] - attempts.seen[0][1] >= 0.95
 
 
-async def test_anthropic_sdk_waits_retry_after_ms_then_succeeds(limited: Any) -> None:
+async def test_anthropic_sdk_waits_retry_after_ms_then_succeeds(
+    limited: Any, paced: PacedSai
+) -> None:
     attempts = Attempts()
-    holder = await _hold_the_slot(limited)
+    holder = await _hold_the_slot(limited, paced, attempts)
     async with anthropic.AsyncAnthropic(
         base_url=anthropic_url(limited), api_key="unused", max_retries=2,
         http_client=attempts.client(anthropic),

@@ -12,13 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from saiproxy.base.settings import load_settings
 from saiproxy.logs import LogSetup, Masker, event, request_id_var, serialise
 from saiproxy.logs.format import JsonFormatter
+from saiproxy.web.app import create_app, log_setup_for
 
-from .conftest import SYSTEM_COOKIE, SYSTEM_KEY, FakeSai, MakeProxy, Reply, chat, log_lines
+from .conftest import (
+    SYSTEM_COOKIE,
+    SYSTEM_KEY,
+    FakeSai,
+    MakeProxy,
+    Reply,
+    base_env,
+    chat,
+    log_lines,
+)
 
 URL = "/v1/chat/completions"
 USER_KEY = "uk-distinctive-5e1f0a"
@@ -66,12 +78,31 @@ async def _mixed_requests(make_proxy: MakeProxy, sai: FakeSai, **env: str) -> di
     return ids
 
 
+def _story_ends(ids: dict[str, str]) -> list[str]:
+    """Return the last line (its message) of each request of ``_mixed_requests``."""
+    return [
+        f"[{request_id}] POST /v1/chat/completions 401"
+        if name == "denied"
+        else f"[{request_id}] response finished"
+        for name, request_id in ids.items()
+    ]
+
+
+async def _written(tmp_path: Path, *needles: str) -> list[str]:
+    """Return the log lines once each needle is in one (the listener writes in the background)."""
+    async with asyncio.timeout(10):
+        while True:
+            lines = log_lines(tmp_path)
+            if all(any(needle in line for line in lines) for needle in needles):
+                return lines
+            await asyncio.sleep(0.05)
+
+
 async def test_request_lines_are_tagged_and_complete_json(
     make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
 ) -> None:
     ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
-    await asyncio.sleep(0.2)  # let the listener thread drain
-    lines = log_lines(tmp_path)
+    lines = await _written(tmp_path, *_story_ends(ids))
     records = [json.loads(line) for line in lines]  # every line parses
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
 
@@ -119,8 +150,7 @@ async def test_text_format_is_tagged_too(
     make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path
 ) -> None:
     ids = await _mixed_requests(make_proxy, sai, LOG_FORMAT="text")
-    await asyncio.sleep(0.2)
-    lines = log_lines(tmp_path)
+    lines = await _written(tmp_path, *_story_ends(ids))
     assert lines and not lines[0].startswith("{")
     for name, request_id in ids.items():
         tagged = [line for line in lines if f"[{request_id}]" in line]
@@ -132,10 +162,9 @@ async def test_text_format_is_tagged_too(
 async def test_no_secret_reaches_any_output(
     make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
-    await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true", LOG_FORMAT="text")
-    await asyncio.sleep(0.2)
-    written = "\n".join(log_lines(tmp_path))
+    json_ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true")
+    text_ids = await _mixed_requests(make_proxy, sai, VERBOSE_LOGGING="true", LOG_FORMAT="text")
+    written = "\n".join(await _written(tmp_path, *_story_ends(json_ids), *_story_ends(text_ids)))
     captured = capfd.readouterr()
     assert '"credential": "user key"' in written or "credential=user key" in written
     for output in (written, captured.out, captured.err):
@@ -186,8 +215,8 @@ async def test_rotation_keeps_bounded_files(
 ) -> None:
     proxy = await make_proxy(LOG_MAX_BYTES="4000", LOG_BACKUPS="2")
     for _ in range(40):
-        await proxy.post(URL, json=chat(("user", "rotate me")))
-    await asyncio.sleep(0.3)
+        response = await proxy.post(URL, json=chat(("user", "rotate me")))
+    await _written(tmp_path, f"[{response.headers['X-Request-ID']}] response finished")
     files = sorted((tmp_path / "logs").iterdir())
     assert len(files) == 3  # the live file and LOG_BACKUPS rotated ones
     names = {f.name for f in files}
@@ -205,8 +234,7 @@ async def test_lines_keep_their_order_and_time_within_a_batch(
     sai.script(Reply(status=503), Reply(body="late answer", delay=0.03))
     response = await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "order-1"})
     assert response.status == 200
-    await asyncio.sleep(0.2)
-    records = [json.loads(line) for line in log_lines(tmp_path)]
+    records = [json.loads(line) for line in await _written(tmp_path, "[order-1] response finished")]
     mine = [r for r in records if r.get("request_id") == "order-1"]
     assert [r["message"] for r in mine] == [
         "[order-1] request received",
@@ -312,20 +340,29 @@ def test_mask_cache_stays_bounded_and_correct() -> None:
 
 
 async def test_unexpected_errors_log_a_masked_traceback(
-    make_proxy: MakeProxy, sai: FakeSai, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sai: FakeSai, tmp_path: Path, aiohttp_client: Any
 ) -> None:
     # A bug whose message quotes a secret: the client gets a plain 500, the
-    # log gets the traceback with the secret masked.
-    def broken(*args: Any) -> Any:
+    # log gets the traceback with the secret masked. The bug is a handler of
+    # the test's, served by the proxy's app behind all of its middlewares.
+    settings = load_settings(base_env(sai, tmp_path))
+    app = create_app(settings, log_setup=log_setup_for(settings))
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        await request.read()
         raise RuntimeError(f"bug while building the payload for {SYSTEM_KEY}")
 
-    monkeypatch.setattr("saiproxy.core.exchange.sai_payload", broken)
-    proxy = await make_proxy()
-    response = await proxy.post(URL, json=chat(("user", "q")), headers={"X-Request-ID": "bug-1"})
+    app.router.add_post("/v1/broken", broken)
+    proxy = await aiohttp_client(app)
+    response = await proxy.post(
+        "/v1/broken", json=chat(("user", "q")), headers={"X-Request-ID": "bug-1"}
+    )
     assert response.status == 500
     body = await response.json()
     assert body["error"]["type"] == "api_error" and SYSTEM_KEY not in str(body)
-    await asyncio.sleep(0.2)
+    async with asyncio.timeout(10):  # the log listener writes in the background
+        while not any("unexpected error" in line for line in log_lines(tmp_path)):
+            await asyncio.sleep(0.05)
     records = [json.loads(line) for line in log_lines(tmp_path)]
     failure = next(r for r in records if "unexpected error" in r["message"])
     assert failure["request_id"] == "bug-1" and failure["level"] == "ERROR"
@@ -372,9 +409,15 @@ _FIELD_VALUES = st.recursive(
 )
 
 
+# The names ``logger.info(..., extra=...)`` refuses: a LogRecord's own attributes.
+_RECORD_NAMES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    fields=st.dictionaries(st.text(), _FIELD_VALUES, max_size=8),
+    fields=st.dictionaries(
+        st.text().filter(lambda key: key not in _RECORD_NAMES), _FIELD_VALUES, max_size=8
+    ),
     message=st.text(),
     request_id=st.none() | st.text(min_size=1, max_size=8),
 )
@@ -382,13 +425,19 @@ def test_lifecycle_lines_match_the_record_path_byte_for_byte(
     fields: dict[str, Any], message: str, request_id: str | None
 ) -> None:
     # Lifecycle lines are assembled around orjson's text when that is safe
-    # (serialise_fields); they must be exactly what the generic path writes.
+    # (serialise_fields); they must be exactly what the generic path writes of
+    # the record ``logger.info(message, extra=fields)`` makes (the request ID
+    # added last, as the handler adds it, unless a field is called so).
     formatter, name, created = JsonFormatter(Masker(["sk-secret-1234"]).mask), "saiproxy.x", 1e9
     line = formatter.format_event(name, message, created, fields, request_id)
-    expected = formatter._data(created, "INFO", name, message, fields.items())
-    if request_id is not None and "request_id" not in expected:
-        expected["request_id"] = request_id
-    assert line == serialise(expected)
+    extra = dict(fields)
+    if request_id is not None and "request_id" not in extra:
+        extra["request_id"] = request_id
+    record = logging.getLogger(name).makeRecord(
+        name, logging.INFO, "", 0, message, None, None, extra=extra
+    )
+    record.created = created
+    assert line == formatter.format(record)
     assert "\n" not in line
 
 

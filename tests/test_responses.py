@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
 from .conftest import FakeSai, MakeProxy, Reply
+from .paced import Paced, PacedSai, paced_sai
 
 URL = "/v1/responses"
+
+
+@pytest.fixture
+async def paced() -> AsyncIterator[PacedSai]:
+    async with paced_sai() as sai:
+        yield sai
+
+
+async def _post_once_opened(proxy: Any, paced: PacedSai, reply: Paced) -> tuple[int, bytes]:
+    """Stream ``input: hi``; SAI answers ``reply`` once the client has the stream's first
+    event. Return the status and the whole body."""
+    opened = paced.gate("stream opened")
+    paced.default = Paced((opened, *reply.items), reply.status, reply.headers)
+    async with proxy.post(URL, json={"input": "hi", "stream": True}) as response:
+        first = await response.content.readuntil(b"\n\n")
+        opened.open()
+        raw = first + await response.read()
+    # The stream opened before SAI answered (the gate did not give up waiting).
+    assert ("gave up", "stream opened") not in paced.events
+    return response.status, raw
+
+
 WEATHER = {
     "type": "function",
     "name": "get_weather",
@@ -215,16 +238,12 @@ async def test_stream_event_sequence_with_prose_and_calls(proxy: Any, sai: FakeS
     assert completed["usage"]["total_tokens"] > 0
 
 
-async def test_stream_starts_before_sai_answers(proxy: Any, sai: FakeSai) -> None:
-    sai.script(Reply(body="late", delay=0.5))
-    started = time.monotonic()
-    async with proxy.post(URL, json={"input": "hi", "stream": True}) as response:
-        first = await response.content.readuntil(b"\n\n")
-        waited = time.monotonic() - started
-        rest = await response.read()
-    assert first.startswith(b"event: response.created\n")
-    assert waited < 0.4
-    assert events(first + rest)[-1]["type"] == "response.completed"
+async def test_stream_starts_before_sai_answers(make_proxy: MakeProxy, paced: PacedSai) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url)
+    status, raw = await _post_once_opened(proxy, paced, Paced(("late",)))
+    assert status == 200
+    assert raw.startswith(b"event: response.created\n")
+    assert events(raw)[-1]["type"] == "response.completed"
 
 
 async def test_empty_answer_is_one_empty_message(proxy: Any, sai: FakeSai) -> None:
@@ -239,14 +258,14 @@ async def test_empty_answer_is_one_empty_message(proxy: Any, sai: FakeSai) -> No
 
 
 async def test_http_mode_rate_limit_after_start_is_response_failed(
-    make_proxy: MakeProxy, sai: FakeSai
+    make_proxy: MakeProxy, paced: PacedSai
 ) -> None:
-    proxy = await make_proxy(ERROR_MODE="http", SAI_COOKIE=None)
+    proxy = await make_proxy(SAI_URL=paced.url, ERROR_MODE="http", SAI_COOKIE=None)
     # SAI answers after the stream opened (EAGER_GRACE): the failure is in-band.
-    sai.script(Reply(status=429, body="Test template usage limit exceeded",
-                     headers={"Retry-After": "7"}, delay=0.2))  # fmt: skip
-    status, stream, _ = await post(proxy, {"input": "hi", "stream": True})
+    refusal = Paced(("Test template usage limit exceeded",), 429, {"Retry-After": "7"})
+    status, raw = await _post_once_opened(proxy, paced, refusal)
     assert status == 200
+    stream = events(raw)
     assert [e["type"] for e in stream] == [
         "response.created", "response.in_progress", "response.failed"
     ]  # fmt: skip
@@ -256,10 +275,13 @@ async def test_http_mode_rate_limit_after_start_is_response_failed(
     assert "try again in 7s" in failed["error"]["message"]
 
 
-async def test_http_mode_context_too_long_mid_stream(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    proxy = await make_proxy(ERROR_MODE="http")
-    sai.script(Reply(status=500, body="Error: prompt is too long: 250000 tokens", delay=0.2))
-    _, stream, _ = await post(proxy, {"input": "hi", "stream": True})
+async def test_http_mode_context_too_long_mid_stream(
+    make_proxy: MakeProxy, paced: PacedSai
+) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url, ERROR_MODE="http")
+    too_long = Paced(("Error: prompt is too long: 250000 tokens",), 500)
+    _, raw = await _post_once_opened(proxy, paced, too_long)
+    stream = events(raw)
     assert stream[-1]["type"] == "response.failed"
     assert stream[-1]["response"]["error"]["code"] == "context_length_exceeded"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -11,8 +12,29 @@ import pytest
 from aiohttp import ClientResponse
 
 from .conftest import SYSTEM_COOKIE, FakeSai, MakeProxy, Reply, chat
+from .paced import Paced, PacedSai, paced_sai
 
 URL = "/v1/chat/completions"
+PING = b": ping\n\n"
+
+
+@pytest.fixture
+async def paced() -> AsyncIterator[PacedSai]:
+    async with paced_sai() as sai:
+        yield sai
+
+
+async def _read_until_pings(response: ClientResponse, count: int) -> bytes:
+    """Read a stream's frames until ``count`` more pings came (or it ended); return them."""
+    read, pings = b"", 0
+    while pings < count:
+        frame = await response.content.readuntil(b"\n\n")
+        read += frame
+        if frame == PING:
+            pings += 1
+        elif frame.startswith(b"data: [DONE]") or not frame:
+            break
+    return read
 
 
 def _stream_body(*messages: tuple[str, Any], **extra: Any) -> dict[str, Any]:
@@ -107,19 +129,24 @@ async def test_multibyte_characters_split_across_chunks(
     assert len(contents) >= 3  # pieces were relayed, not gathered
 
 
-async def test_pieces_are_relayed_as_they_arrive(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    proxy = await make_proxy()
-    sai.script(Reply(body=[f"t{i} " for i in range(5)], chunk_delay=0.5))
-    started = time.monotonic()
+async def test_pieces_are_relayed_as_they_arrive(make_proxy: MakeProxy, paced: PacedSai) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url)
+    # SAI sends each piece only once the client has the one before.
+    gates = [paced.gate(f"t{i} relayed") for i in range(4)]
+    paced.default = Paced(("t0 ", gates[0], "t1 ", gates[1], "t2 ", gates[2], "t3 ", gates[3],
+                           "t4 "))  # fmt: skip
     response = await proxy.post(URL, json=_stream_body(("user", "hi")))
-    arrivals: list[float] = []
+    arrivals = 0
     async for line in response.content:
         if line.startswith(b"data: {") and b'"content":"t' in line:
-            arrivals.append(time.monotonic() - started)
-    assert len(arrivals) == 5
-    # SAI drips for 2 s; the first piece must reach the client long before the last.
-    assert arrivals[-1] - arrivals[0] > 1.5
-    assert arrivals[0] < arrivals[-1] / 2
+            assert f'"content":"t{arrivals} "'.encode() in line
+            if arrivals < len(gates):
+                gates[arrivals].open()
+            arrivals += 1
+    assert arrivals == 5
+    # The first piece reached the client before SAI sent the second (and so the last).
+    assert paced.index("opened", "t0 relayed") < paced.index("sent", "hi", "t1 ")
+    assert not any(event[0] == "gave up" for event in paced.events)
 
 
 async def test_non_streaming_collects_a_dripped_answer(make_proxy: MakeProxy, sai: FakeSai) -> None:
@@ -129,11 +156,14 @@ async def test_non_streaming_collects_a_dripped_answer(make_proxy: MakeProxy, sa
     assert (await response.json())["choices"][0]["message"]["content"] == "abcd"
 
 
-async def test_keepalive_pings_while_waiting(make_proxy: MakeProxy, sai: FakeSai) -> None:
-    proxy = await make_proxy(PING_INTERVAL="0.2")
-    sai.script(Reply(delay=0.9, body="late answer"))
+async def test_keepalive_pings_while_waiting(make_proxy: MakeProxy, paced: PacedSai) -> None:
+    proxy = await make_proxy(SAI_URL=paced.url, PING_INTERVAL="0.2")
+    pinged = paced.gate("three pings")  # SAI answers once the client has had three
+    paced.default = Paced((pinged, "late answer"))
     response = await proxy.post(URL, json=_stream_body(("user", "hi")))
-    frames = _frames(await response.read())
+    head = await _read_until_pings(response, 3)
+    pinged.open()
+    frames = _frames(head + await response.read())
     pings = [f for f in frames if f == b": ping"]
     assert len(pings) >= 3
     first_data = next(i for i, f in enumerate(frames) if f.startswith(b"data:"))
@@ -206,13 +236,16 @@ async def test_early_context_check_when_streaming(make_proxy: MakeProxy, sai: Fa
 
 
 async def test_error_after_keepalive_is_in_band_in_http_mode(
-    make_proxy: MakeProxy, sai: FakeSai
+    make_proxy: MakeProxy, paced: PacedSai
 ) -> None:
-    proxy = await make_proxy(ERROR_MODE="http", PING_INTERVAL="0.1")
-    sai.script(Reply(status=429, delay=0.35))
+    proxy = await make_proxy(SAI_URL=paced.url, ERROR_MODE="http", PING_INTERVAL="0.1")
+    pinged = paced.gate("a ping")  # SAI refuses once the client has had a keep-alive
+    paced.default = Paced((pinged, "Test template usage limit exceeded"), status=429)
     response = await proxy.post(URL, json=_stream_body(("user", "hi")))
     assert response.status == 200
-    frames = _frames(await response.read())
+    head = await _read_until_pings(response, 1)
+    pinged.open()
+    frames = _frames(head + await response.read())
     assert frames[0] == b": ping"
     events = _data(frames)
     assert events[0]["error"]["code"] == "rate_limit_exceeded"
@@ -285,7 +318,7 @@ async def test_client_disconnect_cancels_upstream(make_proxy: MakeProxy, sai: Fa
 
 async def test_client_disconnect_while_waiting_for_sai(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy(PING_INTERVAL="0.1")
-    sai.default = Reply(delay=3.0)
+    sai.default = Reply(delay=60.0)  # cut by the hang-ups, never waited out
 
     async def one() -> None:
         response = await proxy.post(URL, json=_stream_body(("user", "hi")))
@@ -293,7 +326,7 @@ async def test_client_disconnect_while_waiting_for_sai(make_proxy: MakeProxy, sa
         response.close()
 
     await asyncio.gather(*(one() for _ in range(5)))
-    deadline = time.monotonic() + 2.5
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline and sai.disconnects < 5:
         await asyncio.sleep(0.05)
     assert sai.disconnects == 5
@@ -304,30 +337,40 @@ async def test_a_stream_that_stalls_past_request_timeout_ends_in_band(
     make_proxy: MakeProxy, sai: FakeSai
 ) -> None:
     # The silence between two pieces is bounded by REQUEST_TIMEOUT (one timer per
-    # answer, re-armed for what is left of the silence), not the whole answer.
-    proxy = await make_proxy(REQUEST_TIMEOUT="0.3", MAX_RETRIES="0")
-    sai.script(Reply(body=["a", "b", "c", "late"], chunk_delay=0.15), Reply(body=["x", "y"],
-                     chunk_delay=1.0))  # fmt: skip
+    # answer, re-armed for what is left of the silence), not the whole answer. Each
+    # silence of the flowing answer is far under it (a busy machine may stretch one
+    # several times over); the stalled one never ends by itself.
+    proxy = await make_proxy(REQUEST_TIMEOUT="1", MAX_RETRIES="0")
+    sai.script(Reply(body=["a", "b", "c", "d", "e", "f", "late"], chunk_delay=0.2),
+               Reply(body=["x", "y"], chunk_delay=60.0))  # fmt: skip
     flowing = await _events(await proxy.post(URL, json=_stream_body(("user", "hi"))))
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in flowing[:-1])
-    assert text == "abclate"
+    assert text == "abcdeflate"
     assert flowing[-2]["choices"][0]["finish_reason"] == "stop"
 
     stalled = await _events(await proxy.post(URL, json=_stream_body(("user", "hi"))))
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in stalled[:-1])
-    assert text.startswith("x\n\n") and "did not answer within 0.3 s" in text
+    assert text.startswith("x\n\n") and "did not answer within 1 s" in text
     assert stalled[-2]["choices"][0]["finish_reason"] == "length"
     assert stalled[-1] == "[DONE]"
 
 
 async def test_a_silent_stream_is_kept_alive_between_pieces(
-    make_proxy: MakeProxy, sai: FakeSai
+    make_proxy: MakeProxy, paced: PacedSai
 ) -> None:
     # One keep-alive task serves every open stream: SAI's silence after the
-    # first piece still brings pings, and only while it lasts.
-    proxy = await make_proxy(PING_INTERVAL="0.1")
-    sai.script(Reply(body=["first", "second"], chunk_delay=0.6))
-    frames = _frames(await (await proxy.post(URL, json=_stream_body(("user", "hi")))).read())
+    # first piece still brings pings, and only while it lasts. SAI sends its
+    # second piece once the client has had two pings after the first.
+    proxy = await make_proxy(SAI_URL=paced.url, PING_INTERVAL="0.1")
+    pinged = paced.gate("two pings")
+    paced.default = Paced(("first", pinged, "second"))
+    response = await proxy.post(URL, json=_stream_body(("user", "hi")))
+    head = b""
+    while b'"content":"first"' not in head:
+        head += await response.content.readuntil(b"\n\n")
+    head += await _read_until_pings(response, 2)
+    pinged.open()
+    frames = _frames(head + await response.read())
     first = next(i for i, f in enumerate(frames) if b'"content":"first"' in f)
     second = next(i for i, f in enumerate(frames) if b'"content":"second"' in f)
     pings = [f for f in frames[first:second] if f == b": ping"]
