@@ -179,11 +179,12 @@ def _middlewares(settings: Settings, metrics: Metrics, tracing: Tracing | None) 
 
 
 def _objects(app: web.Application, settings: Settings, metrics: Metrics) -> None:
-    """Give the app its settings, serving state, metrics, auth chain and memory trim."""
+    """Give the app its settings, serving state, metrics, auth chain, memory trim, task set."""
     app[SETTINGS] = settings
     app[STATE] = state = ServingState()
     app[METRICS] = metrics
     app[MEMORY_TRIM] = MemoryTrim()
+    app[background.RUNNING] = background.Running()
     # Gauges read the serving state when scraped: no lock taken per request.
     metrics.open_streams.set_function(lambda: state.open_streams)
     metrics.in_flight.set_function(lambda: state.in_flight)

@@ -47,8 +47,10 @@ __all__ = [
     "DRAINED",
     "LOST",
     "POLL",
+    "RUNNING",
     "TERMINAL",
     "BackgroundRenderer",
+    "Running",
     "cancel",
     "replay",
     "settled",
@@ -63,8 +65,26 @@ LOST: Final = (
     "expired); send the request again"
 )
 DRAINED: Final = "The replica running this background response shut down; send the request again"
-# The tasks running here: referenced until they end (the event loop keeps weak references).
-_RUNNING: set[asyncio.Task[None]] = set()
+
+
+class Running:
+    """The background responses an application runs, referenced until they end.
+
+    The event loop keeps only weak references to tasks; each application owns
+    its own set, so two applications in one process share none.
+    """
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+RUNNING = web.AppKey("background_responses", Running)
 
 
 def _frames(raw: bytes) -> list[str]:
@@ -120,8 +140,7 @@ async def start(
     if streamed:
         await state.add_events(owner, renderer.response_id, _frames(renderer.head(exchange.model)))
     task = asyncio.create_task(_run(state, owner, exchange, renderer, found, streamed, lease))
-    _RUNNING.add(task)
-    task.add_done_callback(_RUNNING.discard)
+    request.app[RUNNING].add(task)
     if streamed:
         return await _follow(request, state, owner, renderer.response_id, -1)
     return json_response(queued)
