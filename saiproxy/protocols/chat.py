@@ -210,11 +210,7 @@ class ChatRenderer:
         return self._prefix + choices + extra + b"}\n\n"
 
     def head(self, model: str) -> bytes:
-        head = orjson.dumps(
-            {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-             "model": model}
-        )  # fmt: skip
-        self._prefix = b"data: " + head[:-1] + b',"choices":'
+        self._prefix = openai.stream_prefix(self._id, "chat.completion.chunk", self._created, model)
         self._text_head = self._prefix + b'[{"index":0,"delta":{"content":'
         return self._frame(
             b'[{"index":0,"delta":{"role":"assistant","content":""},'

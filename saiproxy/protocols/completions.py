@@ -188,11 +188,7 @@ class ChoiceRenderer:
         )
 
     def head(self, model: str) -> bytes:
-        head = orjson.dumps(
-            {"id": self._id, "object": "text_completion", "created": self._created,
-             "model": model}
-        )  # fmt: skip
-        self._prefix = b"data: " + head[:-1] + b',"choices":'
+        self._prefix = openai.stream_prefix(self._id, "text_completion", self._created, model)
         # Legacy completions have no opening chunk; with echo the first one is the prompt.
         return self._frame(self._echo, None) if self._echo else b""
 

@@ -1,10 +1,12 @@
-"""Pieces the OpenAI-shaped protocols share: content parts, tools, finish reasons, errors."""
+"""Pieces the OpenAI-shaped protocols share: content parts, tools, finish reasons, errors,
+the head of a stream's chunks."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from ..base.errors import InvalidRequest, ProxyError
@@ -40,6 +42,7 @@ __all__ = [
     "media_refused",
     "model_name",
     "stop_sequences",
+    "stream_prefix",
     "tool",
     "tool_choice",
     "tools",
@@ -377,3 +380,11 @@ def usage(usage_: Usage) -> dict[str, int]:
         "completion_tokens": usage_.completion_tokens,
         "total_tokens": usage_.total_tokens,
     }
+
+
+def stream_prefix(id_: str, object_: str, created: int, model: str) -> bytes:
+    """Return the constant head of a stream's every chunk, up to its choices:
+    ``data: {"id":…,"object":…,"created":…,"model":…,"choices":``. A stream serialises it
+    once and splices each chunk's tail after it, instead of serialising it once per token."""
+    head = orjson.dumps({"id": id_, "object": object_, "created": created, "model": model})
+    return b"data: " + head[:-1] + b',"choices":'

@@ -9,6 +9,7 @@ server tools, cache control, beta features) are left out.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Final
 
 import orjson
@@ -209,13 +210,21 @@ def _system(value: Any) -> str:
     return _texts(value, "system")
 
 
-def _texts(blocks: list[Any], where: str) -> str:
-    """Return the text of text blocks joined by newlines; other blocks are left out."""
-    texts: list[str] = []
+def _read_blocks(
+    blocks: list[Any], where: str
+) -> Iterator[tuple[dict[str, Any], str, str, str | None]]:
+    """Yield each block (as read) with where it stands, its type, and its text when it reads
+    as text (see _block_text), else None."""
     for index, block in enumerate(blocks):
         at = f"{where}[{index}]"
         kind = _kind(block, at)
-        text = _block_text(block, kind, at)
+        yield block, at, kind, _block_text(block, kind, at)
+
+
+def _texts(blocks: list[Any], where: str) -> str:
+    """Return the text of text blocks joined by newlines; other blocks are left out."""
+    texts: list[str] = []
+    for _block, at, kind, text in _read_blocks(blocks, where):
         if text is not None:
             texts.append(text)
         else:
@@ -271,10 +280,7 @@ def _message(raw: Any, index: int) -> list[Turn]:
 def _user(content: list[Any], where: str) -> list[Turn]:
     turns: list[Turn] = []
     texts: list[str] = []
-    for index, block in enumerate(content):
-        at = f"{where}.content[{index}]"
-        kind = _kind(block, at)
-        text = _block_text(block, kind, at)
+    for block, at, kind, text in _read_blocks(content, f"{where}.content"):
         if text is not None:
             texts.append(text)
         elif kind == "tool_result":

@@ -40,16 +40,18 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     }
 
 
+# The fields of a message_delta's usage: the Usage object's counters, without its
+# cache_creation breakdown and its service fields.
+_DELTA_USAGE_FIELDS: Final = frozenset(
+    {"input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+     "server_tool_use", "output_tokens_details"}
+)  # fmt: skip
+
+
 def _delta_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     # message_delta counts are totals: the SDKs overwrite the message_start ones.
-    return {
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
-        "output_tokens_details": {"thinking_tokens": 0},
-    }
+    full = usage(input_tokens, output_tokens)
+    return {name: value for name, value in full.items() if name in _DELTA_USAGE_FIELDS}
 
 
 def _tool_use_block(call: ToolCall, arguments: Any) -> dict[str, Any]:

@@ -196,24 +196,14 @@ class ResponsesRenderer:
                     {"output_index": index, "item": _call_item(call, done=False)},
                 )
             )
-            if call.kind == "custom":
-                frames.append(
-                    self._event("response.custom_tool_call_input.delta",
-                                {**located, "delta": call.input})
-                )  # fmt: skip
-                frames.append(
-                    self._event("response.custom_tool_call_input.done",
-                                {**located, "input": call.input})
-                )  # fmt: skip
-            else:
-                frames.append(
-                    self._event("response.function_call_arguments.delta",
-                                {**located, "delta": call.arguments})
-                )  # fmt: skip
-                frames.append(
-                    self._event("response.function_call_arguments.done",
-                                {**located, "arguments": call.arguments})
-                )  # fmt: skip
+            # A custom tool's call streams its input, a function's its arguments.
+            event, field, value = (
+                ("response.custom_tool_call_input", "input", call.input)
+                if call.kind == "custom"
+                else ("response.function_call_arguments", "arguments", call.arguments)
+            )
+            frames.append(self._event(f"{event}.delta", {**located, "delta": value}))
+            frames.append(self._event(f"{event}.done", {**located, field: value}))
             self._output.append(item)
             frames.append(
                 self._event("response.output_item.done", {"output_index": index, "item": item})
