@@ -40,8 +40,8 @@ __all__ = [
 
 DONE: Final = b"data: [DONE]\n\n"
 USED_FIELDS: Final = frozenset(
-    {"model", "prompt", "stream", "stream_options", "n", "logprobs", "suffix", "echo", "stop",
-     "metadata", "user"}
+    {"model", "prompt", "stream", "stream_options", "n", "best_of", "logprobs", "suffix", "echo",
+     "stop", "metadata", "user"}
 )  # fmt: skip
 MAX_PROMPTS: Final = 16  # each prompt is a SAI call of its own, all at once
 FILL_MARKER: Final = "{{FILL_HERE}}"
