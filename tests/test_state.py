@@ -427,6 +427,22 @@ async def test_users_own_sai_keys_are_owners_too(make_proxy: MakeProxy, sai: Fak
         )
 
 
+async def test_users_sessions_own_apart_under_the_configured_session_cookie(
+    make_proxy: MakeProxy, sai: FakeSai
+) -> None:
+    """SAI_SESSION_COOKIE names the session cookie for the owners as for the limits: two
+    users' sessions own their objects apart, and nobody else reads them."""
+    proxy = await make_proxy(SAI_SESSION_COOKIE="sai-session")
+    sai.answer = echo
+    ana = {"user-api-key": "sai-session=ana-session-1; Cookies=1"}
+    ben = {"user-api-key": "sai-session=ben-session-2; Cookies=1"}
+    async with _client(proxy) as client:
+        mine = await client.responses.create(model="sai-model", input="Ana's", extra_headers=ana)
+        assert (await client.responses.retrieve(mine.id, extra_headers=ana)).id == mine.id
+        await _expect_404(client.responses.retrieve(mine.id, extra_headers=ben))
+        await _expect_404(client.responses.retrieve(mine.id))
+
+
 async def test_the_node_openai_sdk(make_proxy: MakeProxy, sai: FakeSai) -> None:
     proxy = await make_proxy()
     sai.answer = echo

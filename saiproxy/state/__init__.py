@@ -43,7 +43,7 @@ async def state_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     backend = backend_for(settings)
     app[STATE_STORE] = State(backend, settings.state_prefix, settings.state_client_bytes)
-    app[OWNERS] = Identify(settings.proxy_api_keys)
+    app[OWNERS] = Identify(settings.proxy_api_keys, settings.sai_session_cookie)
     try:
         yield
     finally:
