@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,22 @@ SYSTEM_COOKIE = "session=sys-cookie-4d8e2a6f0c; Cookies=1"
 TEMPLATE = "tpl-42"
 
 
+@contextlib.asynccontextmanager
+async def on_loopback(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port for the block; yield its base URL."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(access_log=None)
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
 @pytest.fixture
 async def sai() -> AsyncIterator[FakeSai]:
     fake = FakeSai()
-    server = TestServer(fake.app, host="127.0.0.1")
-    await server.start_server(access_log=None)
-    fake.url = str(server.make_url("")).rstrip("/")
-    yield fake
-    await server.close()
+    async with on_loopback(fake.app) as fake.url:
+        yield fake
 
 
 def base_env(sai: FakeSai, tmp_path: Path) -> dict[str, str]:
@@ -82,10 +91,8 @@ def make_proxy(
 @pytest.fixture
 async def demo_url() -> AsyncIterator[str]:
     """Serve the demo upstream (``saiproxy --demo``'s) on a loopback port."""
-    server = TestServer(demo_sai().app, host="127.0.0.1")
-    await server.start_server(access_log=None)
-    yield str(server.make_url("")).rstrip("/")
-    await server.close()
+    async with on_loopback(demo_sai().app) as url:
+        yield url
 
 
 @pytest.fixture

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import hdrs, web
-from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from saiproxy.upstream.fake_sai import EXECUTE_PATH, Received
+
+from .conftest import on_loopback
 
 LIMIT = 20.0  # seconds a gate waits before it gives up (only a failing proxy makes it wait)
 
@@ -185,8 +186,5 @@ class PacedSai:
 async def paced_sai() -> AsyncIterator[PacedSai]:
     """Serve a PacedSai on a loopback port for the ``async with`` block."""
     sai = PacedSai()
-    server = TestServer(sai.app, host="127.0.0.1")
-    await server.start_server(access_log=None)
-    sai.url = str(server.make_url("")).rstrip("/")
-    yield sai
-    await server.close()
+    async with on_loopback(sai.app) as sai.url:
+        yield sai

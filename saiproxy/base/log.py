@@ -20,7 +20,6 @@ __all__ = [
     "sai_logger",
     "schema_logger",
     "server_logger",
-    "tracing_hooks_logger",
     "tracing_logger",
 ]
 
@@ -45,5 +44,3 @@ schema_logger = logging.getLogger("saiproxy.schema")
 server_logger = logging.getLogger("saiproxy.server")
 # The OpenTelemetry SDK's set-up and its exporter (tracing/sdk.py).
 tracing_logger = logging.getLogger("saiproxy.tracing")
-# The spans' hooks (tracing/hooks.py).
-tracing_hooks_logger = logging.getLogger("saiproxy.tracing.hooks")

@@ -65,7 +65,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         if len(raw) < LARGE_BODY:
             return _parse(raw, settings.max_json_depth)
-        request.app[MEMORY_TRIM].after(request)
+        request.app[MEMORY_TRIM].after()
         async with request.app[STATE].large_bodies:
             # In a thread the parse yields the GIL every switch interval, so the
             # loop keeps serving the other requests meanwhile.
@@ -95,7 +95,7 @@ class MemoryTrim:
     def __init__(self) -> None:
         self._pending = False
 
-    def after(self, request: web.Request) -> None:
+    def after(self) -> None:
         """Trim once the request is done (and TRIM_DELAY later); later ones join the same trim."""
         task = asyncio.current_task()
         if _MALLOC_TRIM is None or task is None:
@@ -143,9 +143,4 @@ def json_response(
 
 def error_response(error: ProxyError) -> web.Response:
     """Render a ProxyError as its HTTP status and OpenAI error object."""
-    return web.Response(
-        status=error.status,
-        body=orjson.dumps(error.body()),
-        content_type="application/json",
-        headers=error.headers(),
-    )
+    return json_response(error.body(), error.status, error.headers())

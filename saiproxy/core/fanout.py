@@ -95,9 +95,12 @@ class _FanOut:
 
     async def _run(self, streams: Sequence[Stream]) -> Ran:
         """Run every choice's stream, then write the end of the stream; return how they ended."""
-        together = await self._together(
-            lambda index, _: streams[index].run(keep_alive=index == 0), _ending_itself
-        )
+        try:
+            together = await self._together(
+                lambda index, _: streams[index].run(keep_alive=index == 0), _ending_itself
+            )
+        except BaseException as exc:  # a second cancellation while the choices were stopped
+            return [Ending.failed(exc)] * len(streams), exc
         if isinstance(together.failure, _Stopped):
             return together.endings, None  # an in-band error was the stream's last event
         if together.failure is None:

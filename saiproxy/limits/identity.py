@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -30,7 +30,6 @@ __all__ = [
     "Client",
     "Identify",
     "KeyRing",
-    "any_key_matches",
     "digest",
     "presented_keys",
     "session_value",
@@ -52,20 +51,10 @@ def presented_keys(request: web.Request) -> list[bytes]:
     return presented
 
 
-def any_key_matches(presented: Collection[bytes], allowed: Collection[bytes]) -> bool:
-    """Return whether a presented key is one of ``allowed``, in constant time: every pair is
-    compared, without stopping early, so timing tells nothing."""
-    matched = False
-    for candidate in presented:
-        for key in allowed:
-            matched |= hmac.compare_digest(candidate, key)
-    return matched
-
-
 class KeyRing:
     """Keys found by their SHA-256: one lookup per presented key, however many keys there are.
 
-    :func:`any_key_matches` compares every pair, so with a thousand proxy keys
+    Comparing a presented key with every configured one, with a thousand proxy keys
     every request paid two thousand comparisons (about 90 us). Found by its
     hash, a key's bytes still tell nothing through the timing (the lookup sees
     only the hash); the one candidate found is confirmed with a constant-time
@@ -74,16 +63,38 @@ class KeyRing:
 
     __slots__ = ("_keys",)
 
-    def __init__(self, keys: Iterable[bytes]) -> None:
-        self._keys = {hashlib.sha256(key).digest(): key for key in keys}
+    def __init__(self, keys: Iterable[bytes] | Mapping[bytes, str]) -> None:
+        """Keep ``keys``; a mapping names each key (``find`` returns the name)."""
+        named = keys if isinstance(keys, Mapping) else dict.fromkeys(keys, "")
+        self._keys = {hashlib.sha256(key).digest(): (key, name) for key, name in named.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(name for _, name in self._keys.values())
+
+    def _found(self, candidate: bytes) -> str | None:
+        # The lookup tells nothing of a key's bytes; the comparison confirms it.
+        entry = self._keys.get(hashlib.sha256(candidate).digest())
+        if entry is not None and hmac.compare_digest(candidate, entry[0]):
+            return entry[1]
+        return None
 
     def matches(self, presented: Collection[bytes]) -> bool:
         """Return whether a presented key is one of the ring's; every presented key is looked up."""
         matched = False
         for candidate in presented:
-            key = self._keys.get(hashlib.sha256(candidate).digest())
-            matched |= key is not None and hmac.compare_digest(candidate, key)
+            matched |= self._found(candidate) is not None
         return matched
+
+    def find(self, presented: Iterable[bytes]) -> str | None:
+        """Return the name of the first presented key that is one of the ring's, or None."""
+        for candidate in presented:
+            if (name := self._found(candidate)) is not None:
+                return name
+        return None
 
 
 def digest(value: str) -> str:
@@ -137,26 +148,19 @@ class Identify:
     """Find a request's client from its proxy key or its SAI credential."""
 
     def __init__(self, proxy_keys: Sequence[Secret], session_cookie: str = ".AspNetCore.Cookies"):
-        # By the SHA-256 of the key: a request's key is found with one lookup, however many
-        # keys there are (comparing it with each would cost per request what the keys number).
-        self._keys = {
-            hashlib.sha256(key.reveal().encode()).digest(): (
-                key.reveal().encode(),
-                f"key-{digest(key.reveal())}",
-            )
-            for key in proxy_keys
-        }
-        self.proxy_ids = frozenset(client_id for _, client_id in self._keys.values())
+        self._keys = KeyRing({key.reveal().encode(): f"key-{digest(key.reveal())}"
+                              for key in proxy_keys})  # fmt: skip
+        self.proxy_ids = self._keys.names
         self._session_cookie = session_cookie
+
+    def proxy_client(self, request: web.Request) -> str | None:
+        """Return the client ID of the proxy key the request presents, if it presents one."""
+        return self._keys.find(presented_keys(request)) if self._keys else None
 
     def __call__(self, request: web.Request, credential: Credential | None) -> Client:
         shared = credential is None or not credential.user
-        if self._keys:
-            for raw in presented_keys(request):
-                found = self._keys.get(hashlib.sha256(raw).digest())
-                # The lookup tells nothing of a key's bytes; the comparison confirms it.
-                if found is not None and hmac.compare_digest(raw, found[0]):
-                    return Client(found[1], "proxy_key", shared)
+        if (client_id := self.proxy_client(request)) is not None:
+            return Client(client_id, "proxy_key", shared)
         if credential is not None and credential.user:
             secret = credential.secret.reveal()
             if credential.kind == "key":

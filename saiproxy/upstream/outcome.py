@@ -26,9 +26,9 @@ from .stream import SaiStream
 __all__ = [
     "CONTEXT_TOO_LONG",
     "RETRYABLE_STATUSES",
-    "Done",
     "Fail",
     "FallBack",
+    "Opened",
     "Outcome",
     "Retry",
     "judge",
@@ -40,7 +40,7 @@ CONTEXT_TOO_LONG: Final = re.compile(r"prompt is too long|openaicompatible", re.
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
+class Opened:
     """SAI answered 200: the answer's body is still to be read."""
 
     stream: SaiStream
@@ -69,7 +69,7 @@ class Fail:
     error: UpstreamError
 
 
-Outcome = Done | Retry | FallBack | Fail
+Outcome = Opened | Retry | FallBack | Fail
 
 
 def judge(

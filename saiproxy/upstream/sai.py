@@ -35,7 +35,7 @@ from ..tracing import hooks as tracing
 from .auth import AuthChain, Credential
 from .call import CallBudget, SaiCall
 from .deadline import Deadline
-from .outcome import Done, Fail, FallBack, Outcome, Retry, judge
+from .outcome import Fail, FallBack, Opened, Outcome, Retry, judge
 from .stream import SaiAnswer, SaiStream
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class SaiClient:
         while True:
             outcome = await self._attempt(call)
             try:
-                if isinstance(outcome, Done):
+                if isinstance(outcome, Opened):
                     return outcome.stream
                 if isinstance(outcome, FallBack):
                     await self._fall_back(call, outcome)
@@ -252,7 +252,7 @@ class SaiClient:
         status = response.status
         self._log_attempt(call, status, started)
         if status == 200:
-            return Done(
+            return Opened(
                 SaiStream(
                     response,
                     call,

@@ -172,21 +172,6 @@ class SaiStream:
         self._split = bool(self._decoder.getstate()[0])
         return text
 
-    async def piece(self) -> str | None:
-        """Return the next piece of the body as text as soon as it arrives; None at its end.
-
-        A body that breaks off, stalls past REQUEST_TIMEOUT or grows past
-        MAX_ANSWER_BYTES raises an UpstreamError.
-        """
-        while True:
-            try:
-                chunk = await self.response.content.readany()
-            except self.BROKEN as exc:
-                raise self.body_error(exc) from None
-            text = self.text_of(chunk)
-            if text != "":
-                return text
-
     async def read_text(self) -> str:
         """Return the whole body as text, once it has all arrived (at most MAX_ANSWER_BYTES)."""
         # piece()'s loop, inline: one coroutine fewer per piece of the answer.

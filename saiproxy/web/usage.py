@@ -11,26 +11,21 @@ from ..base.errors import ClientError
 from ..base.keys import SETTINGS
 from ..base.log import limits_logger as log
 from ..limits.base import UsageCursor
-from ..limits.identity import any_key_matches, digest, presented_keys
-from ..limits.limits import LIMITS
+from ..limits.identity import KeyRing, presented_keys
+from ..limits.limits import LIMITS, Limits
 from ..limits.usage import DEFAULT_LIMIT, MAX_DAYS, MAX_LIMIT, dates
 
 __all__ = ["usage_view"]
 
 
-def _reader(request: web.Request) -> str | None:
+def _reader(request: web.Request, limits: Limits) -> str | None:
     """Return whose rows the caller may read: None for every client's (an admin key), a
     proxy key's own client ID; anyone else gets the 404 of an unknown path. The peer's
     address grants nothing: behind a reverse proxy every caller comes from loopback."""
-    settings = request.app[SETTINGS]
-    presented = presented_keys(request)
-    admin = [key.reveal().encode() for key in settings.admin_api_keys]
-    if any_key_matches(presented, admin):
+    admin = (key.reveal().encode() for key in request.app[SETTINGS].admin_api_keys)
+    if KeyRing(admin).matches(presented_keys(request)):
         return None
-    owner: str | None = None
-    for key in settings.proxy_api_keys:  # each compared, whichever matches
-        if any_key_matches(presented, [key.reveal().encode()]) and owner is None:
-            owner = f"key-{digest(key.reveal())}"
+    owner = limits.identify.proxy_client(request)
     if owner is None:
         raise web.HTTPNotFound()
     return owner
@@ -56,7 +51,7 @@ async def usage_view(request: web.Request) -> web.Response:
     limits = request.app.get(LIMITS)
     if limits is None:
         raise web.HTTPNotFound()
-    client = _reader(request)
+    client = _reader(request, limits)
     days = _number(request, "days", 1, MAX_DAYS)
     limit = _number(request, "limit", DEFAULT_LIMIT, MAX_LIMIT)
     cursor: UsageCursor | None = None
