@@ -1,6 +1,7 @@
 """Where a non-streamed request's CPU goes, layer by layer, through saiproxy and the floor.
 
     python -m bench.hop [--seconds 8] [--concurrency 64] [--limits local] [--via floor]
+                        [--no-profile]
 
 One fake SAI, then the process under test (saiproxy at INFO, as bench/run.py
 starts it, or ``--via floor``: bench/floor.py), 64 clients at once. A
@@ -124,7 +125,7 @@ def _layers(raw: Path) -> Counter[str]:
     return counts
 
 
-async def hop(seconds: float, concurrency: int, via: str, limits: str) -> int:
+async def hop(seconds: float, concurrency: int, via: str, limits: str, profile: bool = True) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="hop-"))
     sai_port, port = free_port(), free_port()
     sai = start_fake_sai(sai_port, "--chars", "200")
@@ -142,7 +143,7 @@ async def hop(seconds: float, concurrency: int, via: str, limits: str) -> int:
         body = load.chat_body(False)
         await load.run(url, body, concurrency=concurrency, duration=1.0)  # warm up
         usage = Usage(process.pid)
-        spy = _profile(process.pid, seconds, workdir / "raw.txt")
+        spy = _profile(process.pid, seconds, workdir / "raw.txt") if profile else None
         results, elapsed = await load.run(url, body, concurrency=concurrency, duration=seconds)
         cpu_us = (usage.cpu() - usage.cpu_start) / len(results) * 1e6
         if spy is not None:
@@ -180,8 +181,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--via", choices=("saiproxy", "floor"), default="saiproxy")
     parser.add_argument("--limits", choices=("off", "local"), default="off")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="totals only: the process is not sampled"
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(hop(args.seconds, args.concurrency, args.via, args.limits)))
+    sys.exit(
+        asyncio.run(hop(args.seconds, args.concurrency, args.via, args.limits, not args.no_profile))
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from ..limits import gate
 from ..limits.limits import LIMITS
 from ..tracing import hooks as tracing
 from ..upstream.auth import AUTH_CHAIN, Credential
-from ..upstream.sai import CALL_BUDGET, CallBudget, SaiCall, SaiStream
+from ..upstream.sai import CallBudget, SaiCall, SaiStream
 from .answer import SCHEMA_CHECKER, AnswerFilter, output_problem
 from .bodies import json_response
 from .bounds import check_output_schema
@@ -109,13 +109,13 @@ class Exchange(Ledger):
             check_output_schema(
                 output.schema, self.settings.max_schema_bytes, _OUTPUT_PARAMS.get(self.protocol, "")
             )
-        caches = self.request.app[TOOL_CACHES]
+        caches = self.app[TOOL_CACHES]
         payload, self.chars = sai_payload(self.conversation, int(time.time() * 1000), caches)
         estimated = estimate_tokens(self.chars)
         if estimated > self.settings.max_context_tokens:
             self.early = ContextTooLong(estimated, self.settings.max_context_tokens)
             return {}
-        credential = self.request.app[AUTH_CHAIN].select(self.request, self._body)
+        credential = self.app[AUTH_CHAIN].select(self.request, self._body)
         self.call = self._new_call(payload, credential)
         return credential.describe()
 
@@ -124,17 +124,9 @@ class Exchange(Ledger):
         # long as the call (retries need it), so it is kept as an exact-size copy.
         body = bytes(memoryview(orjson.dumps(payload)))
         call = self.sai.new_call(self.model_config, body, credential, self.request_id, self.budget)
-        if credential.user and self.request.app.get(LIMITS) is not None:
+        if credential.user and self.app.get(LIMITS) is not None:
             call.before_shared = partial(gate.admit_shared, self.request)
         return call
-
-    @property
-    def budget(self) -> CallBudget:
-        """Return the SAI calls the client request may still make beyond one per prompt."""
-        budget = self.request.get(CALL_BUDGET)
-        if budget is None:
-            budget = self.request[CALL_BUDGET] = CallBudget(self.settings.request_extra_calls)
-        return budget
 
     def policy(self, *, prepared: bool) -> Policy:
         """Return what an upstream failure becomes: the one place ERROR_MODE is read.
@@ -219,7 +211,7 @@ class Exchange(Ledger):
                 output=output,
             )
             now = int(time.time() * 1000)
-            payload, chars = sai_payload(retry, now, self.request.app[TOOL_CACHES])
+            payload, chars = sai_payload(retry, now, self.app[TOOL_CACHES])
             fetched = await self.sai.fetch(self._new_call(payload, self.call.credential))
             text = fetched.text
             self.count(fetched.headers, len(text), prompt_chars=chars)
@@ -235,7 +227,7 @@ class Exchange(Ledger):
     async def _output_problem(self, text: str) -> str | None:
         output = self.conversation.output
         assert output is not None
-        checker = self.request.app[SCHEMA_CHECKER]
+        checker = self.app[SCHEMA_CHECKER]
         if self.span is None:
             return await output_problem(text, output, checker)
         with tracing.child(self.span, self.request, "saiproxy.output.check") as span:
@@ -309,6 +301,11 @@ async def answer_request(
     first = exchanges[0]
     endings: Sequence[Ending] = [Ending()] * len(exchanges)
     done: Done | None = None
+    if len(exchanges) > 1:
+        # The SAI calls the request may make beyond one per prompt: its answers' together.
+        shared = CallBudget(first.settings.request_extra_calls)
+        for exchange in exchanges:
+            exchange.budget = shared
     if choices:
         for index, exchange in enumerate(exchanges):
             exchange.choice = index
@@ -317,9 +314,9 @@ async def answer_request(
         try:
             for exchange in exchanges:
                 exchange.begin()
-            limited = LIMITS in first.request.app
-            with tracing.admission(first.span, first.request, limited=limited):
-                await admit(exchanges)  # the limits, once, before SAI
+            if first.app.get(LIMITS) is not None:
+                with tracing.admission(first.span, first.request):
+                    await admit(exchanges)  # the limits, once, before SAI
             done = await respond()
             endings = done.endings
             if done.failure is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from ..base.settings import ModelConfig, Settings
 from ..limits.identity import OWNERS
 from ..logs import RESPONSE_FINISHED, event
 from ..tracing import hooks as tracing
-from ..upstream.sai import SAI, SaiCall, SaiClient
+from ..upstream.sai import SAI, CallBudget, SaiCall, SaiClient
 from .answer import Rejected
 from .conversation import Conversation, Usage
 from .ending import Ending
@@ -48,8 +49,8 @@ class Ledger:
 
     # Slots: ten thousand open streams each hold one (a dict would cost ~1 KB more).
     __slots__ = (
-        "_body", "call", "chars", "choice", "conversation", "created", "early", "first_byte",
-        "loop", "max_output", "model", "model_config", "protocol", "rejected",
+        "_body", "app", "budget", "call", "chars", "choice", "conversation", "created", "early",
+        "first_byte", "loop", "max_output", "model", "model_config", "protocol", "rejected",
         "rejected_detail", "request", "request_id", "settings", "span", "started", "suffix",
         "usage",
     )  # fmt: skip
@@ -63,7 +64,8 @@ class Ledger:
         protocol: str,
     ) -> None:
         self.request = request
-        self.settings: Settings = request.app[SETTINGS]
+        self.app = request.app  # a property that walks the request's routing: looked up once
+        self.settings: Settings = self.app[SETTINGS]
         # Looked up once: on Python 3.11 every lookup is a getpid() system call.
         self.loop = asyncio.get_running_loop()
         self.conversation = conversation
@@ -80,6 +82,9 @@ class Ledger:
         self.model = conversation.model or self.model_config.name
         self._body = body
         self.call: SaiCall | None = None
+        # The SAI calls the request may make beyond one per prompt (shared by several
+        # answers of one request: answer_request).
+        self.budget = CallBudget(self.settings.request_extra_calls)
         self.early: UpstreamError | None = None  # an outcome known without calling SAI
         self.chars = 0
         self.first_byte: float | None = None
@@ -92,7 +97,7 @@ class Ledger:
 
     @property
     def sai(self) -> SaiClient:
-        return self.request.app[SAI]
+        return self.app[SAI]
 
     @property
     def ids(self) -> str:
@@ -128,10 +133,10 @@ class Ledger:
     def client_id(self) -> str:
         """Return the client's ID as the limits name it: a hash, never the key."""
         assert self.call is not None
-        return self.request.app[OWNERS](self.request, self.call.credential).id
+        return self.app[OWNERS](self.request, self.call.credential).id
 
     def _rejected(self, rejected: Rejected) -> None:
-        metrics = self.request.app[METRICS]
+        metrics = self.app[METRICS]
         metrics.child(metrics.tool_calls_unrecognised, rejected.reason).inc()
         if not self.rejected:
             self.rejected_detail = rejected.detail[:300]
@@ -156,25 +161,8 @@ class Ledger:
     def _log_received(self, credential: dict[str, Any]) -> None:
         """Log the request as received, with the credential decision."""
         conversation = self.conversation
-        event(
-            log,
-            "request received",
-            {
-                "path": self.request.path,
-                "protocol": self.protocol,
-                "stream": conversation.stream,
-                "model": self.model_config.name,
-                "requested_model": conversation.model,
-                "messages": len(conversation.turns),
-                "roles": conversation.role_counts(),
-                "chars": self.chars,
-                "estimated_tokens": estimate_tokens(self.chars),
-                "unwrapped": conversation.unwrapped,
-                "tools": len(conversation.offered_tools),
-                **credential,
-                **self._choice_field(),
-            },
-        )
+        if log.isEnabledFor(logging.INFO):  # the line's fields are not made for nothing
+            self._note_received(credential)
         if conversation.unwrapped:
             log.info(
                 "IDE plugin wrapper removed",
@@ -198,12 +186,34 @@ class Ledger:
             if self.call is not None:
                 log.debug("SAI payload built", extra={"payload_bytes": len(self.call.payload)})
 
+    def _note_received(self, credential: dict[str, Any]) -> None:
+        conversation = self.conversation
+        event(
+            log,
+            "request received",
+            {
+                "path": self.request.path,
+                "protocol": self.protocol,
+                "stream": conversation.stream,
+                "model": self.model_config.name,
+                "requested_model": conversation.model,
+                "messages": len(conversation.turns),
+                "roles": conversation.role_counts(),
+                "chars": self.chars,
+                "estimated_tokens": estimate_tokens(self.chars),
+                "unwrapped": conversation.unwrapped,
+                "tools": len(conversation.offered_tools),
+                **credential,
+                **self._choice_field(),
+            },
+        )
+
     def finish(self, ending: Ending) -> None:
         """Log the finish line (how the answer ended, what it cost) and record the latencies."""
         now = time.monotonic()
         latency = now - self.started
         generating = now - self.first_byte if self.first_byte is not None else 0.0
-        metrics = self.request.app[METRICS]
+        metrics = self.app[METRICS]
         stream = "true" if self.conversation.stream else "false"
         exemplar = tracing.exemplar(self.span) if self.span is not None else None
         metrics.child(metrics.latency, stream).observe(latency, exemplar)
@@ -214,6 +224,8 @@ class Ledger:
         # cycle that would keep the whole conversation until the collector runs.
         self.early = None
         self._log_rejected()
+        if not log.isEnabledFor(logging.INFO):
+            return
         event(
             log,
             RESPONSE_FINISHED,

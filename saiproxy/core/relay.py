@@ -256,7 +256,7 @@ class Stream:
         write, text = response.write, self.renderer.text
         answer_filter = source.stream_filter()
         chars = 0
-        async with upstream:
+        with upstream:
             learned.model = upstream.headers.get("model") or None
             source.let_go(upstream)
             await self.start(self.model)

@@ -175,6 +175,9 @@ def escape_controls(text: str) -> str:
 
 def _bound_value(value: Any) -> Any:
     """Return a list or dict field with its strings and its length bounded."""
+    kind = type(value)
+    if kind is int or kind is bool or value is None:  # most items: as they are
+        return value
     if isinstance(value, str):
         return bound(value)
     if isinstance(value, float) and value - value != 0:  # NaN and infinities are not JSON

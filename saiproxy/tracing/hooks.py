@@ -311,9 +311,9 @@ def child(span: Span | None, request: web.Request, name: str, **attributes: Any)
     return pipeline.child(span, name, attributes)
 
 
-def admission(span: Span | None, request: web.Request, *, limited: bool) -> Any:
-    """Return the admission span's context manager: a child only when limits are on."""
-    if span is None or not limited:
+def admission(span: Span | None, request: web.Request) -> Any:
+    """Return the limits' admission span's context manager (tracing off: nothing)."""
+    if span is None:
         return _NOTHING
     return child(span, request, "saiproxy.limits.admit")
 

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 # The client's face: a caller of SAI imports from here, wherever a name is defined.
 __all__ = [
     "BACKOFF_CAP",
-    "CALL_BUDGET",
     "ERROR_BODY_LIMIT",
     "SAI",
     "CallBudget",
@@ -138,7 +137,7 @@ class SaiClient:
         """Send the call and read the whole answer, retrying a body that breaks off."""
         while True:
             stream = await self.open(call)
-            async with stream:
+            with stream:
                 try:
                     text = await stream.read_text()
                 except UpstreamAnswerTooLarge:
@@ -301,5 +300,3 @@ class SaiClient:
 
 
 SAI: Final = web.AppKey("sai", SaiClient)
-# The SAI calls a request may still make beyond one per prompt (REQUEST_EXTRA_CALLS).
-CALL_BUDGET: Final = web.RequestKey("call_budget", CallBudget)

@@ -7,7 +7,7 @@ import codecs
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 
@@ -46,6 +46,10 @@ class CleanHeaders(Mapping[str, str]):
 
     def __getitem__(self, name: str) -> str:
         return clean_header_value(self._raw[name])
+
+    def get(self, name: str, default: Any = None) -> Any:  # Mapping's, without a KeyError
+        value = self._raw.get(name)
+        return default if value is None else clean_header_value(value)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._raw)
@@ -97,10 +101,9 @@ class SaiStream:
         self._loop = loop
         self._last = loop.time()
         self._idle = False  # the watchdog found the body silent too long, and closed it
-        # The body's idle timeout: one timer per answer, not one per piece (see _check_idle).
-        self._watchdog: asyncio.TimerHandle | None = (
-            loop.call_at(self._last + timeout, self._check_idle) if timeout else None
-        )
+        # The body's idle timeout: one timer per answer, not one per piece (see _check_idle),
+        # armed by the first read that may wait (a body that came whole needs none).
+        self._watchdog: asyncio.TimerHandle | None = None
         self.opened_at = time.monotonic()
         self.first_piece_at: float | None = None  # noted by read_text, not by the relay
         self._headers: CleanHeaders | None = None
@@ -111,6 +114,11 @@ class SaiStream:
         if self._headers is None:
             self._headers = CleanHeaders(self.response.headers)
         return self._headers
+
+    def _arm(self) -> None:
+        """Start the watchdog, counting the silence from the last piece (or the opening)."""
+        if self._timeout and self._watchdog is None and not self._ended:
+            self._watchdog = self._loop.call_at(self._last + self._timeout, self._check_idle)
 
     def _check_idle(self) -> None:
         """End a body that stayed silent for REQUEST_TIMEOUT; else look again when it could have.
@@ -142,6 +150,7 @@ class SaiStream:
         token stream then pays one await per piece, not two. What it raises
         is one of :attr:`BROKEN`, for :meth:`body_error`.
         """
+        self._arm()
         return self.response.content.readany
 
     def text_of(self, chunk: bytes) -> str | None:
@@ -174,9 +183,21 @@ class SaiStream:
 
     async def read_text(self) -> str:
         """Return the whole body as text, once it has all arrived (at most MAX_ANSWER_BYTES)."""
+        content = self.response.content
+        if content.is_eof():
+            # The usual short answer: it came whole with the headers, and is read without
+            # a wait (so without the watchdog's timer).
+            try:
+                whole = self.text_of(content.read_nowait())
+            except self.BROKEN as exc:
+                raise self.body_error(exc) from None
+            if whole:
+                self.first_piece_at = time.monotonic()
+            end = self.text_of(b"")
+            return (whole or "") + (end or "")
         # piece()'s loop, inline: one coroutine fewer per piece of the answer.
         pieces: list[str] = []
-        read = self.response.content.readany
+        read = self.read_chunk
         while True:
             try:
                 chunk = await read()
@@ -212,8 +233,9 @@ class SaiStream:
             # SAI at once that nobody is listening any more.
             self.response.close()
 
-    async def __aenter__(self) -> SaiStream:
+    # A plain ``with``: closing never waits, and an async one costs two coroutines per answer.
+    def __enter__(self) -> SaiStream:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
