@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import io
 import json
 import logging
 import re
 import time
+from datetime import datetime
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -410,7 +414,7 @@ _FIELD_VALUES = st.recursive(
 
 
 # The names ``logger.info(..., extra=...)`` refuses: a LogRecord's own attributes.
-_RECORD_NAMES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_RECORD_NAMES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -439,6 +443,64 @@ def test_lifecycle_lines_match_the_record_path_byte_for_byte(
     record.created = created
     assert line == formatter.format(record)
     assert "\n" not in line
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"path": "/v1/chat/completions", "status": 200, "ttfb_ms": None, "ok": True},
+        {"roles": {"user": 2, "system": 1}, "messages": 3},  # a small dict: written at once
+        {"roles": {}, "calls": [], "tuple": (1, "a")},
+        {"note": "sent Authorization: Bearer sk-secret-1234"},  # masked: field by field
+        {"note": "the key is sk-secret-1234", "n": 1},
+        {"note": "COOKIE=abc123456", "n": 1},
+        {"note": "coo\u212aie: abc123456"},  # the Kelvin sign: re's case folding takes it as k
+        {"note": "x" * 600},  # cut
+        {"note": "x" * 500, "more": "y" * 30},  # each short, the line long
+        {"items": list(range(70))},  # cut to 64 items
+        {"items": {str(i): i for i in range(70)}},
+        {"note": 'a "quoted" \\ text'},  # escaped in JSON
+        {"big": 2**70, "colour": _Colour.RED, "point": _Point(1)},  # json's way, not orjson's
+        {"when": datetime(2026, 12, 7, 3, 0), "flag": IntEnum("F", "A").A},
+        {"text": type("Text", (str,), {})("sub-class")},
+    ],
+)
+def test_lifecycle_lines_written_at_once_or_field_by_field_are_the_same(
+    fields: dict[str, Any],
+) -> None:
+    # The usual line's fields go to orjson at once (JsonFormatter._plain); anything
+    # that needs masking, cutting or json's own way of writing a value must not.
+    formatter = JsonFormatter(Masker(["sk-secret-1234"]).mask)
+    line = formatter.format_event("saiproxy.x", "m", 1e9, fields, "ab12")
+    record = logging.getLogger("saiproxy.x").makeRecord(
+        "saiproxy.x", logging.INFO, "", 0, "m", None, None, extra={**fields, "request_id": "ab12"}
+    )
+    record.created = 1e9
+    assert line == formatter.format(record)
+    assert "sk-secret-1234" not in line and "abc123456" not in line
+    json.loads(line)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Authorization: x1", "x-api-key=k2", "USER_API_KEY: k3", "Cookie: c4", "cookie value c5",
+     "coo\u212aie: k6", "author\u0131zation: k7", "plain: text", "a=b", "api: nothing"],
+)  # fmt: skip
+def test_masking_finds_what_the_regex_alone_finds(text: str) -> None:
+    # The substring check before the case-blind regex never lets a match through.
+    from saiproxy.logs import mask
+
+    expected = mask._SENSITIVE.sub(lambda m: f"{m[1]}{m[2]}{mask.MASK}", text)
+    assert Masker().mask(text) == expected
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,10 @@ class BatchHandler(logging.handlers.QueueHandler):
         trace = trace_var.get()
         if trace is not None:
             fields = {**fields, "trace_id": trace[0], "span_id": trace[1]}
-        self._add(_Deferred(logger, message, fields, time.time(), request_id_var.get()))
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function.
+        self._add(
+            tuple.__new__(_Deferred, (logger, message, fields, time.time(), request_id_var.get()))
+        )
         return True
 
     def _add(self, item: logging.LogRecord | _Deferred) -> None:

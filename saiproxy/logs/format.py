@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -109,6 +110,17 @@ _ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROU
 
 _HEAD_KEYS: Final = frozenset({"time", "level", "logger", "message"})  # every JSON line's first
 _CONTAINERS: Final = (list, tuple, dict)
+# A lifecycle line's fields as orjson writes them when nothing needs masking or bounding
+# (JsonFormatter._plain): indented, anything json would write otherwise refused.
+_INDENTED: Final = (
+    orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)  # fmt: skip
+# Indented, a list of 65 items takes at least 6 bytes an item ("\n    1,"): a shorter text
+# has no list or dict to cut.
+_NESTED_MAX: Final = min(FIELD_LIMIT, 6 * (_CONTAINER_LIMIT + 1) - 1)
+_NEXT_ITEM: Final = re.compile(rb",\n *")
+_BREAKS: Final = re.compile(rb"\n *")
 _SCALARS: Final = (int, bool, float, type(None))
 
 
@@ -207,6 +219,9 @@ def _unmasked(text: str) -> str:
     return text
 
 
+_MILLISECONDS: Final = tuple(f",{millis:03d}" for millis in range(1000))
+
+
 class _Clock:
     """Log time text (:data:`TIME_FORMAT`, then milliseconds), seconds made once per second."""
 
@@ -220,7 +235,7 @@ class _Clock:
             # Racing threads at worst both make the same text: no lock needed.
             self._stamp = time.strftime(TIME_FORMAT, time.localtime(second))
             self._second = second
-        return f"{self._stamp},{int((created - second) * 1000):03d}"
+        return self._stamp + _MILLISECONDS[int((created - second) * 1000)]
 
 
 class TextFormatter(logging.Formatter):
@@ -314,13 +329,48 @@ class JsonFormatter(logging.Formatter):
             f'{{"time": "{self._clock.text(created)}", "level": "INFO", '
             f'"logger": {_json_string(name)}, "message": {_json_string(bound(message))}'
         )
+        tail = "}"
+        if request_id is not None and "request_id" not in fields:
+            tail = f', "request_id": {_json_string(request_id)}}}'
+        if not fields:
+            return head + tail
+        plain = self._plain(fields)
+        if plain is not None:
+            return f"{head}, {plain}{tail}"
         data, nested = self._fields(fields.items())
-        if request_id is not None and "request_id" not in data:
-            data["request_id"] = request_id
-        if not data:
-            return head + "}"
         # Each field has its ":", and all but the last a ",".
-        return f"{head}, {serialise_fields(data, nested + 2 * len(data) - 1)[1:]}"
+        return f"{head}, {serialise_fields(data, nested + 2 * len(data) - 1)[1:-1]}{tail}"
+
+    def _plain(self, fields: dict[str, Any]) -> str | None:
+        """Return the fields' JSON without its braces when none needs masking or bounding.
+
+        The usual lifecycle line: short texts, numbers, nulls and a small dict,
+        none that masking would change. orjson writes them all at once, in
+        its indented form, which has json's ``": "`` already: its line breaks
+        and indents (never inside a JSON text, where a break is ``\\n``) become
+        json's ``", "``. Then the whole text is checked at once: shorter than
+        :data:`FIELD_LIMIT` (so no text is longer) and, with a list or dict,
+        than 65 items need (so none is cut), no escape (so each text is
+        written as it is) and masked unchanged (so no part of it would be
+        masked). Anything else, or a value orjson does not take as json
+        writes it (a subclass, a date, a dataclass, an int over 64 bits):
+        None, and the fields are written one by one.
+        """
+        try:
+            indented = orjson.dumps(fields, option=_INDENTED)
+        except (TypeError, orjson.JSONEncodeError):
+            return None
+        if b"\\" in indented:
+            return None
+        if b"\n    " in indented:  # a list or dict among the fields: its own breaks go too
+            if len(indented) > _NESTED_MAX:
+                return None
+            text = _BREAKS.sub(b"", _NEXT_ITEM.sub(b", ", indented[4:-2])).decode()
+        elif len(indented) > FIELD_LIMIT:
+            return None
+        else:
+            text = indented[4:-2].replace(b",\n  ", b", ").decode()
+        return text if self.mask(text) == text else None
 
     def _data(
         self, created: float, level: str, name: str, message: str,
