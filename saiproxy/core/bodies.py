@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
 from ..base.errors import BodyTimeout, BodyTooLarge, InvalidRequest, ProxyError
 from ..base.keys import SETTINGS, STATE
@@ -132,13 +133,18 @@ def _parse(raw: bytes, max_depth: int) -> Any:
     return body
 
 
+# The Response copies its headers: one made once, not a content type parsed per response.
+_JSON_HEADERS: Final = CIMultiDict({hdrs.CONTENT_TYPE: "application/json"})
+
+
 def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """Return a JSON response."""
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
-    )
+    if headers:
+        return web.Response(body=orjson.dumps(data), status=status,
+                            headers={**_JSON_HEADERS, **headers})  # fmt: skip
+    return web.Response(body=orjson.dumps(data), status=status, headers=_JSON_HEADERS)
 
 
 def error_response(error: ProxyError) -> web.Response:

@@ -39,7 +39,7 @@ from ..upstream.sai import CallBudget, SaiCall, SaiStream
 from .answer import SCHEMA_CHECKER, AnswerFilter, output_problem
 from .bodies import json_response
 from .bounds import check_output_schema
-from .conversation import Answer, Conversation, Finish, Turn, Usage
+from .conversation import Answer, Conversation, Finish, ToolCall, Turn, Usage
 from .ending import ERROR_HEADER, Done, Ending, Policy
 from .inflight import InFlight, cut_short
 from .ledger import Ledger
@@ -177,7 +177,9 @@ class Exchange(Ledger):
         if output is not None and (problem := await self._output_problem(text)) is not None:
             with tracing.child(self.span, self.request, "saiproxy.output.repair"):
                 text = await self._repair(text, problem)
-        answer_filter = AnswerFilter(conversation, self._rejected)
+        answer_filter = self.stream_filter()
+        if answer_filter is None:  # no tools, stops or format: the text is all prose
+            return self.answered(None, text, self.model, self.usage)
         prose = answer_filter.feed(text) + answer_filter.close()
         return self.answered(answer_filter, prose, self.model, self.usage)
 
@@ -256,7 +258,8 @@ class Exchange(Ledger):
         self.conversation.turns.clear()
 
     def stream_filter(self) -> AnswerFilter | None:
-        """Return the filter a streamed answer goes through; None when nothing needs filtering."""
+        """Return the filter an answer goes through, streamed or whole; None when nothing
+        needs filtering (no tools offered, no stop sequences, no output format)."""
         conversation = self.conversation
         if conversation.offered_tools or conversation.stop or conversation.output:
             return AnswerFilter(conversation, self._rejected)
@@ -270,11 +273,18 @@ class Exchange(Ledger):
         assert self.call is not None
         return self.call
 
-    def answered(self, answer_filter: AnswerFilter, text: str, model: str, usage: Usage) -> Answer:
-        """Return the finished answer: ``text``, and the calls and stop the filter found."""
-        calls = answer_filter.calls
+    def answered(
+        self, answer_filter: AnswerFilter | None, text: str, model: str, usage: Usage
+    ) -> Answer:
+        """Return the finished answer: ``text``, and the calls and stop the filter found
+        (None: the answer needed no filter)."""
+        if answer_filter is None:
+            calls: list[ToolCall] = []
+            stop_sequence = None
+        else:
+            calls, stop_sequence = answer_filter.calls, answer_filter.stop_sequence
         finish: Finish
-        if answer_filter.stop_sequence is not None:
+        if stop_sequence is not None:
             finish = "stop_sequence"
         elif calls:
             finish = "tool_calls"
@@ -282,7 +292,7 @@ class Exchange(Ledger):
             finish = "stop"
         if self.span is not None:
             tracing.answered(self.span, self, text, calls)
-        return Answer(text, model, finish, calls, answer_filter.stop_sequence, usage)
+        return Answer(text, model, finish, calls, stop_sequence, usage)
 
 
 async def answer_request(
