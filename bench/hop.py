@@ -1,7 +1,7 @@
 """Where a non-streamed request's CPU goes, layer by layer, through saiproxy and the floor.
 
     python -m bench.hop [--seconds 8] [--concurrency 64] [--limits local] [--via floor]
-                        [--no-profile]
+                        [--no-profile] [--level WARNING]
 
 One fake SAI, then the process under test (saiproxy at INFO, as bench/run.py
 starts it, or ``--via floor``: bench/floor.py), 64 clients at once. A
@@ -125,12 +125,16 @@ def _layers(raw: Path) -> Counter[str]:
     return counts
 
 
-async def hop(seconds: float, concurrency: int, via: str, limits: str, profile: bool = True) -> int:
+async def hop(
+    seconds: float, concurrency: int, via: str, limits: str, profile: bool = True,
+    level: str = "INFO",
+) -> int:  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="hop-"))
     sai_port, port = free_port(), free_port()
     sai = start_fake_sai(sai_port, "--chars", "200")
     sai_url = f"http://127.0.0.1:{sai_port}/api/templates/bench/execute"
-    env = proxy_env(sai_port, workdir, {"PORT": str(port), **(LIMITS if limits != "off" else {})})
+    extra = {"PORT": str(port), "LOG_LEVEL": level, **(LIMITS if limits != "off" else {})}
+    env = proxy_env(sai_port, workdir, extra)
     argv = ["-m", "saiproxy"] if via == "saiproxy" else ["-m", "bench.floor", "--port", str(port),
                                                           "--upstream", sai_url]  # fmt: skip
     out = (workdir / "proxy.out").open("wb")
@@ -149,12 +153,12 @@ async def hop(seconds: float, concurrency: int, via: str, limits: str, profile: 
         if spy is not None:
             spy.wait(timeout=60)
         summary = load.summary(results, elapsed)
-        print(f"{via} (limits {limits}), c={concurrency}: {summary['rps']:,.0f} req/s, "
+        print(f"{via} (limits {limits}, {level}), c={concurrency}: {summary['rps']:,.0f} req/s, "
               f"{summary['errors']} errors, {cpu_us:.0f} us CPU per request, "
               f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         raw = workdir / "raw.txt"
         if spy is None or not raw.exists():
-            print("(no py-spy: no breakdown)")
+            print("(not sampled: no breakdown)" if not profile else "(no py-spy: no breakdown)")
             return 0
         counts = _layers(raw)
         total = sum(counts.values())
@@ -184,9 +188,11 @@ def main() -> None:
     parser.add_argument(
         "--no-profile", action="store_true", help="totals only: the process is not sampled"
     )
+    parser.add_argument("--level", default="INFO", help="saiproxy's LOG_LEVEL")
     args = parser.parse_args()
+    profile = not args.no_profile
     sys.exit(
-        asyncio.run(hop(args.seconds, args.concurrency, args.via, args.limits, not args.no_profile))
+        asyncio.run(hop(args.seconds, args.concurrency, args.via, args.limits, profile, args.level))
     )
 
 

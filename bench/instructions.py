@@ -1,7 +1,7 @@
 """Instructions per non-streamed request, through saiproxy and the floor: a count, not a time.
 
     python -m bench.instructions [--requests 2000] [--concurrency 16] [--via saiproxy floor]
-                                 [--level INFO] [--limits local]
+                                 [--level INFO] [--limits local] [--smoke]
 
 The CPU figures of bench/run.py and bench.hop move by 10-30 % between runs of
 the same code on a shared machine. Valgrind's callgrind counts the
@@ -115,7 +115,12 @@ def main() -> None:
                         default=["floor", "saiproxy"])  # fmt: skip
     parser.add_argument("--level", default="INFO", help="saiproxy's LOG_LEVEL")
     parser.add_argument("--limits", choices=("off", "local"), default="off")
+    parser.add_argument(
+        "--smoke", action="store_true", help="saiproxy alone, 100 requests: it only has to run"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.via = 100, ["saiproxy"]
     if shutil.which("valgrind") is None:
         sys.exit("bench.instructions needs valgrind")
     sys.exit(asyncio.run(_main(args)))
