@@ -428,8 +428,8 @@ _RECORD_NAMES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asc
 def test_lifecycle_lines_match_the_record_path_byte_for_byte(
     fields: dict[str, Any], message: str, request_id: str | None
 ) -> None:
-    # Lifecycle lines are assembled around orjson's text when that is safe
-    # (serialise_fields); they must be exactly what the generic path writes of
+    # Lifecycle lines are written by orjson when that is safe
+    # (JsonFormatter._plain); they must be exactly what the generic path writes of
     # the record ``logger.info(message, extra=fields)`` makes (the request ID
     # added last, as the handler adds it, unless a field is called so).
     formatter, name, created = JsonFormatter(Masker(["sk-secret-1234"]).mask), "saiproxy.x", 1e9
@@ -469,7 +469,11 @@ class _Point:
         {"items": list(range(70))},  # cut to 64 items
         {"items": {str(i): i for i in range(70)}},
         {"note": 'a "quoted" \\ text'},  # escaped in JSON
-        {"big": 2**70, "colour": _Colour.RED, "point": _Point(1)},  # json's way, not orjson's
+        {"big": 2**70, "point": _Point(1)},  # json's way, not orjson's
+        {"path": "/v1/a:b", "colour": _Colour.RED},  # orjson writes "red", json "_Colour.RED"
+        {"path": "/v1/a,b", "x": 1e-07, "y": 5e-05, "z": 1.5e16},  # json: 1e-07; orjson: 1e-7
+        {"roles": {"user": 0.5}, "more": {"a": _Colour.RED}},
+        {"latency_ms": 0.0, "nan": float("nan"), "inf": float("inf")},
         {"when": datetime(2026, 12, 7, 3, 0), "flag": IntEnum("F", "A").A},
         {"text": type("Text", (str,), {})("sub-class")},
     ],

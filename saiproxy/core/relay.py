@@ -181,6 +181,7 @@ class Stream:
         interval = source.settings.ping_interval if keep_alive else None
         loop = source.loop
         opening = loop.create_task(source.open())
+        relaying = False
         try:
             if renderer.eager and source.early is None:
                 # These clients expect the opening event at once. A SAI that
@@ -201,12 +202,15 @@ class Stream:
                 upstream = opening.result()
             except UpstreamError as error:
                 return await self.failed(error)
+            relaying = True  # the relay closes SAI's answer however it ends
             return await self.relay(upstream)
         finally:
             if not opening.done():
                 opening.cancel()
                 with contextlib.suppress(asyncio.CancelledError, UpstreamError):
                     await opening
+            elif not relaying and not opening.cancelled() and opening.exception() is None:
+                opening.result().close()  # SAI answered as the client left: nobody will read
 
     async def prepare(self) -> None:
         """Send the status line and headers, if not yet sent; keep the stream alive from then on."""

@@ -37,7 +37,6 @@ __all__ = [
     "parse_time",
     "request_tag",
     "serialise",
-    "serialise_fields",
 ]
 
 FILE_PREFIX: Final = "saiproxy-"
@@ -97,15 +96,11 @@ def serialise(data: dict[str, Any]) -> str:
     """Serialise one log line with one C encoder made once.
 
     Its ``"key": value`` spacing matters: ``grep '"request_id": "a1b2c3d4"'``
-    finds a request's lines (orjson, faster, writes no spaces).
+    finds a request's lines (orjson, faster, writes none; see ``JsonFormatter._plain``).
     """
     if _C_ENCODE is None:
         return _ENCODER.encode(data)
     return "".join(_C_ENCODE(data, 0))
-
-
-# orjson hands these to ``default`` (str), as json does: the same text either way.
-_ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 _HEAD_KEYS: Final = frozenset({"time", "level", "logger", "message"})  # every JSON line's first
@@ -116,39 +111,16 @@ _INDENTED: Final = (
     orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )  # fmt: skip
+# What a dict among the fields of a lifecycle line written at once may hold.
+_NESTED_TYPES: Final = frozenset({str, int, bool, type(None)})
+# The magnitudes a float has where json (its repr) and orjson write it alike (0 too).
+_SAME_FLOATS: Final = (1e-4, 1e16)
 # Indented, a list of 65 items takes at least 6 bytes an item ("\n    1,"): a shorter text
 # has no list or dict to cut.
 _NESTED_MAX: Final = min(FIELD_LIMIT, 6 * (_CONTAINER_LIMIT + 1) - 1)
 _NEXT_ITEM: Final = re.compile(rb",\n *")
 _BREAKS: Final = re.compile(rb"\n *")
 _SCALARS: Final = (int, bool, float, type(None))
-
-
-def _separators(value: Any) -> int:
-    """Return how many ``:`` and ``,`` the JSON of ``value`` has outside its strings."""
-    if type(value) is dict:
-        return 2 * len(value) - 1 + sum(map(_separators, value.values())) if value else 0
-    if type(value) is list:
-        return len(value) - 1 + sum(map(_separators, value)) if value else 0
-    return 0
-
-
-def serialise_fields(data: dict[str, Any], separators: int) -> str:
-    """Return :func:`serialise` of ``data``, about three times faster when it can.
-
-    ``separators`` is how many ``:`` and ``,`` the JSON has outside its
-    strings (see :func:`_separators`). orjson writes the same JSON without
-    spaces; when its text holds exactly that many, none is inside a string,
-    and spacing every one gives :func:`serialise`'s text. Otherwise (a string
-    with a comma, a value orjson does not take) :func:`serialise` makes it.
-    """
-    try:
-        compact = orjson.dumps(data, default=str, option=_ORJSON_OPTIONS)
-    except (TypeError, orjson.JSONEncodeError):
-        return serialise(data)
-    if compact.count(b":") + compact.count(b",") != separators:
-        return serialise(data)
-    return compact.replace(b":", b": ").replace(b",", b", ").decode()
 
 
 def json_field(key: str, value: Any) -> str:
@@ -337,25 +309,41 @@ class JsonFormatter(logging.Formatter):
         plain = self._plain(fields)
         if plain is not None:
             return f"{head}, {plain}{tail}"
-        data, nested = self._fields(fields.items())
-        # Each field has its ":", and all but the last a ",".
-        return f"{head}, {serialise_fields(data, nested + 2 * len(data) - 1)[1:-1]}{tail}"
+        return f"{head}, {serialise(self._fields(fields.items()))[1:-1]}{tail}"
 
     def _plain(self, fields: dict[str, Any]) -> str | None:
         """Return the fields' JSON without its braces when none needs masking or bounding.
 
-        The usual lifecycle line: short texts, numbers, nulls and a small dict,
-        none that masking would change. orjson writes them all at once, in
-        its indented form, which has json's ``": "`` already: its line breaks
-        and indents (never inside a JSON text, where a break is ``\\n``) become
-        json's ``", "``. Then the whole text is checked at once: shorter than
-        :data:`FIELD_LIMIT` (so no text is longer) and, with a list or dict,
-        than 65 items need (so none is cut), no escape (so each text is
-        written as it is) and masked unchanged (so no part of it would be
-        masked). Anything else, or a value orjson does not take as json
-        writes it (a subclass, a date, a dataclass, an int over 64 bits):
-        None, and the fields are written one by one.
+        The usual lifecycle line: short texts, ints, floats json and orjson
+        spell alike, bools, nulls and a small dict of them (anything else: an
+        enum, a list, a date, a subclass, ``5e-05``, gives None, and the
+        fields are written one by one). orjson writes them all at once, in its
+        indented form, which has json's ``": "`` already: its line breaks and
+        indents (never inside a JSON text, where a break is ``\\n``) become
+        json's ``", "``. The texts are masked unchanged, all at once; the
+        whole JSON is shorter than :data:`FIELD_LIMIT` (so no text is longer)
+        and, with a dict, than 65 items need (so none is cut), and has no
+        escape (the texts are written as they are).
         """
+        texts: list[str] = []
+        for value in fields.values():
+            kind = type(value)
+            if kind is str:
+                texts.append(value)
+            elif kind is float:
+                if value and not _SAME_FLOATS[0] <= abs(value) < _SAME_FLOATS[1]:
+                    return None  # 5e-05, 1e+16, NaN: json and orjson write them otherwise
+            elif kind is dict:
+                if not _NESTED_TYPES.issuperset(map(type, value.values())):
+                    return None
+            elif not (kind is int or kind is bool or value is None):
+                return None  # an enum, a list, a date, a subclass
+        if texts:
+            # Each text is masked unchanged when all of them joined are: a secret or a
+            # credential header in one would be in the whole (a break ends a match).
+            joined = "\n".join(texts)
+            if self.mask(joined) != joined:
+                return None
         try:
             indented = orjson.dumps(fields, option=_INDENTED)
         except (TypeError, orjson.JSONEncodeError):
@@ -365,12 +353,10 @@ class JsonFormatter(logging.Formatter):
         if b"\n    " in indented:  # a list or dict among the fields: its own breaks go too
             if len(indented) > _NESTED_MAX:
                 return None
-            text = _BREAKS.sub(b"", _NEXT_ITEM.sub(b", ", indented[4:-2])).decode()
-        elif len(indented) > FIELD_LIMIT:
+            return _BREAKS.sub(b"", _NEXT_ITEM.sub(b", ", indented[4:-2])).decode()
+        if len(indented) > FIELD_LIMIT:
             return None
-        else:
-            text = indented[4:-2].replace(b",\n  ", b", ").decode()
-        return text if self.mask(text) == text else None
+        return indented[4:-2].replace(b",\n  ", b", ").decode()
 
     def _data(
         self, created: float, level: str, name: str, message: str,
@@ -382,18 +368,13 @@ class JsonFormatter(logging.Formatter):
             "logger": name,
             "message": bound(message),
         }
-        data.update(self._fields(fields)[0])
+        data.update(self._fields(fields))
         return data
 
-    def _fields(self, fields: Iterable[tuple[str, Any]]) -> tuple[dict[str, Any], int]:
-        """Return the fields with their text masked and every value bounded.
-
-        With them, how many ``:`` and ``,`` the JSON of their list and dict
-        values has outside its strings (see :func:`serialise_fields`).
-        """
+    def _fields(self, fields: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+        """Return the fields with their text masked and every value bounded."""
         mask = self.mask
         data: dict[str, Any] = {}
-        separators = 0
         for key, value in fields:
             kind = type(value)
             if kind is str:
@@ -407,9 +388,8 @@ class JsonFormatter(logging.Formatter):
                     value = None
             elif kind in _CONTAINERS or (kind not in _SCALARS and isinstance(value, _CONTAINERS)):
                 value = _bound_value(value)
-                separators += _separators(value)
             data[key] = value
-        return data, separators
+        return data
 
 
 def make_formatter(

@@ -188,13 +188,12 @@ class SaiStream:
             # The usual short answer: it came whole with the headers, and is read without
             # a wait (so without the watchdog's timer).
             try:
-                whole = self.text_of(content.read_nowait())
+                text = (self.text_of(content.read_nowait()) or "") + (self.text_of(b"") or "")
             except self.BROKEN as exc:
                 raise self.body_error(exc) from None
-            if whole:
+            if text:
                 self.first_piece_at = time.monotonic()
-            end = self.text_of(b"")
-            return (whole or "") + (end or "")
+            return text
         # piece()'s loop, inline: one coroutine fewer per piece of the answer.
         pieces: list[str] = []
         read = self.read_chunk
