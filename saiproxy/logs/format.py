@@ -105,19 +105,12 @@ def serialise(data: dict[str, Any]) -> str:
 
 _HEAD_KEYS: Final = frozenset({"time", "level", "logger", "message"})  # every JSON line's first
 _CONTAINERS: Final = (list, tuple, dict)
-# A lifecycle line's fields as orjson writes them when nothing needs masking or bounding
-# (JsonFormatter._plain): indented, anything json would write otherwise refused.
-_INDENTED: Final = (
-    orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)  # fmt: skip
 # What a dict among the fields of a lifecycle line written at once may hold.
 _NESTED_TYPES: Final = frozenset({str, int, bool, type(None)})
 # The magnitudes a float has where json (its repr) and orjson write it alike (0 too).
 _SAME_FLOATS: Final = (1e-4, 1e16)
-# Indented, a list of 65 items takes at least 6 bytes an item ("\n    1,"): a shorter text
-# has no list or dict to cut.
-_NESTED_MAX: Final = min(FIELD_LIMIT, 6 * (_CONTAINER_LIMIT + 1) - 1)
+# Indented, a dict's item takes at least 10 bytes ('\n    "": 0'): one of more than
+# _CONTAINER_LIMIT items (65 x 10) makes a text longer than FIELD_LIMIT (512).
 _NEXT_ITEM: Final = re.compile(rb",\n *")
 _BREAKS: Final = re.compile(rb"\n *")
 _SCALARS: Final = (int, bool, float, type(None))
@@ -321,9 +314,9 @@ class JsonFormatter(logging.Formatter):
         indented form, which has json's ``": "`` already: its line breaks and
         indents (never inside a JSON text, where a break is ``\\n``) become
         json's ``", "``. The texts are masked unchanged, all at once; the
-        whole JSON is shorter than :data:`FIELD_LIMIT` (so no text is longer)
-        and, with a dict, than 65 items need (so none is cut), and has no
-        escape (the texts are written as they are).
+        whole JSON is shorter than :data:`FIELD_LIMIT` (so no text is longer,
+        and no dict has more items than are kept) and has no escape (the
+        texts are written as they are).
         """
         texts: list[str] = []
         for value in fields.values():
@@ -345,17 +338,13 @@ class JsonFormatter(logging.Formatter):
             if self.mask(joined) != joined:
                 return None
         try:
-            indented = orjson.dumps(fields, option=_INDENTED)
-        except (TypeError, orjson.JSONEncodeError):
+            indented = orjson.dumps(fields, option=orjson.OPT_INDENT_2)
+        except orjson.JSONEncodeError:  # an int over 64 bits
             return None
-        if b"\\" in indented:
+        if len(indented) > FIELD_LIMIT or b"\\" in indented:
             return None
-        if b"\n    " in indented:  # a list or dict among the fields: its own breaks go too
-            if len(indented) > _NESTED_MAX:
-                return None
+        if b"\n    " in indented:  # a dict among the fields: its own breaks go too
             return _BREAKS.sub(b"", _NEXT_ITEM.sub(b", ", indented[4:-2])).decode()
-        if len(indented) > FIELD_LIMIT:
-            return None
         return indented[4:-2].replace(b",\n  ", b", ").decode()
 
     def _data(
